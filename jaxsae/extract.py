@@ -314,7 +314,9 @@ def run(cfg: ExtractConfig) -> dict | None:
         f"d_in={d_in}, forward stops once they are captured; "
         f"{len(todo)} of {num_shards} shards to write", flush=True)
   if todo:
-    _extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, device)
+    stats = extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, device)
+    print(f"{stats['tokens'] / stats['seconds']:,.0f} tokens/s; "
+          f"{100 * stats['model_seconds'] / stats['seconds']:.0f}% of the time in the model")
   hooked.close()
   manifest = store.finalize(cfg.out)
   if manifest is None:
@@ -328,7 +330,10 @@ def run(cfg: ExtractConfig) -> dict | None:
   return manifest
 
 
-def _extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, device):
+def extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, device) -> dict:
+  """Writes shards `todo`; returns tokens run, wall seconds and seconds spent in the model."""
+  t0 = time.perf_counter()
+  model_seconds = 0.0
   docs = corpus.documents(cfg.dataset, split=cfg.split, config=cfg.dataset_config,
                           text_column=cfg.text_column)
   stream = windows(docs, tokenizer, cfg.ctx_len)
@@ -353,7 +358,9 @@ def _extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, de
       acts = []
       for b in range(0, n, cfg.batch_size):
         x = torch.from_numpy(ids[b:b + cfg.batch_size].astype(np.int64)).to(device)
+        t = time.perf_counter()
         acts.append(hooked(x).float().cpu().numpy())
+        model_seconds += time.perf_counter() - t
         bar.update(x.numel())
       acts = np.concatenate(acts)  # [windows, ctx_len, n_sites, d_in]
       keep = ~np.isin(ids, excluded).reshape(-1)
@@ -365,6 +372,7 @@ def _extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, de
   finally:
     writer.shutdown(wait=True)
     bar.close()
+  return {"tokens": total, "seconds": time.perf_counter() - t0, "model_seconds": model_seconds}
 
 
 def _wait(write: concurrent.futures.Future | None, out: str) -> None:
