@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Multi-seed batches on one machine with one or more NVIDIA GPUs.
+#
+#   launch/gpu.sh --store=out/stores/default --arch=topk --num_seeds=8 --num_latents=32768 --out=out/run
+#
+# Installs the CUDA build of JAX (and of torch, for extraction) into .venv, then trains. Seeds
+# are spread over the GPUs on the mesh's "seed" axis (--mesh=auto), the batch over "data".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+make install TORCH=torch
+.venv/bin/python -m pip install -q -e '.[cuda]'
+# Let XLA take GPU memory as it needs it rather than 75% up front, so extraction (torch) and
+# training can share a card.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+exec .venv/bin/jaxsae train "$@"

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Train many SAE seeds on a Cloud TPU slice, every worker running the same flagfile.
+#
+#   TPU=jaxsae-v4 ZONE=us-central2-b TYPE=v4-32 BUCKET=gs://my-bucket \
+#     FLAGFILE=experiments/paper/size_32768.flags launch/tpu.sh
+#
+# The activation store must already be in the bucket (see launch/extract_to_gcs.sh: extraction
+# runs on a GPU or CPU machine, once). Checkpoints are written to the bucket too, so a
+# preempted spot slice picks up where it stopped: rerunning this script recreates the slice
+# and the same command resumes from the newest complete checkpoint.
+set -euo pipefail
+: "${TPU:?name of the TPU VM}" "${ZONE:?zone}" "${BUCKET:?gs:// bucket}" "${FLAGFILE:?flagfile}"
+TYPE=${TYPE:-v4-32}
+VERSION=${VERSION:-tpu-ubuntu2204-base}
+RUN=${RUN:-$BUCKET/runs/$(basename "$FLAGFILE" .flags)}
+STORE=${STORE:-$BUCKET/stores/default}
+SPOT=${SPOT:---spot}
+cd "$(dirname "$0")/.."
+
+# 1. A queued resource: the request waits for capacity instead of failing.
+if ! gcloud compute tpus tpu-vm describe "$TPU" --zone="$ZONE" >/dev/null 2>&1; then
+  gcloud compute tpus queued-resources create "$TPU-qr" --node-id="$TPU" --zone="$ZONE" \
+    --accelerator-type="$TYPE" --runtime-version="$VERSION" $SPOT
+  until [ "$(gcloud compute tpus queued-resources describe "$TPU-qr" --zone="$ZONE" \
+             --format='value(state.state)')" = ACTIVE ]; do
+    echo "waiting for $TPU ($TYPE) ..."; sleep 30
+  done
+fi
+
+# 2. The same jaxsae on every worker: this checkout, packed and copied, installed with the
+#    TPU build of JAX and the gs:// filesystem layer. torch is not needed for training.
+tar czf /tmp/jaxsae-src.tgz --exclude=.venv --exclude=out --exclude=.git .
+gcloud compute tpus tpu-vm scp /tmp/jaxsae-src.tgz "$FLAGFILE" "$TPU":~/ --worker=all --zone="$ZONE"
+gcloud compute tpus tpu-vm ssh "$TPU" --worker=all --zone="$ZONE" --command="
+  set -e; mkdir -p jaxsae && tar xzf jaxsae-src.tgz -C jaxsae
+  python3 -m pip install -q --upgrade pip
+  python3 -m pip install -q 'torch==2.13.0' || true
+  python3 -m pip install -q -e 'jaxsae[tpu,gcs]'"
+
+# 3. Every worker runs the same command; jax.distributed.initialize() (--distributed) joins
+#    them into one program, and each host reads only its slice of every global batch.
+gcloud compute tpus tpu-vm ssh "$TPU" --worker=all --zone="$ZONE" --command="
+  cd jaxsae && ~/.local/bin/jaxsae train --flagfile=\$HOME/$(basename "$FLAGFILE") \
+    --store=$STORE --out=$RUN --distributed"
+
+echo "SAEs in $RUN/seed*/; match them anywhere with: jaxsae match $RUN --out=match"
