@@ -8,6 +8,7 @@ seed axis with `vmap`, so nothing here knows about seeds or devices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -104,6 +105,38 @@ def sparse_decode(acts: jax.Array, idx: jax.Array, w_dec: jax.Array, cfg: SaeCon
   dt = jnp.dtype(cfg.compute_dtype)
   rows = w_dec.astype(dt)[idx]  # [B, k, d_in]
   return jnp.einsum("bk,bkd->bd", acts.astype(dt), rows, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def topk_encoder(x: jax.Array, w_enc: jax.Array, b: jax.Array, cfg: SaeConfig):
+  """TopK(ReLU(x @ W_enc + b)) as (values [B, k], indices [B, k]), with a sparse backward.
+
+  Only the k selected pre-activations per token get a gradient, so W_enc's gradient has B * k
+  non-zero rows' worth of outer products, not a dense [d_in, B] @ [B, n] product: the backward
+  is a segment sum, as in sparsify's fused encoder. Autodiff of the dense form cannot know
+  that the cotangent is k-sparse and spends a second (and, for x, a third) full matmul on it.
+  """
+  return jax.lax.top_k(jax.nn.relu(matmul(x, w_enc, cfg) + b), cfg.k)
+
+
+def _topk_encoder_fwd(x, w_enc, b, cfg):
+  vals, idx = topk_encoder(x, w_enc, b, cfg)
+  return (vals, idx), (x, w_enc, vals, idx)
+
+
+def _topk_encoder_bwd(cfg, res, cts):
+  x, w_enc, vals, idx = res
+  g = jnp.where(vals > 0, cts[0], 0.0)  # ReLU: a selected zero passes no gradient
+  d_in, n = w_enc.shape
+  flat = idx.reshape(-1)
+  db = jax.ops.segment_sum(g.reshape(-1), flat, num_segments=n)
+  outer = (g[:, :, None] * x[:, None, :].astype(g.dtype)).reshape(-1, d_in)
+  dw = jax.ops.segment_sum(outer, flat, num_segments=n).T
+  dx = sparse_decode(g, idx, w_enc.T, cfg)  # dead code unless someone differentiates x
+  return dx.astype(x.dtype), dw.astype(w_enc.dtype), db.astype(w_enc.dtype)
+
+
+topk_encoder.defvjp(_topk_encoder_fwd, _topk_encoder_bwd)
 
 
 def kaiming_uniform(key: jax.Array, d_in: int, num_latents: int) -> jax.Array:

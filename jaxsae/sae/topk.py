@@ -62,13 +62,21 @@ def auxk_loss(params: Params, pre: jax.Array, e: jax.Array, var: jax.Array,
 def loss(params: Params, x: jax.Array, cfg: SaeConfig, dead_mask: jax.Array,
          penalty_scale: jax.Array):
   del penalty_scale
-  vals, idx, pre = encode_topk(params, x, cfg)
+  if cfg.auxk_alpha:
+    # AuxK reads every dead latent's pre-activation, so the dense encoder stays.
+    vals, idx, pre = encode_topk(params, x, cfg)
+  else:
+    # (x - b_dec) W_enc = x W_enc - b_dec W_enc: folding b_dec into the bias keeps the
+    # encoder's input a constant, so no gradient ever flows back through the [B, n] product.
+    b = params["b_enc"] - common.matmul(params["b_dec"][None], params["W_enc"], cfg)[0]
+    vals, idx = common.topk_encoder(x, params["W_enc"], b, cfg)
   x_hat = common.sparse_decode(vals, idx, params["W_dec"], cfg) + params["b_dec"]
   var = common.total_variance(x)
   e = x - x_hat
   fvu = jnp.sum(jnp.square(e)) / var
   aux = auxk_loss(params, pre, e, var, dead_mask, cfg) if cfg.auxk_alpha else jnp.zeros(())
-  fired = jnp.zeros(pre.shape[-1], bool).at[idx.reshape(-1)].max(vals.reshape(-1) > 0)
+  n = params["W_enc"].shape[-1]
+  fired = jnp.zeros(n, bool).at[idx.reshape(-1)].max(vals.reshape(-1) > 0)
   out = {"fvu": fvu, "aux": aux, "fired": fired,
          "l0": jnp.mean(jnp.sum(vals > 0, axis=-1).astype(jnp.float32))}
   return fvu + cfg.auxk_alpha * aux, out
