@@ -34,6 +34,10 @@ _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps (after --warmup).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation, autotuning).")
 _SIDES = flags.DEFINE_list("sides", ["jaxsae", "sparsify"], "Which trainers to run.")
 _OUT = flags.DEFINE_string("out", "", "Also write the results here as JSON.")
+_DENSE = flags.DEFINE_bool("dense_encoder", False, "jaxsae with plain autodiff of the dense "
+                           "encoder instead of its fused k-sparse backward (for comparison).")
+_PEAK = flags.DEFINE_float("peak_tflops", 989.4, "Device peak dense matrix TFLOP/s at the "
+                           "compute dtype (H100 SXM bf16: 989.4), for the roofline fraction.")
 
 
 def batches(num: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -70,6 +74,9 @@ def run_jaxsae(xs, held, num_seeds: int) -> dict:
   from jaxsae import train
   from jaxsae.sae import ARCHITECTURES, common
 
+  if _DENSE.value:
+    common.topk_encoder = lambda x, w, b, c: jax.lax.top_k(
+        jax.nn.relu(common.matmul(x, w, c) + b), c.k)
   steps = len(xs)
   d_in, n = xs.shape[-1], _N.value
   cfg = train.TrainConfig(arch="topk", num_latents=n, k=_K.value, batch_size=_B.value)
@@ -103,9 +110,13 @@ def run_jaxsae(xs, held, num_seeds: int) -> dict:
     x_hat = arch.decode(p, arch.encode(p, jnp.asarray(held), sae_cfg), sae_cfg)
     fvus.append(fvu(held, np.asarray(x_hat)))
   timed = (steps - _WARMUP.value) * _B.value
+  step_s = seconds / (steps - _WARMUP.value)
+  # The encoder product every step must do, for every seed: [B, d_in] @ [d_in, n]. With the
+  # k-sparse backward there is no other dense product of that size.
+  tflops = num_seeds * 2 * _B.value * d_in * n / step_s / 1e12
   return {"tok_s_per_seed": timed / seconds, "fvu": float(np.mean(fvus)),
           "device": str(jax.devices()[0].device_kind), "compute_dtype": spec["compute_dtype"],
-          "step_s": seconds / (steps - _WARMUP.value)}
+          "step_s": step_s, "encoder_tflops": tflops, "roofline": tflops / _PEAK.value}
 
 
 def run_sparsify(xs, held, num_seeds: int) -> dict:

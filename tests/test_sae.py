@@ -231,3 +231,13 @@ def test_fused_topk_encoder_gradients_equal_autodiff_of_the_dense_form():
   gx_dense = jax.grad(lambda x: jax.lax.top_k(
       jax.nn.relu(x @ params["W_enc"] + params["b_enc"]), cfg.k)[0].sum())
   np.testing.assert_allclose(gx(x), gx_dense(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,k,group", [(8192, 32, 32), (1000, 8, 16), (777, 5, 8)])
+def test_two_stage_top_k_equals_lax_top_k(n, k, group):
+  x = jax.nn.relu(jax.random.normal(jax.random.key(n), (3, 64, n)))  # leading axes, zeros too
+  vals, idx = common.top_k(x, k, group)
+  ref_vals, _ = jax.lax.top_k(x, k)
+  np.testing.assert_array_equal(vals, ref_vals)
+  np.testing.assert_array_equal(jnp.take_along_axis(x, idx, -1), vals)
+  assert (np.sort(np.asarray(idx), -1)[..., 1:] != np.sort(np.asarray(idx), -1)[..., :-1]).all()

@@ -33,7 +33,7 @@ def pre_acts(params: Params, x: jax.Array, cfg: SaeConfig) -> jax.Array:
 def encode_topk(params: Params, x: jax.Array, cfg: SaeConfig):
   """(values [B, k], indices [B, k], ReLU pre-activations [B, n])."""
   pre = pre_acts(params, x, cfg)
-  vals, idx = jax.lax.top_k(pre, cfg.k)
+  vals, idx = common.top_k(pre, cfg.k)
   return vals, idx, pre
 
 
