@@ -91,6 +91,9 @@ class TrainConfig:
                           "and optimizer state stay float32. auto: float32 on CPU, else bfloat16.")
   checkpoint_every: int = _f(1000, "Save a checkpoint every this many steps (and at the end).")
   keep_checkpoints: int = _f(3, "How many of the newest checkpoints to keep.")
+  checkpoint_dir: str = _f("", "Where checkpoints go; default RUN/checkpoints. May be gs://, so "
+                           "a preempted TPU slice resumes from the bucket while --out stays "
+                           "on local disk.")
   keep_at_tokens: tuple[int, ...] = _f((), "Also keep checkpoints and export every seed (under "
                                        "RUN/tokens{T}/) at these token counts.")
   log_every: int = _f(10, "Write metrics every this many steps.")
@@ -268,7 +271,7 @@ def checkpoint_manager(out: str, cfg: TrainConfig, keep_steps):
   import orbax.checkpoint as ocp
   from orbax.checkpoint import checkpoint_managers as policies
 
-  directory = os.path.join(out, "checkpoints")
+  directory = cfg.checkpoint_dir or os.path.join(out, "checkpoints")
   if "://" not in directory:
     directory = os.path.abspath(directory)
   keep = [policies.LatestN(max(cfg.keep_checkpoints, 1))]

@@ -2,17 +2,19 @@
 # Train many SAE seeds on a Cloud TPU slice, every worker running the same flagfile.
 #
 #   TPU=jaxsae-v4 ZONE=us-central2-b TYPE=v4-32 BUCKET=gs://my-bucket \
-#     FLAGFILE=experiments/paper/size_32768.flags launch/tpu.sh
+#     FLAGFILE=launch/paper_topk.flags launch/tpu.sh
 #
 # The activation store must already be in the bucket (see launch/extract_to_gcs.sh: extraction
-# runs on a GPU or CPU machine, once). Checkpoints are written to the bucket too, so a
+# runs on a GPU or CPU machine, once). Checkpoints go to the bucket (--checkpoint_dir), so a
 # preempted spot slice picks up where it stopped: rerunning this script recreates the slice
-# and the same command resumes from the newest complete checkpoint.
+# and the same command resumes from the newest complete checkpoint. The run's small files
+# (run.json, metrics, the exported SAEs) are written on worker 0 and copied to the bucket.
 set -euo pipefail
 : "${TPU:?name of the TPU VM}" "${ZONE:?zone}" "${BUCKET:?gs:// bucket}" "${FLAGFILE:?flagfile}"
 TYPE=${TYPE:-v4-32}
 VERSION=${VERSION:-tpu-ubuntu2204-base}
-RUN=${RUN:-$BUCKET/runs/$(basename "$FLAGFILE" .flags)}
+NAME=$(basename "$FLAGFILE" .flags)
+RUN=${RUN:-$BUCKET/runs/$NAME}
 STORE=${STORE:-$BUCKET/stores/default}
 SPOT=${SPOT:---spot}
 cd "$(dirname "$0")/.."
@@ -41,6 +43,8 @@ gcloud compute tpus tpu-vm ssh "$TPU" --worker=all --zone="$ZONE" --command="
 #    them into one program, and each host reads only its slice of every global batch.
 gcloud compute tpus tpu-vm ssh "$TPU" --worker=all --zone="$ZONE" --command="
   cd jaxsae && ~/.local/bin/jaxsae train --flagfile=\$HOME/$(basename "$FLAGFILE") \
-    --store=$STORE --out=$RUN --distributed"
+    --store=$STORE --out=\$HOME/runs/$NAME --checkpoint_dir=$RUN/checkpoints --distributed"
+gcloud compute tpus tpu-vm ssh "$TPU" --worker=0 --zone="$ZONE" --command="
+  gcloud storage rsync -r \$HOME/runs/$NAME $RUN"
 
 echo "SAEs in $RUN/seed*/; match them anywhere with: jaxsae match $RUN --out=match"
