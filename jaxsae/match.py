@@ -1,0 +1,326 @@
+"""Which latents do SAEs trained with different seeds share? (Paulo & Belrose 2025.)
+
+  jaxsae match RUN --out=DIR                  every seed of a jaxsae training run
+  jaxsae match SAE_A SAE_B [SAE_C ...] --out=DIR   SAE directories (sparsify or SAELens)
+
+For every pair of seeds (a, b), encoder rows and decoder rows are unit-normalised and matched
+by the optimal bijection maximising total cosine (see assign.py), separately. A latent of `a`
+is **shared** under the headline rule `agree` when both bijections send it to the same latent
+of `b` with both cosines >= threshold; else it is an **orphan**. The paper's code used other
+rules for some figures, so all are reported side by side:
+
+  agree       same partner in both bijections, both cosines >= threshold (default headline)
+  both_above  encoder and decoder partner cosines both >= threshold, partners may differ
+  decoder     decoder partner cosine >= threshold
+  max_cos     each latent's best encoder and best decoder cosine >= threshold, no bijection
+
+Writes DIR/latents.csv (one row per latent of `a` per pair), DIR/frequencies.npy ([S, n]
+firing frequencies, when an activation store is known) and DIR/match.json (the summary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+
+from jaxsae import assign as assign_lib
+from jaxsae import saes as saes_lib
+from jaxsae.errors import JaxsaeError
+
+RULES = ("agree", "both_above", "decoder", "max_cos")
+LATENTS_FILE = "latents.csv"
+SUMMARY_FILE = "match.json"
+FREQ_FILE = "frequencies.npy"
+DEFAULT_FREQ_TOKENS = 262_144
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchConfig:
+  """Flags of `jaxsae match`."""
+  inputs: tuple[str, ...] = dataclasses.field(default=(), metadata={
+      "positional": True,
+      "help": "a jaxsae run directory (all its seeds), or two or more SAE directories"})
+  out: str = dataclasses.field(default="", metadata={
+      "help": "directory for latents.csv, frequencies.npy and match.json"})
+  threshold: float = dataclasses.field(default=0.7, metadata={
+      "help": "a matched pair counts as shared when its cosines are >= this, in [-1, 1]"})
+  definition: str = dataclasses.field(default="agree", metadata={
+      "help": f"the headline sharing rule: one of {', '.join(RULES)}"})
+  block_size: int = dataclasses.field(default=1024, metadata={
+      "help": "rows per block of the cosine kernel; memory is ~4 * block_size * n_latents B"})
+  assignment: str = dataclasses.field(default="auto", metadata={
+      "help": "auto (dense up to --dense_max latents, else sparse), dense (scipy on the full "
+              "matrix) or sparse (candidates + dual certificate)"})
+  dense_max: int = dataclasses.field(default=8192, metadata={
+      "help": "largest width solved on the dense matrix under --assignment=auto"})
+  candidates: int = dataclasses.field(default=64, metadata={
+      "help": "top-K cosines per row kept as candidates by the sparse solver"})
+  precision: str = dataclasses.field(default="bfloat16", metadata={
+      "help": "precision of the sparse solver's full-matrix screening passes (bfloat16 or "
+              "float32); its results are exact float32 cosines either way"})
+  store: str = dataclasses.field(default="", metadata={
+      "help": "activation store for firing frequencies (default: the one the run names)"})
+  freq_tokens: int = dataclasses.field(default=-1, metadata={
+      "help": f"tokens to measure firing frequencies on; -1: {DEFAULT_FREQ_TOKENS} when the "
+              "SAEs name a store, else none; 0: skip"})
+  freq_batch: int = dataclasses.field(default=1024, metadata={
+      "help": "tokens per batch of the frequency pass"})
+  subsets: int = dataclasses.field(default=200, metadata={
+      "help": "random seed subsets per size for the 'found only in the base seed' curve"})
+  seed: int = dataclasses.field(default=0, metadata={
+      "help": "random seed of those subsets"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules: pure functions of one pair's per-latent columns.
+
+
+def rule_masks(enc_partner, enc_cos, dec_partner, dec_cos, enc_best, dec_best,
+               threshold: float) -> dict[str, np.ndarray]:
+  """Shared flags of every latent of `a` under each rule in RULES."""
+  enc_ok, dec_ok = enc_cos >= threshold, dec_cos >= threshold
+  return {
+      "agree": (enc_partner == dec_partner) & enc_ok & dec_ok,
+      "both_above": enc_ok & dec_ok,
+      "decoder": dec_ok,
+      "max_cos": (enc_best >= threshold) & (dec_best >= threshold),
+  }
+
+
+def _stats(x: Sequence[float]) -> dict[str, float]:
+  x = np.asarray(x, np.float64)
+  return {"mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()),
+          "max": float(x.max())}
+
+
+def _check(cfg: MatchConfig) -> None:
+  if not cfg.out:
+    raise JaxsaeError("--out is required: the directory for the match results")
+  if not (-1.0 <= cfg.threshold <= 1.0) or math.isnan(cfg.threshold):
+    raise JaxsaeError(f"--threshold={cfg.threshold} is not a cosine; use a value in [-1, 1] "
+                      "(the paper uses 0.7)")
+  if cfg.definition not in RULES:
+    raise JaxsaeError(f"--definition={cfg.definition!r}: use one of {', '.join(RULES)}")
+  if cfg.assignment not in ("auto", "dense", "sparse"):
+    raise JaxsaeError(f"--assignment={cfg.assignment!r}: use auto, dense or sparse")
+  if cfg.precision not in ("bfloat16", "float32"):
+    raise JaxsaeError(f"--precision={cfg.precision!r}: use bfloat16 or float32")
+  if cfg.block_size < 1 or cfg.candidates < 1 or cfg.freq_batch < 1:
+    raise JaxsaeError("--block_size, --candidates and --freq_batch must be positive")
+
+
+# ---------------------------------------------------------------------------------------------
+# Firing frequencies.
+
+
+def frequencies(saes: Sequence[saes_lib.SAE], store, num_tokens: int, batch_size: int = 1024,
+                site: str | None = None, progress: bool = True) -> tuple[np.ndarray, int]:
+  """Fraction of `num_tokens` store tokens on which each latent of each SAE fires: [S, n].
+
+  All seeds of one architecture go through one jitted step per batch (a `lax.map` over the
+  seed axis keeps memory at one [batch, n] activation block). Tokens are the store's
+  deterministic batch stream from step 0, as the trainer reads it, raw: each SAE applies
+  its own input scale.
+  """
+  import jax
+  import jax.numpy as jnp
+  from tqdm import tqdm
+
+  num_tokens = min(num_tokens, store.num_tokens)
+  groups: dict[tuple, list[int]] = {}
+  for i, s in enumerate(saes):
+    groups.setdefault((s.arch, s.k), []).append(i)
+  keys = tuple(groups)  # static: the firing rule of each group is part of the program
+  stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[saes_lib.params(saes[i]) for i in idx])
+             for idx in groups.values()]
+
+  @jax.jit
+  def count(stacked, x, valid):
+    def fires(p, arch, k):
+      return ((saes_lib.encode(p, x, arch, k) > 0) & valid[:, None]).sum(0, dtype=jnp.int32)
+    return [jax.lax.map(lambda p, a=arch, k=k: fires(p, a, k), ps)
+            for (arch, k), ps in zip(keys, stacked)]
+
+  totals = np.zeros((len(saes), saes[0].n_latents), np.int64)
+  done, step = 0, 0
+  bar = tqdm(total=num_tokens, desc="frequencies", unit="tok", disable=not progress)
+  while done < num_tokens:
+    x = store.batch(step, batch_size, site=site)
+    take = min(batch_size, num_tokens - done)
+    # The last batch is masked, not cut, so that one compiled step serves every batch.
+    counts = count(stacked, x, np.arange(batch_size) < take)
+    for idx, c in zip(groups.values(), counts):
+      totals[idx] += np.asarray(c)
+    done += take
+    step += 1
+    bar.update(take)
+  bar.close()
+  return totals / num_tokens, num_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs and seeds.
+
+
+def match_pair(a: saes_lib.SAE, b: saes_lib.SAE, cfg: MatchConfig,
+               progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+  """Matches the latents of `a` to those of `b`: the pair's summary and per-latent columns."""
+  from tqdm import tqdm
+  kw = dict(method=cfg.assignment, dense_max=cfg.dense_max, k=cfg.candidates,
+            block_size=cfg.block_size, precision=cfg.precision)
+  found = {}
+  for side, key in (("encoder", "W_enc"), ("decoder", "W_dec")):
+    # Rows through the full-matrix passes: a pass is n rows, and the sparse path makes 2-4.
+    with tqdm(desc=f"{a.name}-{b.name} {side}", unit="row", leave=False,
+              disable=not progress or a.n_latents <= cfg.dense_max) as bar:
+      found[side] = assign_lib.assign(assign_lib.unit_rows(getattr(a, key)),
+                                      assign_lib.unit_rows(getattr(b, key)),
+                                      progress=bar.update, **kw)
+  enc, dec = found["encoder"], found["decoder"]
+  cols = {
+      "latent": np.arange(a.n_latents),
+      "enc_partner": enc.cols, "enc_cos": enc.cos, "enc_best": enc.best,
+      "dec_partner": dec.cols, "dec_cos": dec.cos, "dec_best": dec.best,
+      "agree": enc.cols == dec.cols,
+  }
+  masks = rule_masks(enc.cols, enc.cos, dec.cols, dec.cos, enc.best, dec.best, cfg.threshold)
+  for rule, m in masks.items():
+    cols[f"shared_{rule}"] = m
+  n = a.n_latents
+  shared = cols["shared"] = masks[cfg.definition]
+  summary = {
+      "a": a.name, "b": b.name, "n_latents": n,
+      "n_shared": int(shared.sum()), "fraction_shared": float(shared.mean()),
+      "fraction_agree": float(cols["agree"].mean()),
+      "rules": {r: {"n_shared": int(m.sum()), "fraction_shared": float(m.mean())}
+                for r, m in masks.items()},
+  }
+  for side, res in (("encoder", enc), ("decoder", dec)):
+    summary[f"{side}_objective"] = res.objective
+    summary[f"{side}_dual_bound"] = res.dual_bound
+    summary[f"{side}_gap"] = res.gap
+    summary[f"{side}_method"] = res.method
+    summary[f"{side}_seconds"] = round(res.seconds, 3)
+    summary[f"{side}_rounds"] = res.rounds
+  return summary, cols
+
+
+def seed_statistics(shared_with_base: np.ndarray, subsets: int, seed: int = 0) -> dict:
+  """The paper's multi-seed view from the base seed's shared flags against every other seed.
+
+  Args:
+    shared_with_base: [S-1, n] bool, latent i of the base seed is shared with seed s.
+  """
+  others, n = shared_with_base.shape
+  s_total = others + 1
+  found_in = 1 + shared_with_base.sum(0)
+  rng = np.random.default_rng(seed)
+  only_base = []
+  for m in range(1, s_total + 1):  # m SAEs compared, the base among them
+    if m == 1:
+      only_base.append({"num_saes": 1, "mean": 1.0, "std": 0.0, "min": 1.0, "max": 1.0,
+                        "num_subsets": 1})
+      continue
+    combos = math.comb(others, m - 1)
+    if combos <= subsets:
+      picks = [list(c) for c in itertools.combinations(range(others), m - 1)]
+    else:
+      picks = [rng.choice(others, m - 1, replace=False) for _ in range(subsets)]
+    fr = [float((~shared_with_base[p].any(0)).mean()) for p in picks]
+    only_base.append({"num_saes": m, **_stats(fr), "num_subsets": len(picks)})
+  return {
+      "num_saes": s_total,
+      "found_in_counts": {str(c): int((found_in == c).sum()) for c in range(1, s_total + 1)},
+      "fraction_only_base": only_base,
+      "fraction_shared_by_all": float((found_in == s_total).mean()),
+  }
+
+
+def _write_latents(path: str, rows: list[dict[str, np.ndarray]]) -> None:
+  import pandas as pd
+  tmp = path + ".tmp"
+  pd.concat([pd.DataFrame(r) for r in rows], ignore_index=True).to_csv(
+      tmp, index=False, float_format="%.7g")
+  os.replace(tmp, path)
+
+
+def run(cfg: MatchConfig) -> dict:
+  """Matches every pair of the given SAEs and writes the results to cfg.out."""
+  from tqdm import tqdm
+  from jaxsae import store as store_lib
+
+  _check(cfg)
+  t0 = time.time()
+  saes = saes_lib.load_all(cfg.inputs)
+  names = [s.name for s in saes]
+  n = saes[0].n_latents
+
+  store_path = cfg.store or saes_lib.find_store(cfg.inputs, saes)
+  freq_tokens = cfg.freq_tokens
+  if freq_tokens < 0:
+    freq_tokens = DEFAULT_FREQ_TOKENS if store_path else 0
+  freqs = None
+  if freq_tokens > 0:
+    if not store_path:
+      raise JaxsaeError(
+          f"--freq_tokens={freq_tokens} needs an activation store, but {', '.join(cfg.inputs)} "
+          "name none (no train_config.json or cfg.json 'store'); pass --store=DIR or "
+          "--freq_tokens=0")
+    store = store_lib.Store(store_path, expect_d_in=saes[0].d_in)
+    site = saes[0].site if saes[0].site in store.sites else None
+    freqs, freq_tokens = frequencies(saes, store, freq_tokens, cfg.freq_batch, site=site)
+
+  os.makedirs(cfg.out, exist_ok=True)
+  # match.json marks a complete result: an old one must not vouch for files rewritten now.
+  if os.path.exists(os.path.join(cfg.out, SUMMARY_FILE)):
+    os.remove(os.path.join(cfg.out, SUMMARY_FILE))
+  pairs, tables, shared = [], [], {}
+  todo = list(itertools.combinations(range(len(saes)), 2))
+  for i, j in tqdm(todo, desc="pairs", unit="pair"):
+    summary, cols = match_pair(saes[i], saes[j], cfg)
+    pairs.append(summary)
+    shared[(i, j)] = cols[f"shared_{cfg.definition}"]
+    table = {"a": np.full(n, names[i]), "b": np.full(n, names[j]), **cols}
+    if freqs is not None:
+      table["frequency"] = freqs[i]
+      table["partner_frequency"] = freqs[j][cols["dec_partner"]]
+    tables.append(table)
+
+  fr = [p["fraction_shared"] for p in pairs]
+  result = {
+      "threshold": cfg.threshold,
+      "definition": cfg.definition,
+      "fraction_shared_mean": float(np.mean(fr)),
+      "fraction_shared_std": float(np.std(fr)),
+      "fraction_shared_min": float(np.min(fr)),
+      "fraction_shared_max": float(np.max(fr)),
+      "fraction_agree_mean": float(np.mean([p["fraction_agree"] for p in pairs])),
+      "rules": {r: _stats([p["rules"][r]["fraction_shared"] for p in pairs]) for r in RULES},
+      "n_latents": n,
+      "d_in": saes[0].d_in,
+      "saes": [{"name": s.name, "path": os.path.abspath(s.path), "layout": s.layout,
+                "arch": s.arch, "k": s.k} for s in saes],
+      "store": os.path.abspath(store_path) if store_path and "://" not in store_path
+               else store_path,
+      "freq_tokens": freq_tokens if freqs is not None else 0,
+      "seeds": seed_statistics(np.stack([shared[(0, j)] for j in range(1, len(saes))]),
+                               cfg.subsets, cfg.seed),
+      "pairs": pairs,
+      "config": dataclasses.asdict(cfg),
+      "seconds": round(time.time() - t0, 2),
+  }
+  _write_latents(os.path.join(cfg.out, LATENTS_FILE), tables)
+  if freqs is not None:
+    np.save(os.path.join(cfg.out, FREQ_FILE), freqs)
+  from jaxsae.store import atomic_write_json
+  atomic_write_json(os.path.join(cfg.out, SUMMARY_FILE), result)  # last: the match is complete
+  print(f"jaxsae match: {len(pairs)} pairs of {len(saes)} SAEs x {n} latents: "
+        f"{result['fraction_shared_mean']:.3f} shared ({cfg.definition}, threshold "
+        f"{cfg.threshold}); wrote {cfg.out}/{SUMMARY_FILE}")
+  return result

@@ -1,0 +1,364 @@
+"""SAE files from any trainer, read into one canonical form for matching.
+
+Two layouts on disk:
+
+  sparsify (EleutherAI; jaxsae's own export)   cfg.json + sae.safetensors
+      encoder.weight [n, d_in], encoder.bias [n], W_dec [n, d_in], b_dec [d_in]
+  SAELens                                      cfg.json + sae_weights.safetensors
+      W_enc [d_in, n], b_enc [n], W_dec [n, d_in], b_dec [d_in] (+ threshold)
+
+Both become an `SAE` whose encoder AND decoder are `[n_latents, d_in]`: one row per latent.
+Normalising a SAELens `W_enc` along its stored last axis would normalise across latents instead
+of within one, a mistake made in the paper's own notebook; canonicalising on load rules it out.
+
+A jaxsae training run is a directory of `seed{N}/` SAE directories (and `train_config.json`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from jaxsae.errors import JaxsaeError
+
+SPARSIFY_FILE = "sae.safetensors"
+SAELENS_FILE = "sae_weights.safetensors"
+CFG_FILE = "cfg.json"
+# Architectures whose firing rule `encode` knows. SAELens calls plain ReLU SAEs "standard".
+ARCHS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
+# jaxsae's trainer calls its ReLU SAEs relu_l1 (with or without unit-norm decoder).
+_ARCH_ALIASES = {"standard": "relu", "vanilla": "relu", "batch_topk": "batchtopk",
+                 "jump_relu": "jumprelu", "relu_l1": "relu", "relu_l1_unitnorm": "relu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SAE:
+  """One SAE in canonical layout: every weight matrix is [n_latents, d_in]."""
+  name: str
+  path: str
+  layout: str  # "sparsify" or "saelens"
+  arch: str  # one of ARCHS
+  W_enc: np.ndarray  # [n, d_in]
+  b_enc: np.ndarray  # [n]
+  W_dec: np.ndarray  # [n, d_in]
+  b_dec: np.ndarray  # [d_in]
+  k: int | None  # active latents per token for topk
+  extras: dict[str, np.ndarray]  # e.g. threshold [n] or []
+  cfg: dict[str, Any]
+  subtract_b_dec: bool = True  # SAELens' and jaxsae's apply_b_dec_to_input
+  input_scale: float = 1.0  # the factor the trainer applied to store activations
+  site: str | None = None  # the store site the SAE was trained on
+
+  @property
+  def n_latents(self) -> int:
+    return int(self.W_dec.shape[0])
+
+  @property
+  def d_in(self) -> int:
+    return int(self.W_dec.shape[1])
+
+  @property
+  def store(self) -> str | None:
+    """The activation store this SAE was trained on, when its cfg records one."""
+    return (self.cfg.get("jaxsae") or {}).get("store")
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise JaxsaeError(f"{path} is not valid JSON ({e}); re-export the SAE")
+
+
+def _read_tensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import safe_open
+  try:
+    out = {}
+    # pt-free loading: numpy framework, and bfloat16 via ml_dtypes then up-cast to float32.
+    with safe_open(path, framework="numpy") as f:
+      for key in f.keys():
+        out[key] = np.asarray(f.get_tensor(key)).astype(np.float32)
+    return out
+  except Exception as e:  # safetensors raises its own types for truncated or foreign files
+    raise JaxsaeError(f"cannot read {path} ({type(e).__name__}: {e}); the file is truncated "
+                      "or not safetensors: re-export the SAE")
+
+
+def _arch(name: str) -> str:
+  name = str(name).lower()
+  name = _ARCH_ALIASES.get(name, name)
+  if name not in ARCHS:
+    raise JaxsaeError(f"unknown SAE architecture {name!r}; jaxsae matches {', '.join(ARCHS)}")
+  return name
+
+
+def _need(tensors: dict, keys: Sequence[str], path: str) -> None:
+  missing = [k for k in keys if k not in tensors]
+  if missing:
+    raise JaxsaeError(f"{path} lacks {', '.join(missing)} (has {', '.join(sorted(tensors))}); "
+                      "it is not a complete SAE: re-export it")
+
+
+def is_sae_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, CFG_FILE)) and (
+      os.path.isfile(os.path.join(path, SPARSIFY_FILE))
+      or os.path.isfile(os.path.join(path, SAELENS_FILE)))
+
+
+def load_sae(path: str, name: str | None = None) -> SAE:
+  """Reads one SAE directory of either layout, canonicalises and validates it."""
+  path = str(path).rstrip("/")
+  name = name or os.path.basename(path)
+  cfg_path = os.path.join(path, CFG_FILE)
+  if not os.path.isdir(path):
+    raise JaxsaeError(f"{path} does not exist; pass a jaxsae run directory or SAE directories")
+  if not os.path.isfile(cfg_path):
+    raise JaxsaeError(f"{path} has no {CFG_FILE}; an SAE directory holds {CFG_FILE} and "
+                      f"{SPARSIFY_FILE} (sparsify) or {SAELENS_FILE} (SAELens)")
+  cfg = _read_json(cfg_path)
+  if os.path.isfile(os.path.join(path, SPARSIFY_FILE)):
+    sae = _from_sparsify(path, name, cfg)
+  elif os.path.isfile(os.path.join(path, SAELENS_FILE)):
+    sae = _from_saelens(path, name, cfg)
+  else:
+    raise JaxsaeError(f"{path} has {CFG_FILE} but neither {SPARSIFY_FILE} nor {SAELENS_FILE}; "
+                      "copy the weights file next to it")
+  validate(sae)
+  return sae
+
+
+def _from_sparsify(path: str, name: str, cfg: dict) -> SAE:
+  file = os.path.join(path, SPARSIFY_FILE)
+  t = _read_tensors(file)
+  _need(t, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), file)
+  own = cfg.get("jaxsae") or {}
+  # sparsify itself only trains TopK; jaxsae's exporter records its architecture.
+  arch = _arch(own.get("arch", "topk"))
+  known = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
+  k = cfg.get("k", own.get("k"))
+  return SAE(name=name, path=path, layout="sparsify", arch=arch, W_enc=t["encoder.weight"],
+             b_enc=t["encoder.bias"], W_dec=t["W_dec"], b_dec=t["b_dec"],
+             k=None if k is None else int(k),
+             extras={key: v for key, v in t.items() if key not in known}, cfg=cfg,
+             subtract_b_dec=bool(own.get("apply_b_dec_to_input", True)),
+             input_scale=float(own.get("input_scale", 1.0)), site=own.get("site"))
+
+
+def _from_saelens(path: str, name: str, cfg: dict) -> SAE:
+  file = os.path.join(path, SAELENS_FILE)
+  t = _read_tensors(file)
+  _need(t, ("W_enc", "b_enc", "W_dec", "b_dec"), file)
+  arch = cfg.get("architecture", "standard")
+  act = cfg.get("activation_fn_str") or cfg.get("activation_fn")
+  if arch == "standard" and act == "topk":  # older SAELens marked TopK by activation only
+    arch = "topk"
+  k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+  w_enc = t["W_enc"]
+  d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
+  if w_enc.ndim != 2 or (d_in is not None and w_enc.shape[0] != d_in) or (
+      d_sae is not None and w_enc.shape[1] != d_sae):
+    raise JaxsaeError(f"{file}: W_enc has shape {list(w_enc.shape)}, but SAELens stores it as "
+                      f"[d_in, d_sae] = [{d_in}, {d_sae}] per {CFG_FILE}; fix d_in/d_sae there")
+  known = {"W_enc", "b_enc", "W_dec", "b_dec"}
+  return SAE(name=name, path=path, layout="saelens", arch=_arch(arch), W_enc=w_enc.T.copy(),
+             b_enc=t["b_enc"], W_dec=t["W_dec"], b_dec=t["b_dec"],
+             k=None if k is None else int(k),
+             extras={key: v for key, v in t.items() if key not in known}, cfg=cfg,
+             subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
+             site=cfg.get("hook_name"))
+
+
+def validate(sae: SAE) -> None:
+  """Raises a JaxsaeError naming the file for inconsistent shapes or non-finite weights."""
+  n, d = sae.W_dec.shape if sae.W_dec.ndim == 2 else (None, None)
+  where = sae.path
+  shapes = {"W_enc": (n, d), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+  for key, want in shapes.items():
+    got = getattr(sae, key).shape
+    if n is None or got != want:
+      raise JaxsaeError(f"{where}: {key} has shape {list(got)}, expected {list(want)} for "
+                        f"{n} latents of d_in={d}; the weights file is inconsistent: re-export it")
+  for key in ("W_enc", "b_enc", "W_dec", "b_dec", *sae.extras):
+    arr = getattr(sae, key) if key in shapes else sae.extras[key]
+    if not np.isfinite(arr).all():
+      bad = int(np.count_nonzero(~np.isfinite(arr)))
+      raise JaxsaeError(f"{where}: {key} holds {bad} NaN/Inf values; the SAE diverged in "
+                        "training: retrain it (lower the learning rate) or drop this seed")
+  cfg_n = sae.cfg.get("num_latents") or sae.cfg.get("d_sae")
+  if cfg_n and int(cfg_n) != n:
+    raise JaxsaeError(f"{where}: {CFG_FILE} says {cfg_n} latents, the weights have {n}; "
+                      "the cfg and weights files come from different SAEs")
+  if sae.cfg.get("d_in") not in (None, d):
+    raise JaxsaeError(f"{where}: {CFG_FILE} says d_in={sae.cfg['d_in']}, the weights have "
+                      f"d_in={d}; the cfg and weights files come from different SAEs")
+  if sae.arch == "topk" and not sae.k:
+    raise JaxsaeError(f"{where}: a TopK SAE without k in {CFG_FILE}; add \"k\": K there")
+  if sae.arch in ("jumprelu", "batchtopk") and "threshold" not in sae.extras:
+    raise JaxsaeError(f"{where}: a {sae.arch} SAE without a `threshold` tensor; re-export it")
+  if sae.arch == "gated" and not {"r_mag", "b_mag"} <= set(sae.extras):
+    raise JaxsaeError(f"{where}: a gated SAE without `r_mag` and `b_mag` tensors; re-export it")
+
+
+def _seed_of(dirname: str) -> int | None:
+  m = re.fullmatch(r"seed[_-]?(\d+)", dirname)
+  return int(m.group(1)) if m else None
+
+
+def discover(inputs: Sequence[str]) -> list[str]:
+  """SAE directories for `inputs`: run directories expand to their seeds, in seed order."""
+  if not inputs:
+    raise JaxsaeError("no inputs; pass a jaxsae run directory or two or more SAE directories")
+  out = []
+  for inp in inputs:
+    inp = str(inp).rstrip("/")
+    if not os.path.isdir(inp):
+      raise JaxsaeError(f"{inp} does not exist; pass a jaxsae run directory or SAE directories")
+    if is_sae_dir(inp):
+      out.append(inp)
+      continue
+    seeds = sorted((s, d) for d in os.listdir(inp)
+                   if (s := _seed_of(d)) is not None and os.path.isdir(os.path.join(inp, d)))
+    if not seeds:
+      raise JaxsaeError(f"{inp} is neither an SAE directory ({CFG_FILE} + {SPARSIFY_FILE} or "
+                        f"{SAELENS_FILE}) nor a run directory with seed*/ subdirectories")
+    for _, d in seeds:
+      sub = os.path.join(inp, d)
+      if not is_sae_dir(sub):
+        raise JaxsaeError(f"{sub} lacks {CFG_FILE} or {SPARSIFY_FILE}; the run's export is "
+                          "incomplete: rerun `jaxsae train` with the same --out to finish it")
+      out.append(sub)
+  if len(set(map(os.path.realpath, out))) != len(out):
+    raise JaxsaeError(f"the same SAE is given twice among {', '.join(out)}; list each once")
+  return out
+
+
+def _unique_names(paths: Sequence[str]) -> list[str]:
+  """Short display names: the seed directory, prefixed by its run when that is ambiguous."""
+  names = [os.path.basename(p) for p in paths]
+  if len(set(names)) == len(names):
+    return names
+  return [os.path.join(os.path.basename(os.path.dirname(p)), os.path.basename(p)) for p in paths]
+
+
+def load_all(inputs: Sequence[str]) -> list[SAE]:
+  """Every SAE named by `inputs`, all of one shape (else a JaxsaeError naming the odd one)."""
+  paths = discover(inputs)
+  if len(paths) < 2:
+    raise JaxsaeError(f"only one SAE found ({paths[0]}); matching needs two or more seeds")
+  saes = [load_sae(p, n) for p, n in zip(paths, _unique_names(paths))]
+  ref = saes[0]
+  for s in saes[1:]:
+    if (s.n_latents, s.d_in) != (ref.n_latents, ref.d_in):
+      raise JaxsaeError(
+          f"{s.path} has {s.n_latents} latents of d_in={s.d_in}, but {ref.path} has "
+          f"{ref.n_latents} of d_in={ref.d_in}; only SAEs of the same shape can be matched")
+  return saes
+
+
+def find_store(inputs: Sequence[str], saes: Sequence[SAE]) -> str | None:
+  """The activation store the SAEs were trained on: the run's run.json (or
+  train_config.json), else an SAE's cfg.json."""
+  for inp in inputs:
+    for name in ("run.json", "train_config.json"):
+      path = os.path.join(str(inp), name)
+      if os.path.isfile(path):
+        store = _read_json(path).get("store")
+        if store:
+          return str(store)
+  for s in saes:
+    if s.store:
+      return str(s.store)
+  return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding, only as far as frequencies and top contexts need it: which latents fire, how much.
+
+
+def params(sae: SAE) -> dict[str, np.ndarray]:
+  """The arrays `encode` needs, with every architecture's extras filled so shapes line up."""
+  n = sae.n_latents
+  threshold = sae.extras.get("threshold", np.zeros(n, np.float32))
+  return {
+      "W_enc": sae.W_enc, "b_enc": sae.b_enc,
+      "b_dec": sae.b_dec if sae.subtract_b_dec else np.zeros_like(sae.b_dec),
+      "threshold": np.broadcast_to(threshold, (n,)).astype(np.float32),
+      "r_mag": sae.extras.get("r_mag", np.zeros(n, np.float32)),
+      "b_mag": sae.extras.get("b_mag", sae.b_enc),
+      "input_scale": np.float32(sae.input_scale),
+  }
+
+
+def encode(p: dict, x, arch: str, k: int | None = None):
+  """Latent activations [batch, n] of inputs x [batch, d_in]; pure, jittable.
+
+  The firing rule is each architecture's own: TopK keeps the k largest ReLU pre-activations,
+  JumpReLU zeroes those at or below their threshold, BatchTopK at inference fires above the
+  threshold it exported (its batch rule cannot apply to single tokens), gated fires where its
+  gate (the plain pre-activation) is positive, with magnitude from its rescaled path.
+  Inputs are raw store rows; the trainer's input scale is applied here.
+  """
+  import jax
+  import jax.numpy as jnp
+  sae_in = x * p["input_scale"] - p["b_dec"]
+  proj = jnp.einsum("bd,nd->bn", sae_in, p["W_enc"], preferred_element_type=jnp.float32)
+  pre = proj + p["b_enc"]
+  if arch == "relu":
+    return jax.nn.relu(pre)
+  if arch == "topk":
+    vals, idx = jax.lax.top_k(jax.nn.relu(pre), k)
+    rows = jnp.arange(pre.shape[0])[:, None]
+    return jnp.zeros_like(pre).at[rows, idx].set(vals)
+  if arch in ("jumprelu", "batchtopk"):
+    return jnp.where(pre > p["threshold"], jax.nn.relu(pre), 0.0)
+  if arch == "gated":
+    mag = proj * jnp.exp(p["r_mag"]) + p["b_mag"]
+    return jnp.where(pre > 0, jax.nn.relu(mag), 0.0)
+  raise ValueError(arch)
+
+
+def save(path: str, W_enc: np.ndarray, b_enc: np.ndarray, W_dec: np.ndarray,
+         b_dec: np.ndarray, *, layout: str = "sparsify", arch: str = "topk",
+         k: int | None = None, extras: dict[str, np.ndarray] | None = None,
+         cfg: dict | None = None) -> str:
+  """Writes canonical weights ([n, d_in] encoder rows) as an SAE directory of `layout`.
+
+  For tests, benchmarks and SAEs made elsewhere; jaxsae's trainer has its own exporter.
+  """
+  from safetensors.numpy import save_file
+  os.makedirs(path, exist_ok=True)
+  n, d = W_dec.shape
+  f32 = lambda x: np.ascontiguousarray(x, np.float32)
+  extras = {key: f32(v) for key, v in (extras or {}).items()}
+  if layout == "sparsify":
+    tensors = {"encoder.weight": f32(W_enc), "encoder.bias": f32(b_enc), "W_dec": f32(W_dec),
+               "b_dec": f32(b_dec), **extras}
+    meta = {"d_in": d, "num_latents": n, "k": k, "expansion_factor": n // d,
+            "normalize_decoder": True, "multi_topk": False, "skip_connection": False,
+            "jaxsae": {"arch": arch}}
+    file = SPARSIFY_FILE
+  elif layout == "saelens":
+    tensors = {"W_enc": f32(W_enc.T), "b_enc": f32(b_enc), "W_dec": f32(W_dec),
+               "b_dec": f32(b_dec), **extras}
+    meta = {"d_in": d, "d_sae": n, "architecture": {"relu": "standard"}.get(arch, arch),
+            "apply_b_dec_to_input": True, "dtype": "float32"}
+    if k is not None:
+      meta["k"] = k
+    file = SAELENS_FILE
+  else:
+    raise ValueError(layout)
+  for key, value in (cfg or {}).items():
+    if isinstance(value, dict) and isinstance(meta.get(key), dict):
+      meta[key] = {**meta[key], **value}
+    else:
+      meta[key] = value
+  save_file(tensors, os.path.join(path, file))
+  with open(os.path.join(path, CFG_FILE), "w") as f:
+    json.dump(meta, f, indent=1)
+  return path

@@ -1,0 +1,304 @@
+"""`jaxsae match`: loading both layouts, the sharing rules, multi-seed statistics, frequencies."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from jaxsae import match
+from jaxsae import saes
+from jaxsae import store as store_lib
+from jaxsae.errors import JaxsaeError
+
+D, N, K = 32, 128, 4
+
+
+def rand(rng, *shape):
+  return rng.standard_normal(shape).astype(np.float32)
+
+
+def random_weights(rng, n=N, d=D):
+  return {"W_enc": rand(rng, n, d), "b_enc": 0.1 * rand(rng, n), "W_dec": rand(rng, n, d),
+          "b_dec": 0.1 * rand(rng, d)}
+
+
+def noisy(rng, w, scale=0.2):
+  return w + scale * rand(rng, *w.shape) * np.linalg.norm(w, axis=-1, keepdims=True) / np.sqrt(
+      w.shape[-1])
+
+
+def planted_pair(rng, m, encoder_only=0, swapped=0):
+  """SAE b shares exactly `m` latents of a under a random permutation (plus noise).
+
+  `encoder_only` more latents of b copy only a's encoder row; `swapped` pairs copy a's encoder
+  rows in place but swap their decoder rows, so each has high encoder and decoder partner
+  cosines with *different* partners. Returns (a, b, perm, shared ids of a).
+  """
+  a = random_weights(rng)
+  b = random_weights(rng)
+  perm = rng.permutation(N)
+  ids = rng.permutation(N)
+  shared = ids[:m]
+  enc_only = ids[m:m + encoder_only]
+  swap = ids[m + encoder_only:m + encoder_only + 2 * swapped].reshape(-1, 2)
+  for i in shared:
+    b["W_enc"][perm[i]] = noisy(rng, a["W_enc"][i])
+    b["W_dec"][perm[i]] = noisy(rng, a["W_dec"][i])
+  for i in enc_only:
+    b["W_enc"][perm[i]] = noisy(rng, a["W_enc"][i])
+  for i, j in swap:
+    b["W_enc"][perm[i]] = noisy(rng, a["W_enc"][i])
+    b["W_enc"][perm[j]] = noisy(rng, a["W_enc"][j])
+    b["W_dec"][perm[i]] = noisy(rng, a["W_dec"][j])
+    b["W_dec"][perm[j]] = noisy(rng, a["W_dec"][i])
+  return a, b, perm, shared
+
+
+def write(path, w, layout="sparsify", arch="topk", k=K, **kw):
+  return saes.save(str(path), w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], layout=layout,
+                   arch=arch, k=k, **kw)
+
+
+def cfg(tmp_path, inputs, **kw):
+  return match.MatchConfig(inputs=tuple(map(str, inputs)), out=str(tmp_path / "out"),
+                           freq_tokens=kw.pop("freq_tokens", 0), **kw)
+
+
+def test_planted_pair_exactly_m_shared(tmp_path):
+  rng = np.random.default_rng(0)
+  a, b, perm, shared = planted_pair(rng, m=40, encoder_only=20, swapped=5)
+  # b in SAELens layout: its W_enc is stored [d_in, d_sae] and must be canonicalised.
+  res = match.run(cfg(tmp_path, [write(tmp_path / "a", a),
+                                 write(tmp_path / "b", b, layout="saelens")]))
+  (pair,) = res["pairs"]
+  assert pair["n_latents"] == N
+  assert pair["n_shared"] == 40 and pair["fraction_shared"] == pytest.approx(40 / N)
+  assert res["fraction_shared_mean"] == pytest.approx(40 / N)
+  rules = pair["rules"]
+  assert rules["agree"]["n_shared"] == 40  # encoder-only and swapped latents do not count
+  assert rules["both_above"]["n_shared"] == 40 + 10  # swapped: both high, partners differ
+  assert rules["decoder"]["n_shared"] == 40 + 10
+  table = pd.read_csv(tmp_path / "out" / match.LATENTS_FILE)
+  assert len(table) == N
+  got = table[table.shared_agree]
+  assert sorted(got.latent) == sorted(shared)
+  assert (got.enc_partner == perm[got.latent]).all() and (got.dec_partner == got.enc_partner).all()
+  assert (table.shared == table.shared_agree).all()  # the headline column
+  assert table.enc_cos.between(-1, 1).all() and table.dec_cos.between(-1, 1).all()
+  for key in ("threshold", "fraction_shared_mean", "pairs"):
+    assert key in json.loads((tmp_path / "out" / match.SUMMARY_FILE).read_text())
+  for key in ("a", "b", "n_latents", "n_shared", "fraction_shared", "encoder_objective",
+              "decoder_objective"):
+    assert key in pair
+
+
+def test_headline_definition_and_threshold(tmp_path):
+  rng = np.random.default_rng(1)
+  a, b, _, _ = planted_pair(rng, m=30, swapped=4)
+  inputs = [write(tmp_path / "a", a), write(tmp_path / "b", b)]
+  res = match.run(cfg(tmp_path, inputs, definition="both_above"))
+  assert res["pairs"][0]["n_shared"] == 38
+  # Threshold 1 demands identical directions: nothing noisy is shared.
+  assert match.run(cfg(tmp_path, inputs, threshold=1.0))["pairs"][0]["n_shared"] == 0
+  # Threshold -1 shares every latent whose bijections agree.
+  res = match.run(cfg(tmp_path, inputs, threshold=-1.0))
+  assert res["pairs"][0]["fraction_shared"] == pytest.approx(res["pairs"][0]["fraction_agree"])
+
+
+def test_same_sae_in_both_layouts_is_fully_shared(tmp_path):
+  rng = np.random.default_rng(2)
+  w = random_weights(rng)
+  x = write(tmp_path / "x", w, layout="sparsify")
+  y = write(tmp_path / "y", w, layout="saelens")
+  sx, sy = saes.load_sae(x), saes.load_sae(y)
+  for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+    np.testing.assert_array_equal(getattr(sx, key), getattr(sy, key))
+  res = match.run(cfg(tmp_path, [x, y]))
+  assert res["pairs"][0]["n_shared"] == N
+  assert res["pairs"][0]["encoder_objective"] == pytest.approx(N, abs=1e-3)
+
+
+def make_run(tmp_path, rng, seeds=3, arch="topk", store=True, m=60):
+  """A jaxsae-style run: seed{N}/ SAEs sharing a common core, and optionally a store."""
+  run = tmp_path / "run"
+  base = random_weights(rng)
+  core = rng.permutation(N)[:m]
+  for s in range(seeds):
+    w = random_weights(rng) if s else base
+    if s:
+      for i in core[: m - 10 * s]:  # each later seed keeps fewer of the core latents
+        w["W_enc"][i], w["W_dec"][i] = noisy(rng, base["W_enc"][i]), noisy(rng, base["W_dec"][i])
+      perm = rng.permutation(N)
+      w = {k: (v[perm] if v.ndim == 2 or k == "b_enc" else v) for k, v in w.items()}
+    extras = {"threshold": np.abs(rand(rng, N))} if arch in ("jumprelu", "batchtopk") else None
+    write(run / f"seed{s}", w, arch=arch, extras=extras,
+          cfg={"jaxsae": {"seed": s, "arch": arch}})
+  if store:
+    acts = rand(rng, 700, D) * 2
+    store_lib.write_store(str(tmp_path / "store"), acts, ids=np.arange(700), rows_per_shard=256)
+    (run / "run.json").write_text(json.dumps({"store": str(tmp_path / "store")}))  # as train.py
+  return run
+
+
+def numpy_frequencies(sae, x):
+  sae_in = x * sae.input_scale - (sae.b_dec if sae.subtract_b_dec else 0)
+  pre = sae_in @ sae.W_enc.T + sae.b_enc
+  if sae.arch == "topk":
+    act = np.maximum(pre, 0)
+    top = np.argpartition(-act, sae.k - 1, axis=1)[:, :sae.k]
+    fire = np.zeros_like(act, bool)
+    np.put_along_axis(fire, top, np.take_along_axis(act, top, 1) > 0, 1)
+  elif sae.arch == "relu":
+    fire = pre > 0
+  elif sae.arch == "gated":
+    mag = (sae_in @ sae.W_enc.T) * np.exp(sae.extras["r_mag"]) + sae.extras["b_mag"]
+    fire = (pre > 0) & (mag > 0)
+  else:
+    fire = (pre > sae.extras["threshold"]) & (pre > 0)
+  return fire.mean(0)
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "relu"])
+def test_frequencies_equal_numpy_count(tmp_path, arch):
+  rng = np.random.default_rng(3)
+  run = make_run(tmp_path, rng, seeds=2, arch=arch)
+  res = match.run(cfg(tmp_path, [run], freq_tokens=600, freq_batch=256))
+  assert res["freq_tokens"] == 600
+  freqs = np.load(tmp_path / "out" / match.FREQ_FILE)
+  store = store_lib.Store(str(tmp_path / "store"))
+  x = np.concatenate([store.batch(s, 256) for s in range(3)])[:600]
+  loaded = saes.load_all([str(run)])
+  for s, sae in enumerate(loaded):
+    np.testing.assert_allclose(freqs[s], numpy_frequencies(sae, x), atol=1e-12)
+  table = pd.read_csv(tmp_path / "out" / match.LATENTS_FILE)
+  np.testing.assert_allclose(table.frequency, freqs[0], atol=1e-6)
+
+
+def test_run_directory_multi_seed_statistics(tmp_path):
+  rng = np.random.default_rng(4)
+  run = make_run(tmp_path, rng, seeds=4, store=False, m=60)
+  res = match.run(cfg(tmp_path, [run], subsets=50))
+  assert [s["name"] for s in res["saes"]] == ["seed0", "seed1", "seed2", "seed3"]
+  assert len(res["pairs"]) == 6
+  assert {(p["a"], p["b"]) for p in res["pairs"]} == {
+      (f"seed{i}", f"seed{j}") for i in range(4) for j in range(i + 1, 4)}
+  seeds = res["seeds"]
+  base_pairs = [p for p in res["pairs"] if p["a"] == "seed0"]
+  assert [p["n_shared"] for p in base_pairs] == [50, 40, 30]
+  # Seed s keeps core[: 60 - 10 s]: nested sets, so 30 are in all four and 10 in exactly two.
+  assert seeds["fraction_shared_by_all"] == pytest.approx(30 / N)
+  assert seeds["found_in_counts"] == {"1": N - 50, "2": 10, "3": 10, "4": 30}
+  curve = seeds["fraction_only_base"]
+  assert [c["num_saes"] for c in curve] == [1, 2, 3, 4]
+  assert curve[-1]["mean"] == pytest.approx((N - 50) / N) and curve[-1]["std"] == 0
+  assert all(c1["mean"] >= c2["mean"] for c1, c2 in zip(curve, curve[1:]))
+  fr = [p["fraction_shared"] for p in res["pairs"]]
+  assert res["fraction_shared_std"] == pytest.approx(np.std(fr))
+  assert res["fraction_shared_min"] == min(fr) and res["fraction_shared_max"] == max(fr)
+
+
+def test_sparse_path_in_match_equals_dense(tmp_path):
+  rng = np.random.default_rng(5)
+  a, b, _, _ = planted_pair(rng, m=50)
+  inputs = [write(tmp_path / "a", a), write(tmp_path / "b", b)]
+  dense = match.run(cfg(tmp_path, inputs, assignment="dense"))["pairs"][0]
+  sparse = match.run(cfg(tmp_path, inputs, assignment="sparse", candidates=4))["pairs"][0]
+  assert sparse["n_shared"] == dense["n_shared"] == 50
+  for side in ("encoder", "decoder"):
+    assert sparse[f"{side}_objective"] == pytest.approx(dense[f"{side}_objective"], rel=1e-6)
+    assert sparse[f"{side}_gap"] <= 1e-6 * sparse[f"{side}_objective"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one clear message each.
+
+
+def test_bad_inputs(tmp_path):
+  rng = np.random.default_rng(6)
+  good = write(tmp_path / "good", random_weights(rng))
+  wide = write(tmp_path / "wide", random_weights(rng, n=2 * N))
+  other_d = write(tmp_path / "other_d", random_weights(rng, d=D + 1))
+  w = random_weights(rng)
+  w["W_dec"][3, 4] = np.nan
+  nan = write(tmp_path / "nan", w)
+  no_weights = tmp_path / "no_weights"
+  no_weights.mkdir()
+  (no_weights / "cfg.json").write_text("{}")
+  cases = [
+      ([good, wide], {}, "latents of d_in"),
+      ([good, other_d], {}, "same shape"),
+      ([good, nan], {}, "NaN"),
+      ([good, str(tmp_path / "missing")], {}, "does not exist"),
+      ([good, no_weights], {}, "sae.safetensors"),
+      ([good], {}, "two or more"),
+      ([good, good], {}, "twice"),
+      ([good, wide], {"threshold": 1.5}, r"\[-1, 1\]"),
+      ([good, wide], {"definition": "nope"}, "agree"),
+      ([good, write(tmp_path / "g2", random_weights(rng))], {"freq_tokens": 100}, "--store"),
+  ]
+  for inputs, kw, msg in cases:
+    with pytest.raises(JaxsaeError, match=msg):
+      match.run(cfg(tmp_path, inputs, **kw))
+  # A weights file that does not agree with its cfg.json.
+  mismatched = write(tmp_path / "mismatched", random_weights(rng), cfg={"num_latents": 7})
+  with pytest.raises(JaxsaeError, match="different SAEs"):
+    saes.load_sae(mismatched)
+  # A run whose store was deleted.
+  run = make_run(tmp_path, rng, seeds=2)
+  import shutil
+  shutil.rmtree(tmp_path / "store")
+  with pytest.raises(JaxsaeError, match="not an activation store"):
+    match.run(cfg(tmp_path, [run], freq_tokens=10))
+
+
+def test_cli(tmp_path):
+  rng = np.random.default_rng(7)
+  a, b, _, _ = planted_pair(rng, m=20)
+  inputs = [write(tmp_path / "a", a), write(tmp_path / "b", b)]
+  out = tmp_path / "cli"
+  cmd = [sys.executable, "-m", "jaxsae.cli", "match", *inputs, f"--out={out}",
+         "--threshold=0.7", "--freq_tokens=0"]
+  done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert json.loads((out / "match.json").read_text())["pairs"][0]["n_shared"] == 20
+  done = subprocess.run(cmd[:-2] + ["--threshold=2"], capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 1
+  assert "jaxsae match: error: --threshold=2.0" in done.stderr
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu_l1", "gated", "jumprelu", "batchtopk"])
+def test_trainer_exports_load_and_count(tmp_path, arch):
+  """SAEs written by the trainer's own exporter (jaxsae.sae.io) load with their firing rule,
+  input scale and b_dec convention, and their frequencies equal a numpy count."""
+  io = pytest.importorskip("jaxsae.sae.io")
+  rng = np.random.default_rng(8)
+  acts = rand(rng, 300, D) * 3
+  store_lib.write_store(str(tmp_path / "store"), acts, rows_per_shard=128)
+  run = tmp_path / "run"
+  for seed in range(2):
+    w = random_weights(rng)
+    params = {"W_enc": w["W_enc"].T, "b_enc": w["b_enc"], "W_dec": w["W_dec"],
+              "b_dec": w["b_dec"]}
+    if arch in ("jumprelu", "batchtopk"):
+      params["threshold"] = (np.abs(rand(rng, N)) if arch == "jumprelu"
+                             else np.float32(0.5))
+    if arch == "gated":
+      params["r_mag"], params["b_mag"] = 0.3 * rand(rng, N), 0.1 * rand(rng, N)
+    io.save_sparsify(str(run / f"seed{seed}"), params, {
+        "arch": arch, "seed": seed, "k": K if arch == "topk" else 0,
+        "store": str(tmp_path / "store"), "site": "site", "input_scale": 0.7,
+        "apply_b_dec_to_input": arch != "relu_l1"})
+  res = match.run(cfg(tmp_path, [run], freq_tokens=300, freq_batch=128))
+  assert res["freq_tokens"] == 300
+  freqs = np.load(tmp_path / "out" / match.FREQ_FILE)
+  store = store_lib.Store(str(tmp_path / "store"))
+  x = np.concatenate([store.batch(s, 128) for s in range(3)])[:300]
+  for s, sae in enumerate(saes.load_all([str(run)])):
+    assert sae.input_scale == pytest.approx(0.7) and sae.subtract_b_dec == (arch != "relu_l1")
+    np.testing.assert_allclose(freqs[s], numpy_frequencies(sae, x), atol=1e-12)

