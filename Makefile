@@ -25,6 +25,11 @@ demo: $(STAMP)
 	$(VENV)/bin/jaxsae demo $(ARGS)
 
 test: $(STAMP)
+	@# The report test opens report.html in a headless browser: Debian's chromium, installed
+	@# here where we may (root with apt), else that one test skips.
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	      >/dev/null) || echo "chromium not installed: the browser test will skip"
 	$(VENV)/bin/python -m pytest -q tests $(ARGS)
 
 clean:

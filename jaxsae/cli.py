@@ -33,7 +33,6 @@ COMMANDS = {
     "match": ("jaxsae.match", "MatchConfig", "match every pair of seeds; what is shared"),
     "report": ("jaxsae.report", "ReportConfig", "plots, JSON and an HTML page from a match"),
     "demo": ("jaxsae.demo", "DemoConfig", "the whole pipeline on the offline default"),
-    "bench": ("jaxsae.bench", "BenchConfig", "benchmarks against peers"),
 }
 
 
