@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 
+import numpy as np
 import pytest
 
 # No test may reach a model or dataset hub (huggingface_hub reads these at import); the default
@@ -60,3 +61,17 @@ def tiny_model_dir(tmp_path_factory) -> str:
       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
   transformers.LlamaForCausalLM(cfg).save_pretrained(d)
   return d
+
+
+def planted_sparse(n_rows: int, d: int, n_feat: int, k: int, seed: int = 0):
+  """(x [n_rows, d], dirs [n_feat, d]): sums of k of n_feat random unit directions, plus noise.
+
+  The synthetic data SAE tests train on: a planted dictionary a good SAE must recover.
+  """
+  rng = np.random.default_rng(seed)
+  dirs = rng.normal(size=(n_feat, d))
+  dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+  idx = np.argsort(rng.random((n_rows, n_feat)), axis=1)[:, :k]
+  coef = np.zeros((n_rows, n_feat))
+  np.put_along_axis(coef, idx, rng.uniform(1, 3, (n_rows, k)), 1)
+  return coef @ dirs + 0.01 * rng.normal(size=(n_rows, d)), dirs

@@ -11,20 +11,16 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import planted_sparse
+
 from jaxsae.sae import ARCHITECTURES, batchtopk, common, io, jumprelu, topk
 
 D_IN, N = 32, 96
 
 
 def planted(n_rows=40000, d=D_IN, n_feat=48, k=3, seed=0):
-  """Sparse sums of k of n_feat random unit directions, scaled to mean norm sqrt(d)."""
-  rng = np.random.default_rng(seed)
-  dirs = rng.normal(size=(n_feat, d))
-  dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-  idx = np.argsort(rng.random((n_rows, n_feat)), axis=1)[:, :k]
-  coef = np.zeros((n_rows, n_feat))
-  np.put_along_axis(coef, idx, rng.uniform(1, 3, (n_rows, k)), 1)
-  x = coef @ dirs + 0.01 * rng.normal(size=(n_rows, d))
+  """The planted dictionary, scaled to mean norm sqrt(d)."""
+  x, dirs = planted_sparse(n_rows, d, n_feat, k, seed)
   x *= np.sqrt(d) / np.linalg.norm(x, axis=1).mean()
   return x.astype(np.float32), dirs
 

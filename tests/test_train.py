@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import planted_sparse
+
 from jaxsae import store as store_lib
 from jaxsae import train
 from jaxsae.errors import JaxsaeError
@@ -24,13 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def planted(n_rows=8192, d=D_IN, n_feat=32, k=3, seed=0):
-  rng = np.random.default_rng(seed)
-  dirs = rng.normal(size=(n_feat, d))
-  dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-  idx = np.argsort(rng.random((n_rows, n_feat)), axis=1)[:, :k]
-  coef = np.zeros((n_rows, n_feat))
-  np.put_along_axis(coef, idx, rng.uniform(1, 3, (n_rows, k)), 1)
-  return (coef @ dirs + 0.01 * rng.normal(size=(n_rows, d)) + 0.5).astype(np.float32)
+  x, _ = planted_sparse(n_rows, d, n_feat, k, seed)
+  return (x + 0.5).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +66,18 @@ def reference(store_dir, tmp_path_factory):
   return out
 
 
+def _tensorboard_events(path):
+  """Event protos of a TensorBoard file (TFRecord: length, crc, data, crc)."""
+  import struct
+  from tensorboardX.proto.event_pb2 import Event
+  data, out, i = open(path, "rb").read(), [], 0
+  while i < len(data):
+    (n,) = struct.unpack("<Q", data[i:i + 8])
+    out.append(Event.FromString(data[i + 12:i + 12 + n]))
+    i += 12 + n + 4
+  return out
+
+
 def test_run_writes_metrics_checkpoints_and_exports(reference):
   with open(reference / "metrics.jsonl") as f:
     lines = [json.loads(line) for line in f]
@@ -79,6 +88,10 @@ def test_run_writes_metrics_checkpoints_and_exports(reference):
   assert all(f < 0.7 * f0 for f, f0 in zip(lines[-1]["fvu"], lines[0]["fvu"]))
   assert lines[-1]["tokens"] == 40 * 128 and lines[-1]["tokens_per_s"] > 0
   assert sorted(os.listdir(reference / "checkpoints")) == ["20", "30", "40"]  # keep the last 3
+  (events,) = os.listdir(reference / "tensorboard")
+  tags = {v.tag for e in _tensorboard_events(reference / "tensorboard" / events)
+          for v in e.summary.value}
+  assert {"seed0/fvu", "seed1/l0", "seed1/dead", "seed0/aux", "lr"} <= tags
   params = exported(reference)
   for s, p in params.items():
     assert p["W_enc"].shape == (D_IN, N) and p["W_dec"].shape == (N, D_IN)
@@ -248,7 +261,8 @@ def test_cli_flags_reach_the_trainer(store_dir, tmp_path):
          "--lr_warmup_steps=2", "--noprogress"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert sorted(os.listdir(out)) == ["checkpoints", "metrics.jsonl", "run.json", "seed3", "seed5"]
+  assert sorted(os.listdir(out)) == ["checkpoints", "metrics.jsonl", "run.json", "seed3", "seed5",
+                                     "tensorboard"]
   proc = subprocess.run(cmd[:-1] + ["--k=64"], cwd=ROOT, capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 1
