@@ -56,6 +56,8 @@ _SEEDS = flags.DEFINE_integer("num_seeds", 3, "Seeds per point (pairs = S(S-1)/2
 _TOKENS = flags.DEFINE_integer("num_tokens", 1_048_576, "Training tokens per seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 1024, "Tokens per batch.")
 _WARMUP = flags.DEFINE_integer("lr_warmup_steps", 100, "Learning-rate warmup steps.")
+_LR = flags.DEFINE_float("lr", None, "Adam learning rate; default the paper's "
+                         "2e-4 / sqrt(num_latents / 2^14).")
 _MESH = flags.DEFINE_string("mesh", "auto", "Device mesh for training.")
 
 # The paper's numbers (Pythia-160M layer-6 MLP, k = 32, 8B Pile tokens, both-above rule at 0.7
@@ -81,11 +83,13 @@ def store_dir() -> str:
 
 def train_and_match(name: str, store: str, keep_at_tokens=(), **overrides) -> str:
   """Trains one point's seeds (or resumes) and matches all pairs; returns the run directory."""
-  run_dir = os.path.join(_OUT.value, _STUDY.value, name)
+  # The frequency and threshold studies read the same base run: train it once.
+  study = _STUDY.value if name != "base" or keep_at_tokens else "shared"
+  run_dir = os.path.join(_OUT.value, study, name)
   cfg = dict(store=store, out=run_dir, arch="topk", num_latents=_NUM_LATENTS.value, k=_K.value,
              num_seeds=_SEEDS.value, num_tokens=_TOKENS.value, batch_size=_BATCH.value,
-             lr_warmup_steps=_WARMUP.value, mesh=_MESH.value, keep_at_tokens=tuple(keep_at_tokens),
-             checkpoint_every=500)
+             lr=_LR.value, lr_warmup_steps=_WARMUP.value, mesh=_MESH.value,
+             keep_at_tokens=tuple(keep_at_tokens), checkpoint_every=500)
   cfg.update(overrides)
   if not os.path.exists(os.path.join(run_dir, f"seed{_SEEDS.value - 1}", "sae.safetensors")):
     train.run(train.TrainConfig(**cfg))
@@ -201,7 +205,8 @@ def main(_):
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "results.json"), "w") as f:
     settings = {h.name: h.value for h in (_MODEL, _SITE, _DATASET, _EXTRACT_TOKENS, _CTX,
-                                          _NUM_LATENTS, _K, _SEEDS, _TOKENS, _BATCH, _WARMUP)}
+                                          _NUM_LATENTS, _K, _SEEDS, _TOKENS, _BATCH, _WARMUP,
+                                          _LR)}
     json.dump({"study": _STUDY.value, "rows": rows, "paper": PAPER.get(_STUDY.value),
                "store": store, "settings": settings}, f, indent=1)
   plot(rows, os.path.join(out, f"{_STUDY.value}.png"))
