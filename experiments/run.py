@@ -199,6 +199,9 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(_):
+  if not flags.FLAGS["verbosity"].present:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
   store = store_dir()
   rows = sweep(store)
   out = os.path.join(_OUT.value, _STUDY.value)

@@ -22,6 +22,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 
 from jaxsae.errors import JaxsaeError
 
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
   define_flags(cls)
 
   def run(args: list[str]) -> None:
+    if not flags.FLAGS["verbosity"].present:
+      # absl would print every INFO line of orbax and XLA; progress bars say what matters.
+      absl_logging.set_verbosity(absl_logging.WARNING)
     try:
       module.run(config_from_flags(cls, args[1:]))
     except JaxsaeError as e:

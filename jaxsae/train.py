@@ -463,6 +463,10 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
         raise KeyboardInterrupt
     mngr.wait_until_finished()
     export(cfg.out, state["params"], spec, arch, num_steps, input_scale, cfg.store)
+    if jax.process_index() == 0:
+      print(f"jaxsae train: {len(seeds)} seeds x {num_steps * cfg.batch_size:,} tokens; SAEs in "
+            f"{os.path.join(cfg.out, 'seed{' + ','.join(map(str, seeds)) + '}')}/, metrics in "
+            f"{os.path.join(cfg.out, 'metrics.jsonl')}")
   finally:
     if bar is not None:
       bar.close()
