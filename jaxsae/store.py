@@ -234,6 +234,47 @@ def write_store(directory: str, acts: np.ndarray, *, ids: np.ndarray | None = No
 # Reading.
 
 
+def _check_manifest(m: Any, where: str) -> None:
+  """Raises JaxsaeError naming the first field of `m` that is missing or of the wrong kind."""
+  def bad(what: str):
+    raise JaxsaeError(f"{where}: {what}; the manifest is damaged or foreign: re-extract the "
+                      "store")
+
+  def count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+  if not isinstance(m, dict):
+    bad("not a JSON object")
+  for key in ("format_version", "sites", "d_in", "dtype", "ctx_len", "num_tokens", "shards"):
+    if key not in m:
+      bad(f"lacks {key!r}")
+  for key in ("format_version", "d_in", "ctx_len", "num_tokens"):
+    if not count(m[key]) or (key != "num_tokens" and m[key] == 0):
+      bad(f"{key}={m[key]!r} is not a positive integer")
+  if not isinstance(m["sites"], list) or not m["sites"] or \
+      not all(isinstance(x, str) for x in m["sites"]):
+    bad(f"sites={m['sites']!r} is not a list of module paths")
+  if not isinstance(m["dtype"], str) or m["dtype"] not in DTYPES:
+    bad(f"dtype={m['dtype']!r} is not one of {', '.join(DTYPES)}")
+  if not isinstance(m["shards"], list):
+    bad("shards is not a list")
+  for i, sh in enumerate(m["shards"]):
+    if not isinstance(sh, dict):
+      bad(f"shard entry {i} is not an object")
+    f = sh.get("file")
+    if not isinstance(f, str) or not f or "/" in f or "\\" in f or f.startswith("."):
+      bad(f"shard entry {i} has file={f!r}, not a file name in the store")
+    if not count(sh.get("num_tokens")):
+      bad(f"shard {f} has num_tokens={sh.get('num_tokens')!r}")
+    if not isinstance(sh.get("sha256"), str):
+      bad(f"shard {f} has no sha256")
+  norms = m.get("mean_norm", {})
+  if not isinstance(norms, dict) or not all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and np.isfinite(v)
+      for v in norms.values()):
+    bad(f"mean_norm={norms!r} is not a positive number per site")
+
+
 class Store:
   """A finished activation store: validated on open, read with memory maps.
 
@@ -251,9 +292,7 @@ class Store:
     self.directory = str(directory)
     self.manifest = manifest if manifest is not None else self._read_manifest()
     m = self.manifest
-    for key in ("format_version", "sites", "d_in", "dtype", "ctx_len", "num_tokens", "shards"):
-      if key not in m:
-        raise JaxsaeError(f"{self._where(MANIFEST)} lacks {key!r}; re-extract the store")
+    _check_manifest(m, self._where(MANIFEST))
     if m["format_version"] != FORMAT_VERSION:
       raise JaxsaeError(f"{self.directory} has store format {m['format_version']}, this jaxsae "
                         f"reads {FORMAT_VERSION}; re-extract it")
@@ -382,7 +421,11 @@ class Store:
   def normalizer(self, site: str | None = None) -> float:
     """The factor that scales this site's activations to mean norm sqrt(d_in)."""
     site = self.sites[self.site_index(site)]
-    return float(np.sqrt(self.d_in) / self.manifest["mean_norm"][site])
+    norm = self.manifest.get("mean_norm", {}).get(site)
+    if norm is None:
+      raise JaxsaeError(f"{self._where(MANIFEST)} records no mean norm for {site}; re-extract "
+                        "the store, or train without normalisation")
+    return float(np.sqrt(self.d_in) / norm)
 
   # -------------------------------------------------------------------------------------------
   # The deterministic batch stream.

@@ -156,3 +156,45 @@ def test_remote_path_layer_reads_the_same_batches(st, monkeypatch):
   np.testing.assert_array_equal(remote.batch(7, 64, data_seed=3), st.batch(7, 64, data_seed=3))
   ids, at = remote.context(123)
   assert ids == st.context(123)[0]
+
+
+_KEYS = ["format_version", "sites", "d_in", "dtype", "ctx_len", "num_tokens", "shards",
+         "mean_norm"]
+
+
+def test_any_damaged_manifest_is_a_clear_error_or_a_valid_store(tmp_path_factory):
+  """Generated manifests: every one opens as a store whose reads work, or fails as JaxsaeError."""
+  from hypothesis import HealthCheck, given, settings, strategies as st
+  base = tmp_path_factory.mktemp("fuzz")
+  good = store.write_store(str(base / "s"), np.ones((300, 4), np.float32), rows_per_shard=100)
+  original = json.load(open(os.path.join(good.directory, store.MANIFEST)))
+  junk = st.one_of(st.none(), st.integers(-5, 10**6), st.text(max_size=5), st.floats(),
+                   st.lists(st.integers(0, 3), max_size=3), st.dictionaries(st.text(max_size=3),
+                                                                             st.integers()))
+
+  @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+  @given(edits=st.lists(st.tuples(st.sampled_from(_KEYS), junk), max_size=3),
+         shard_edits=st.lists(st.tuples(st.integers(0, 2),
+                                        st.sampled_from(["file", "num_tokens", "sha256"]),
+                                        junk), max_size=2),
+         drop=st.lists(st.sampled_from(_KEYS), max_size=2))
+  def check(edits, shard_edits, drop):
+    m = json.loads(json.dumps(original))
+    for key, value in edits:
+      m[key] = value
+    for i, key, value in shard_edits:
+      if isinstance(m.get("shards"), list) and i < len(m["shards"]) and \
+          isinstance(m["shards"][i], dict):
+        m["shards"][i][key] = value
+    for key in drop:
+      m.pop(key, None)
+    with open(os.path.join(good.directory, store.MANIFEST), "w") as f:
+      json.dump(m, f)
+    try:
+      s = store.Store(good.directory)
+      x = s.batch(0, 64)
+      assert x.shape == (64, s.d_in)
+    except JaxsaeError:
+      pass
+
+  check()
