@@ -122,14 +122,21 @@ def load_sae(path: str, name: str | None = None) -> SAE:
     raise JaxsaeError(f"{path} has no {CFG_FILE}; an SAE directory holds {CFG_FILE} and "
                       f"{SPARSIFY_FILE} (sparsify) or {SAELENS_FILE} (SAELens)")
   cfg = _read_json(cfg_path)
+  if not isinstance(cfg, dict) or not isinstance(cfg.get("jaxsae") or {}, dict):
+    raise JaxsaeError(f"{cfg_path} is not a JSON object of settings; re-export the SAE")
   if os.path.isfile(os.path.join(path, SPARSIFY_FILE)):
-    sae = _from_sparsify(path, name, cfg)
+    parse = _from_sparsify
   elif os.path.isfile(os.path.join(path, SAELENS_FILE)):
-    sae = _from_saelens(path, name, cfg)
+    parse = _from_saelens
   else:
     raise JaxsaeError(f"{path} has {CFG_FILE} but neither {SPARSIFY_FILE} nor {SAELENS_FILE}; "
                       "copy the weights file next to it")
-  validate(sae)
+  try:
+    sae = parse(path, name, cfg)
+    validate(sae)
+  except (TypeError, ValueError, AttributeError) as e:  # a cfg field of the wrong kind
+    raise JaxsaeError(f"{cfg_path} has a setting of the wrong type or value ({e}); fix it or "
+                      "re-export the SAE")
   return sae
 
 

@@ -302,3 +302,34 @@ def test_trainer_exports_load_and_count(tmp_path, arch):
   for s, sae in enumerate(saes.load_all([str(run)])):
     assert sae.input_scale == pytest.approx(0.7) and sae.subtract_b_dec == (arch != "relu_l1")
     np.testing.assert_allclose(freqs[s], numpy_frequencies(sae, x), atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["sparsify", "saelens"])
+def test_any_damaged_cfg_json_loads_or_is_a_clear_error(tmp_path, layout):
+  """Generated cfg.json files: each loads as a valid SAE or fails as JaxsaeError, never worse."""
+  from hypothesis import HealthCheck, given, settings, strategies as st
+  rng = np.random.default_rng(0)
+  path = write(str(tmp_path / "sae"), random_weights(rng), layout=layout)
+  original = json.load(open(f"{path}/cfg.json"))
+  junk = st.one_of(st.none(), st.integers(-3, 10**5), st.text(max_size=6), st.floats(),
+                   st.booleans(), st.lists(st.integers(), max_size=2))
+  keys = sorted(original) + ["jaxsae", "architecture", "activation", "k", "d_sae", "d_in"]
+
+  @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+  @given(edits=st.lists(st.tuples(st.sampled_from(keys), junk), max_size=3),
+         drop=st.lists(st.sampled_from(keys), max_size=2), not_a_dict=st.booleans())
+  def check(edits, drop, not_a_dict):
+    c = dict(original)
+    for key, value in edits:
+      c[key] = value
+    for key in drop:
+      c.pop(key, None)
+    with open(f"{path}/cfg.json", "w") as f:
+      json.dump([c] if not_a_dict else c, f)
+    try:
+      sae = saes.load_sae(path)
+      assert sae.W_enc.shape == sae.W_dec.shape == (N, D)
+    except JaxsaeError:
+      pass
+
+  check()
