@@ -108,8 +108,13 @@ def test_same_flags_same_numbers(store_dir, reference, tmp_path):
   assert_same(exported(tmp_path / "run"), exported(reference))
 
 
-def test_vmap_over_seeds_equals_separate_runs(store_dir, reference, tmp_path):
+@pytest.mark.parametrize("loop", ["vmap", "map"])
+def test_seeds_together_equal_separate_runs(store_dir, reference, tmp_path, loop):
+  assert train.seed_loop(train.TrainConfig()) == "map"  # one CPU device: the default here
   together = exported(reference)
+  if loop == "vmap":
+    train.run(config(store_dir, tmp_path / "vmapped", seed_loop="vmap"))
+    together = exported(tmp_path / "vmapped")
   for s in (0, 1):
     train.run(config(store_dir, tmp_path / f"s{s}", seeds=(s,)))
     alone = exported(tmp_path / f"s{s}", seeds=(s,))
