@@ -316,6 +316,7 @@ class Store:
     self.num_tokens: int = int(m["num_tokens"])
     self._verified: set[int] = set()
     self._maps: dict[int, np.ndarray] = {}
+    self._perm_cache: dict[tuple, np.ndarray] = {}
     self._lock = threading.Lock()
     for i, s in enumerate(self.shards):
       self._check_size(i, s)
@@ -459,12 +460,12 @@ class Store:
 
   def _buffer_perm(self, data_seed, epoch, b, shards) -> np.ndarray:
     key = (data_seed, epoch, b, shards)
-    cache = self.__dict__.setdefault("_perm_cache", {})
-    if key not in cache:
+    if key not in self._perm_cache:
       rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in shards])
-      cache.clear()  # one buffer at a time is all a forward-moving stream needs
-      cache[key] = rows[np.random.default_rng([data_seed, epoch, b]).permutation(len(rows))]
-    return cache[key]
+      self._perm_cache.clear()  # one buffer at a time is all a forward-moving stream needs
+      self._perm_cache[key] = rows[
+          np.random.default_rng([data_seed, epoch, b]).permutation(len(rows))]
+    return self._perm_cache[key]
 
   def batch(self, step: int, batch_size: int, *, data_seed: int = 0, site: str | None = None,
             shuffle_shards: int = 4, normalize: bool = False, process_index: int = 0,
