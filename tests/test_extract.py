@@ -95,24 +95,24 @@ def test_worker_split_gives_the_same_store(tiny_model_dir, text_dir, tmp_path):
 
 def test_killed_extraction_resumes_to_identical_bytes(tiny_model_dir, text_dir, tmp_path):
   args = [f"--model={tiny_model_dir}", f"--dataset={text_dir}", "--sites=model.layers.1.mlp",
-          "--num_tokens=8192", "--ctx_len=64", "--shard_tokens=512", "--batch_size=1"]
+          "--num_tokens=32768", "--ctx_len=64", "--shard_tokens=512", "--batch_size=1"]
   killed = tmp_path / "killed"
   proc = subprocess.Popen([sys.executable, "-m", "jaxsae.cli", "extract", *args,
                            f"--out={killed}"], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 120
-  while not (killed / "shard_00002.json").exists() and time.time() < deadline:
-    time.sleep(0.05)
+  while not (killed / "shard_00001.json").exists() and time.time() < deadline:
+    time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   done = store.written_shards(str(killed))
-  assert 0 < len(done) < 16, "the kill should land mid-extraction"
+  assert 0 < len(done) < 64, "the kill should land mid-extraction"
   assert not (killed / "manifest.json").exists()
-  (killed / "shard_00015.bin.tmp-999").write_bytes(b"half a shard")  # as a kill leaves behind
+  (killed / "shard_00063.bin.tmp-999").write_bytes(b"half a shard")  # as a kill leaves behind
   subprocess.run([sys.executable, "-m", "jaxsae.cli", "extract", *args, f"--out={killed}"],
                  check=True, capture_output=True)
-  os.remove(killed / "shard_00015.bin.tmp-999")
-  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "clean", num_tokens=8192,
+  assert not [f for f in os.listdir(killed) if ".tmp-" in f]  # the kill's leftovers are gone
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "clean", num_tokens=32768,
                    dtype="bfloat16", batch_size=1))
   assert _files(killed) == _files(tmp_path / "clean")
 
