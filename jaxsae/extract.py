@@ -94,10 +94,6 @@ def default_gguf() -> str:
   return str(dist.locate_file(f))
 
 
-def _sha256(path: str) -> str:
-  return store.sha256_file(path)
-
-
 def model_source(spec: str, revision: str | None = None) -> dict:
   """How to load `spec` and how the manifest identifies it (hub revision or file hash)."""
   if spec == DEFAULT_MODEL:
@@ -109,7 +105,7 @@ def model_source(spec: str, revision: str | None = None) -> dict:
     if not os.path.isfile(spec):
       raise JaxsaeError(f"--model={spec}: no such GGUF file")
     return {"path": os.path.dirname(os.path.abspath(spec)), "gguf_file": os.path.basename(spec),
-            "id": os.path.basename(spec), "sha256": _sha256(spec)}
+            "id": os.path.basename(spec), "sha256": store.sha256_file(spec)}
   if os.path.isdir(spec):
     cfg = os.path.join(spec, "config.json")
     if not os.path.isfile(cfg):

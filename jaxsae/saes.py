@@ -339,17 +339,18 @@ def save(path: str, W_enc: np.ndarray, b_enc: np.ndarray, W_dec: np.ndarray,
   For tests, benchmarks and SAEs made elsewhere; jaxsae's trainer has its own exporter.
   """
   from safetensors.numpy import save_file
-  os.makedirs(path, exist_ok=True)
   n, d = W_dec.shape
   f32 = lambda x: np.ascontiguousarray(x, np.float32)
   extras = {key: f32(v) for key, v in (extras or {}).items()}
   if layout == "sparsify":
-    tensors = {"encoder.weight": f32(W_enc), "encoder.bias": f32(b_enc), "W_dec": f32(W_dec),
-               "b_dec": f32(b_dec), **extras}
-    meta = {"d_in": d, "num_latents": n, "k": k, "expansion_factor": n // d,
-            "normalize_decoder": True, "multi_topk": False, "skip_connection": False,
-            "jaxsae": {"arch": arch}}
-    file = SPARSIFY_FILE
+    # The trainer's exporter writes the layout; only cfg overrides are applied on top.
+    from jaxsae.sae import io
+    io.save_sparsify(path, {"W_enc": f32(W_enc).T, "b_enc": f32(b_enc), "W_dec": f32(W_dec),
+                            "b_dec": f32(b_dec), **extras},
+                     {"arch": arch} if k is None else {"arch": arch, "k": k})
+    with open(os.path.join(path, CFG_FILE)) as f:
+      meta = json.load(f)
+    meta["k"] = k  # None stays None, as in SAEs exported without one
   elif layout == "saelens":
     tensors = {"W_enc": f32(W_enc.T), "b_enc": f32(b_enc), "W_dec": f32(W_dec),
                "b_dec": f32(b_dec), **extras}
@@ -357,7 +358,8 @@ def save(path: str, W_enc: np.ndarray, b_enc: np.ndarray, W_dec: np.ndarray,
             "apply_b_dec_to_input": True, "dtype": "float32"}
     if k is not None:
       meta["k"] = k
-    file = SAELENS_FILE
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, SAELENS_FILE))
   else:
     raise ValueError(layout)
   for key, value in (cfg or {}).items():
@@ -365,7 +367,6 @@ def save(path: str, W_enc: np.ndarray, b_enc: np.ndarray, W_dec: np.ndarray,
       meta[key] = {**meta[key], **value}
     else:
       meta[key] = value
-  save_file(tensors, os.path.join(path, file))
   with open(os.path.join(path, CFG_FILE), "w") as f:
     json.dump(meta, f, indent=1)
   return path
