@@ -134,6 +134,14 @@ def _usage() -> str:
   return "\n".join(out)
 
 
+def _no_library_tracebacks(record) -> bool:
+  """Drops a library's logged traceback: the error reaches jaxsae too, which says it in a line.
+
+  (orbax logs the failure of its writer threads with a traceback, then re-raises it.)
+  """
+  return not (record.exc_info and "jaxsae" not in record.pathname)
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help", "--helpfull"):
@@ -155,10 +163,16 @@ def main(argv: list[str] | None = None) -> None:
     if not flags.FLAGS["verbosity"].present:
       # absl would print every INFO line of orbax and XLA; progress bars say what matters.
       absl_logging.set_verbosity(absl_logging.WARNING)
+      absl_logging.get_absl_handler().addFilter(_no_library_tracebacks)
     try:
       module.run(config_from_flags(cls, args[1:]))
     except JaxsaeError as e:
       print(f"jaxsae {command}: error: {e}", file=sys.stderr)
+      sys.exit(1)
+    except OSError as e:  # a full disk, a quota, a permission: the file and the reason
+      where = f"{e.filename}: " if e.filename else ""
+      print(f"jaxsae {command}: error: {where}{e.strerror or e}; free space or fix the path, "
+            "then rerun the same command (it resumes)", file=sys.stderr)
       sys.exit(1)
     except KeyboardInterrupt:
       print(f"\njaxsae {command}: interrupted; rerun the same command to resume",

@@ -307,19 +307,23 @@ def run(cfg: ExtractConfig) -> dict | None:
   store.init_store(cfg.out, spec)
   todo = [i for i in _parse_range(cfg.shard_range, num_shards)
           if i not in store.written_shards(cfg.out)]
-  # A killed run leaves temporaries of the shards it was writing; those shards are ours to
-  # write again (worker ranges are disjoint), so their leftovers are ours to remove.
-  mine = {store.shard_name(i) for i in todo}
-  for name in os.listdir(cfg.out):
-    if ".tmp-" in name and name.split(".")[0] in mine:
-      os.remove(os.path.join(cfg.out, name))
-  print(f"model ready in {time.time() - t0:.0f}s: {len(sites)} site(s) {site_names}, "
-        f"d_in={d_in}, forward stops once they are captured; "
-        f"{len(todo)} of {num_shards} shards to write", flush=True)
-  if todo:
-    stats = extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, device)
-    print(f"{stats['tokens'] / stats['seconds']:,.0f} tokens/s; "
-          f"{100 * stats['model_seconds'] / stats['seconds']:.0f}% of the time in the model")
+  store.claim_shards(cfg.out, todo, cfg.shard_range)
+  try:
+    # A killed run leaves temporaries of the shards it was writing; those shards are ours to
+    # write again (we hold their claims), so their leftovers are ours to remove.
+    mine = {store.shard_name(i) for i in todo}
+    for name in os.listdir(cfg.out):
+      if ".tmp-" in name and name.split(".")[0] in mine:
+        os.remove(os.path.join(cfg.out, name))
+    print(f"model ready in {time.time() - t0:.0f}s: {len(sites)} site(s) {site_names}, "
+          f"d_in={d_in}, forward stops once they are captured; "
+          f"{len(todo)} of {num_shards} shards to write", flush=True)
+    if todo:
+      stats = extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, device)
+      print(f"{stats['tokens'] / stats['seconds']:,.0f} tokens/s; "
+            f"{100 * stats['model_seconds'] / stats['seconds']:.0f}% of the time in the model")
+  finally:
+    store.release_shards(cfg.out, todo)
   hooked.close()
   manifest = store.finalize(cfg.out)
   if manifest is None:

@@ -7,12 +7,14 @@ Layout of a store directory::
   shard_00000.tokens.npz    `ids` [windows, ctx_len] int32 and `pos` [rows] int32 (row -> flat
                             position in `ids`), so any row can be shown in its context
   shard_00000.json          the shard's ledger entry: rows and checksums (written last)
+  shard_00000.claim         while a worker writes the shard: its pid, host and --shard_range
   manifest.json             spec + every shard's entry (written once all shards exist)
 
 Every file appears under its final name only once complete (write to a temporary name, fsync,
 rename), and a shard counts as written only when its ledger entry exists. Independent workers
-can therefore fill disjoint shard ranges of one store, and a killed extraction resumes at the
-first shard without a ledger entry. Whoever writes the last shard writes the manifest.
+can therefore fill disjoint shard ranges of one store (overlapping ones are refused by the
+claims), and a killed extraction resumes at the first shard without a ledger entry. Whoever
+writes the last shard writes the manifest.
 
 The batch stream is a pure function of (data_seed, step): every epoch permutes the shard order,
 groups shards into buffers of `shuffle_shards`, and permutes rows within each buffer. So all SAE
@@ -25,7 +27,9 @@ import hashlib
 import json
 import os
 import queue
+import socket
 import threading
+import time
 from typing import Any, Iterator, Sequence
 
 import ml_dtypes
@@ -171,6 +175,98 @@ def written_shards(directory: str) -> dict[int, dict]:
   return done
 
 
+def _claim_path(directory: str, index: int) -> str:
+  return os.path.join(directory, shard_name(index) + ".claim")
+
+
+def _read_claim(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, json.JSONDecodeError):
+    return {}  # unreadable: treated as another worker's, so never taken silently
+
+
+def _claim_is_stale(claim: dict, owner: dict) -> bool:
+  """Whether `owner` may take `claim` over: its worker is gone, or it is being rerun.
+
+  A worker on this host is gone when its pid is; on another host only a rerun of the very
+  same range (a restarted worker) may take over, as that host's processes cannot be seen.
+  """
+  if claim.get("host") == owner["host"]:
+    try:
+      os.kill(int(claim["pid"]), 0)
+    except ProcessLookupError:
+      return True
+    except (KeyError, TypeError, ValueError, OSError):
+      return False
+    return False  # alive here, whatever its range: two writers of one shard race
+  return bool(claim) and claim.get("range") == owner["range"]
+
+
+def claim_shards(directory: str, indices: Sequence[int], shard_range: str) -> None:
+  """Claims shards `indices` for this process, or raises naming the worker that holds one.
+
+  A claim is a file shard_NNNNN.claim created atomically (a complete temporary file hard-linked
+  under its final name, which fails if the name exists), so two workers given overlapping
+  `--shard_range`s cannot both hold a shard; the second is refused before it writes anything.
+  """
+  owner = {"pid": os.getpid(), "host": socket.gethostname(), "range": shard_range,
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  sweep_claims(directory)
+  tmp = os.path.join(directory, f".claim.tmp-{os.getpid()}")
+  atomic_write_json(tmp, owner)
+  taken = []
+  try:
+    for i in indices:
+      path = _claim_path(directory, i)
+      while True:
+        try:
+          os.link(tmp, path)
+          break
+        except FileExistsError:
+          claim = _read_claim(path)
+          if claim is None:
+            continue  # released between our two looks: try again
+          if not _claim_is_stale(claim, owner):
+            release_shards(directory, taken)
+            raise JaxsaeError(
+                f"{path}: shard {i} is claimed by another extraction worker (pid "
+                f"{claim.get('pid')} on {claim.get('host')}, --shard_range="
+                f"{claim.get('range') or 'all'}) that overlaps --shard_range="
+                f"{shard_range or 'all'}; give workers disjoint ranges, or if that worker is "
+                "gone for good, delete its .claim files (or rerun its exact range)")
+          atomic_write_json(path, owner)
+          break
+      taken.append(i)
+  finally:
+    os.remove(tmp)
+
+
+def sweep_claims(directory: str) -> None:
+  """Removes the claims a killed worker left on shards it had finished (never written again)."""
+  done = written_shards(directory)
+  for name in os.listdir(directory):
+    if name.startswith("shard_") and name.endswith(".claim") and \
+        int(name[6:].split(".")[0]) in done:
+      try:
+        os.remove(os.path.join(directory, name))
+      except FileNotFoundError:
+        pass
+
+
+def release_shards(directory: str, indices: Sequence[int]) -> None:
+  """Removes this process's claims on `indices` (claims taken over by another are left)."""
+  me = (os.getpid(), socket.gethostname())
+  for i in indices:
+    path = _claim_path(directory, i)
+    claim = _read_claim(path)
+    if claim and (claim.get("pid"), claim.get("host")) == me:
+      os.remove(path)
+
+
 def finalize(directory: str) -> dict | None:
   """Writes manifest.json once every shard of the spec is written; returns it (None if not yet)."""
   if os.path.exists(os.path.join(directory, MANIFEST)):
@@ -189,6 +285,7 @@ def finalize(directory: str) -> dict | None:
   }
   manifest["mean_norm"] = _mean_norms(directory, manifest)
   atomic_write_json(os.path.join(directory, MANIFEST), manifest)
+  sweep_claims(directory)
   return manifest
 
 
@@ -296,6 +393,8 @@ class Store:
     if m["format_version"] != FORMAT_VERSION:
       raise JaxsaeError(f"{self.directory} has store format {m['format_version']}, this jaxsae "
                         f"reads {FORMAT_VERSION}; re-extract it")
+    if manifest is None:
+      self._check_spec(m)
     self.sites: list[str] = list(m["sites"])
     self.d_in: int = int(m["d_in"])
     self.dtype: np.dtype = np_dtype(m["dtype"])
@@ -317,6 +416,8 @@ class Store:
     self._verified: set[int] = set()
     self._maps: dict[int, np.ndarray] = {}
     self._perm_cache: dict[tuple, np.ndarray] = {}
+    # step -> (non-finite rows skipped in that batch, where the first one is)
+    self.skipped: dict[int, tuple[int, str]] = {}
     self._lock = threading.Lock()
     for i, s in enumerate(self.shards):
       self._check_size(i, s)
@@ -341,6 +442,25 @@ class Store:
       return json.loads((root / MANIFEST).read_text())
     except json.JSONDecodeError as e:
       raise JaxsaeError(f"{self._where(MANIFEST)} is not valid JSON ({e}); re-extract the store")
+
+  def _check_spec(self, m: dict) -> None:
+    """Refuses a manifest that is not this store's own (e.g. copied from another extraction).
+
+    spec.json is written first and never rewritten, so it says what this directory's shards
+    are; the manifest must repeat every field of it.
+    """
+    path = os.path.join(self.directory, SPEC)
+    if _is_remote(self.directory) or not os.path.exists(path):
+      return
+    with open(path) as f:
+      spec = json.load(f)
+    diff = sorted(k for k in spec if m.get(k) != spec[k])
+    if diff:
+      k = diff[0]
+      raise JaxsaeError(
+          f"{self._where(MANIFEST)} is not this store's manifest: its {k}={m.get(k)!r} differs "
+          f"from {k}={spec[k]!r} in {SPEC} (and {len(diff) - 1} more field(s)); it was copied "
+          "from another store: put back this store's own, or re-extract")
 
   def _row_bytes(self) -> int:
     return len(self.sites) * self.d_in * self.dtype.itemsize
@@ -469,8 +589,13 @@ class Store:
 
   def batch(self, step: int, batch_size: int, *, data_seed: int = 0, site: str | None = None,
             shuffle_shards: int = 4, normalize: bool = False, process_index: int = 0,
-            process_count: int = 1, verify_on_read: bool = True) -> np.ndarray:
-    """Batch `step` as float32 [batch_size // process_count, d_in]: this process's slice."""
+            process_count: int = 1, verify_on_read: bool = True,
+            skip_non_finite: bool = False) -> np.ndarray:
+    """Batch `step` as float32 [batch_size // process_count, d_in]: this process's slice.
+
+    A row holding NaN/Inf is an error naming its shard and row, or with `skip_non_finite`
+    skipped: its place goes to a finite row of the same batch, and `skipped[step]` counts it.
+    """
     if batch_size % process_count:
       raise JaxsaeError(f"batch size {batch_size} does not split over {process_count} hosts")
     idx = self.batch_indices(step, batch_size, data_seed, shuffle_shards)
@@ -480,11 +605,19 @@ class Store:
       for i in np.unique(np.searchsorted(self.offsets, idx, side="right") - 1):
         self.verify_shard(int(i))
     x = self.rows(idx, site)
-    if not np.isfinite(x).all():
-      r = int(idx[np.argwhere(~np.isfinite(x).all(axis=1))[0, 0]])
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+      r = int(idx[np.argmax(bad)])
       i = int(np.searchsorted(self.offsets, r, side="right") - 1)
-      raise JaxsaeError(f"non-finite activation in shard {self.shards[i]['file']} at row "
-                        f"{r - self.offsets[i]}; re-extract that shard")
+      where = f"shard {self.shards[i]['file']} at row {r - self.offsets[i]}"
+      if not skip_non_finite or bad.all():
+        raise JaxsaeError(f"non-finite activation in {where}; re-extract that shard, or train "
+                          "with --skip_non_finite to skip such rows")
+      # Replaced by finite rows of this same batch, not by rows read further on: the batch
+      # keeps its shape and stays a pure function of (data_seed, step), so resuming is exact.
+      good = np.nonzero(~bad)[0]
+      x[bad] = x[good[np.arange(int(bad.sum())) % len(good)]]
+      self.skipped[step] = (int(bad.sum()), where)
     if normalize:
       x *= self.normalizer(site)
     return x

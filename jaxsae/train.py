@@ -16,11 +16,13 @@ seed{N}/cfg.json + seed{N}/sae.safetensors for every seed (plus tokens{T}/seed{N
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -34,6 +36,9 @@ from jaxsae import store as store_lib
 from jaxsae.errors import JaxsaeError
 from jaxsae.sae import ARCHITECTURES, common, io
 
+# Where each checkpoint records the digest of its values (orbax custom metadata).
+DIGEST_KEY = "jaxsae_digest"
+SKIPPED_KEY = "non_finite_skipped"
 # Tokens-since-fired saturates here so the int32 counter can never wrap.
 COUNTER_CAP = 2**30
 # Architectures whose penalties assume inputs scaled to mean norm sqrt(d_in) (see --normalize).
@@ -63,6 +68,9 @@ class TrainConfig:
   num_seeds: int | None = _f(None, "Shorthand for --seeds=0,1,...,num_seeds-1.")
   data_seed: int = _f(0, "Seed of the batch order, shared by all SAE seeds.")
   site: str | None = _f(None, "Which of the store's sites to train on; default the first.")
+  skip_non_finite: bool = _f(False, "Skip store rows holding NaN/Inf (each gives its place in "
+                             "the batch to a finite row of the same batch) and count them in "
+                             "metrics.jsonl, instead of stopping with an error naming the row.")
   num_tokens: int | None = _f(None, "Training tokens per seed; default one pass over the store.")
   batch_size: int = _f(16384, "Tokens per batch (global, over all hosts and devices).")
   lr: float | None = _f(None, "Adam learning rate; default 2e-4 / sqrt(num_latents / 2**14) "
@@ -305,18 +313,24 @@ def checkpoint_manager(out: str, cfg: TrainConfig, keep_steps):
 
 
 def restore_latest(mngr, abstract_state):
-  """The newest checkpoint that restores, skipping any that is unreadable; None if none."""
+  """The newest checkpoint that restores intact, skipping any that does not; None if none."""
   import orbax.checkpoint as ocp
 
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
-      return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    except Exception as e:  # a checkpoint cut short by a kill: fall back to an older one
+      state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      recorded = saved_metadata(mngr, step).get(DIGEST_KEY)
+      # Checkpoints written before digests were recorded have none; they restore unchecked.
+      if recorded is not None and recorded != digest(state):
+        raise ValueError("its values differ from the digest recorded when it was saved "
+                         "(flipped bytes on disk)")
+      return state
+    except Exception as e:  # cut short by a kill, or corrupted: fall back to an older one
       # Moved aside, not deleted (a person may want to look), so that its step can be saved
       # again; the new name is no step number, so orbax never lists it.
       aside = f"unreadable-{step}-{int(time.time())}"
-      logging.warning("checkpoint %d in %s does not restore (%s); moved to %s", step,
-                      mngr.directory, str(e)[:200], aside)
+      logging.warning("checkpoint %d in %s is unusable (%s); moved it to %s and resuming from "
+                      "the previous one", step, mngr.directory, str(e)[:200], aside)
       if jax.process_index() == 0:
         (mngr.directory / str(step)).rename(mngr.directory / aside)
       if jax.process_count() > 1:
@@ -326,9 +340,69 @@ def restore_latest(mngr, abstract_state):
   return None
 
 
-def save(mngr, state) -> None:
+@jax.jit
+def _checksums(state):
+  def one(a):
+    a = a.reshape(-1)
+    if a.dtype.itemsize == 4:
+      u = jax.lax.bitcast_convert_type(a, jnp.uint32)
+    elif a.dtype.itemsize == 2:
+      u = jax.lax.bitcast_convert_type(a, jnp.uint16).astype(jnp.uint32)
+    else:
+      u = a.astype(jnp.uint32)
+    # Odd weights: any change to any one word changes the sum (odd numbers are invertible
+    # mod 2**32), and so does moving a value to another position.
+    return jnp.sum(u * (2 * jnp.arange(u.size, dtype=jnp.uint32) + 1), dtype=jnp.uint32)
+  return jnp.stack([one(a) for a in jax.tree.leaves(state)])
+
+
+def digest(state) -> str:
+  """A checksum of every value of the state, computed where the state lives.
+
+  Orbax stores no checksum of array data: a flipped bit inside a complete checkpoint restores
+  silently as a different number. So every save records this digest, and a restore must
+  reproduce it. Integer sums are exact, so the digest does not depend on the device layout.
+  """
+  sums = _checksums(state)
+  return "".join(f"{int(v):08x}" for v in np.asarray(sums.addressable_data(0)))
+
+
+def save(mngr, state, skipped: int = 0) -> None:
   import orbax.checkpoint as ocp
-  mngr.save(int(state["step"]), args=ocp.args.StandardSave(state), force=True)
+  with _writing_checkpoints(mngr):
+    mngr.save(int(state["step"]), args=ocp.args.StandardSave(state), force=True,
+              custom_metadata={DIGEST_KEY: digest(state), SKIPPED_KEY: skipped})
+
+
+def saved_metadata(mngr, step: int) -> dict:
+  """What jaxsae recorded beside checkpoint `step` (empty for checkpoints of older versions)."""
+  return mngr.metadata(step).custom_metadata or {}
+
+
+@contextlib.contextmanager
+def _writing_checkpoints(mngr):
+  """Turns a failed checkpoint write (a full disk, a quota) into one clear error."""
+  try:
+    yield
+  except (JaxsaeError, KeyboardInterrupt):
+    raise
+  except Exception as e:  # tensorstore reports write failures as ValueError, orbax re-raises
+    last = mngr.latest_step()
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    code = re.search(r"os_error_code='(\d+)'", text)  # tensorstore's long message hides it
+    raise JaxsaeError(
+        f"writing a checkpoint to {mngr.directory} failed "
+        f"({os.strerror(int(code.group(1))) if code else text[:300]}); "
+        + (f"the last complete one is step {last}" if last is not None else "none is complete")
+        + ": free space and rerun the same command to resume") from e
+
+
+def _logged_step(line: str) -> float:
+  """The step of a metrics.jsonl line; infinite for the partial line a kill can leave last."""
+  try:
+    return json.loads(line)["step"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    return math.inf
 
 
 class MetricsWriter:
@@ -342,7 +416,7 @@ class MetricsWriter:
       return
     if os.path.exists(self.path):  # drop lines a killed run logged after its last checkpoint
       with open(self.path) as f:
-        kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        kept = [line.rstrip("\n") + "\n" for line in f if _logged_step(line) <= start_step]
       with open(self.path, "w") as f:
         f.writelines(kept)
     try:
@@ -391,7 +465,8 @@ def stop_if_bad(state, spec: dict, mngr) -> None:
   bad = to_host(state["bad_step"])
   if (bad >= 0).any():
     i = int(np.argmax(bad >= 0))
-    mngr.wait_until_finished()
+    with _writing_checkpoints(mngr):
+      mngr.wait_until_finished()
     last = mngr.latest_step()
     raise JaxsaeError(
         f"seed {spec['seeds'][i]}: non-finite loss at step {int(bad[i])}; stopped without "
@@ -444,7 +519,7 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
                     out_shardings=(shardings, seed_sharding), donate_argnums=0)
   batches = store.batches(cfg.batch_size, start_step=start, num_steps=num_steps - start,
                           sharding=batch_sharding, data_seed=cfg.data_seed, site=cfg.site,
-                          normalize=spec["normalize"])
+                          normalize=spec["normalize"], skip_non_finite=cfg.skip_non_finite)
   writer = MetricsWriter(cfg.out, seeds, start)
   bar = None
   if cfg.progress and jax.process_index() == 0:
@@ -453,11 +528,18 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
                desc=f"train {cfg.arch} x{len(seeds)}")
   tokens_per_step = cfg.batch_size * len(seeds)
   t0, step, timed_from = time.perf_counter(), start, start
+  # Non-finite store rows skipped so far (--skip_non_finite); checkpoints carry the count.
+  skipped = 0 if fresh else saved_metadata(mngr, start).get(SKIPPED_KEY, 0)
+  failed = True
   try:
     for x in batches:
       if fresh and step == 0:
         state = jax.jit(init_b_dec, out_shardings=shardings)(state, x)
       state, metrics = step_fn(state, x)
+      n, where = store.skipped.pop(step, (0, ""))
+      if n and not skipped:
+        logging.warning("skipping rows with NaN/Inf (--skip_non_finite); the first: %s", where)
+      skipped += n
       step += 1
       if step == start + 1:  # time from here: compilation is not throughput
         jax.block_until_ready(state)
@@ -467,6 +549,7 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
         stop_if_bad(state, spec, mngr)
         rate = tokens_per_step * (step - timed_from) / max(time.perf_counter() - t0, 1e-9)
         writer.write({"step": step, "tokens": step * cfg.batch_size,
+                      "non_finite_skipped": skipped,
                       "lr": float(schedule(step - 1)), "tokens_per_s": rate,
                       "seeds": seeds, **{k: v.tolist() for k, v in m.items()}})
         if bar is not None:
@@ -476,21 +559,30 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
         bar.update(1)
       if step % cfg.checkpoint_every == 0 or step in spec["keep_steps"] or step == num_steps:
         stop_if_bad(state, spec, mngr)
-        save(mngr, state)
+        save(mngr, state, skipped)
       if step in spec["keep_steps"]:
         export(os.path.join(cfg.out, f"tokens{step * cfg.batch_size}"), state["params"], spec,
                arch, step, input_scale, cfg.store)
       if interrupt_at is not None and step >= interrupt_at:
         raise KeyboardInterrupt
-    mngr.wait_until_finished()
+    with _writing_checkpoints(mngr):
+      mngr.wait_until_finished()
     export(cfg.out, state["params"], spec, arch, num_steps, input_scale, cfg.store)
     if jax.process_index() == 0:
       print(f"jaxsae train: {len(seeds)} seeds x {num_steps * cfg.batch_size:,} tokens; SAEs in "
             f"{os.path.join(cfg.out, 'seed{' + ','.join(map(str, seeds)) + '}')}/, metrics in "
-            f"{os.path.join(cfg.out, 'metrics.jsonl')}")
+            f"{os.path.join(cfg.out, 'metrics.jsonl')}"
+            + (f"; skipped {skipped} rows with NaN/Inf" if skipped else ""))
+    failed = False
   finally:
     if bar is not None:
       bar.close()
     writer.close()
-    mngr.wait_until_finished()  # never leave an async save half-written on the way out
-    mngr.close()
+    try:
+      with _writing_checkpoints(mngr):
+        mngr.wait_until_finished()  # never leave an async save half-written on the way out
+    except JaxsaeError:
+      if not failed:  # else the error already on its way out is the one to tell
+        raise
+    finally:
+      mngr.close()
