@@ -589,18 +589,20 @@ class Store:
 
   def batch(self, step: int, batch_size: int, *, data_seed: int = 0, site: str | None = None,
             shuffle_shards: int = 4, normalize: bool = False, process_index: int = 0,
-            process_count: int = 1, verify_on_read: bool = True,
-            skip_non_finite: bool = False) -> np.ndarray:
-    """Batch `step` as float32 [batch_size // process_count, d_in]: this process's slice.
+            process_count: int = 1, rows: tuple[int, int] | None = None,
+            verify_on_read: bool = True, skip_non_finite: bool = False) -> np.ndarray:
+    """Rows [lo, hi) of batch `step` as float32 [hi - lo, d_in].
 
+    `rows` defaults to this process's equal share, [batch_size // process_count] rows.
     A row holding NaN/Inf is an error naming its shard and row, or with `skip_non_finite`
     skipped: its place goes to a finite row of the same batch, and `skipped[step]` counts it.
     """
-    if batch_size % process_count:
-      raise JaxsaeError(f"batch size {batch_size} does not split over {process_count} hosts")
-    idx = self.batch_indices(step, batch_size, data_seed, shuffle_shards)
-    per = batch_size // process_count
-    idx = idx[process_index * per:(process_index + 1) * per]
+    if rows is None:
+      if batch_size % process_count:
+        raise JaxsaeError(f"batch size {batch_size} does not split over {process_count} hosts")
+      per = batch_size // process_count
+      rows = (process_index * per, (process_index + 1) * per)
+    idx = self.batch_indices(step, batch_size, data_seed, shuffle_shards)[rows[0]:rows[1]]
     if verify_on_read:
       for i in np.unique(np.searchsorted(self.offsets, idx, side="right") - 1):
         self.verify_shard(int(i))
@@ -626,24 +628,37 @@ class Store:
               sharding: Any = None, prefetch: int = 2, **kwargs) -> Iterator[Any]:
     """Yields batches from `start_step` on, prepared `prefetch` ahead on a background thread.
 
-    With a `jax.sharding.Sharding`, each batch is placed on devices as a global array (on
-    several hosts, each host reads only its own slice of every global batch).
+    With a `jax.sharding.Sharding`, each batch is placed on devices as a global array. On
+    several hosts each reads only the rows its own devices hold: its share of the data axis,
+    or the whole batch where the mesh puts seeds across hosts.
     """
-    if sharding is not None:
-      import jax
-      kwargs.setdefault("process_index", jax.process_index())
-      kwargs.setdefault("process_count", jax.process_count())
+    import jax
+    shape = (batch_size, self.d_in)
+    if sharding is not None and jax.process_count() > 1:
+      lo, hi = addressable_rows(sharding, shape)
 
-    def make(step):
-      x = self.batch(step, batch_size, **kwargs)
-      if sharding is None:
-        return x
-      import jax
-      if jax.process_count() == 1:
-        return jax.device_put(x, sharding)
-      return jax.make_array_from_process_local_data(sharding, x, (batch_size, self.d_in))
+      def make(step):
+        x = self.batch(step, batch_size, rows=(lo, hi), **kwargs)
+        return jax.make_array_from_callback(
+            shape, sharding, lambda index: x[_rows_of(index[0], batch_size, -lo)])
+    else:
+      def make(step):
+        x = self.batch(step, batch_size, **kwargs)
+        return x if sharding is None else jax.device_put(x, sharding)
 
     return _prefetched(make, start_step, num_steps, prefetch)
+
+
+def _rows_of(index: slice, n: int, shift: int = 0) -> slice:
+  start, stop, _ = index.indices(n)
+  return slice(start + shift, stop + shift)
+
+
+def addressable_rows(sharding: Any, shape: tuple[int, int]) -> tuple[int, int]:
+  """The smallest row range [lo, hi) of a global batch that covers this process's devices."""
+  spans = [_rows_of(i[0], shape[0]) for i in
+           sharding.addressable_devices_indices_map(shape).values()]
+  return min(s.start for s in spans), max(s.stop for s in spans)
 
 
 def _prefetched(make, start: int, num: int | None, depth: int) -> Iterator[Any]:

@@ -108,7 +108,13 @@ class TrainConfig:
                                        "RUN/tokens{T}/) at these token counts.")
   log_every: int = _f(10, "Write metrics every this many steps.")
   progress: bool = _f(True, "Show a progress bar.")
-  distributed: bool = _f(False, "Call jax.distributed.initialize() first (multi-host TPU).")
+  distributed: bool = _f(False, "Join the other hosts with jax.distributed.initialize() first "
+                         "(multi-host TPU: every worker runs the same command).")
+  coordinator_address: str = _f("", "host:port of process 0, with --distributed where the "
+                                "cluster is not detected (Cloud TPU and SLURM are); also "
+                                "$JAX_COORDINATOR_ADDRESS.")
+  num_processes: int | None = _f(None, "Number of processes, with --coordinator_address.")
+  process_id: int | None = _f(None, "This process's index, with --coordinator_address.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,9 +191,9 @@ def make_mesh(spec: str, num_seeds: int, batch_size: int) -> Mesh:
   if num_seeds % shape[0]:
     raise JaxsaeError(f"mesh seed axis {shape[0]} does not divide the {num_seeds} seeds; "
                       "change --mesh or the number of seeds")
-  if batch_size % (shape[1] * jax.process_count()):
+  if batch_size % shape[1]:
     raise JaxsaeError(f"--batch_size={batch_size} does not split over the mesh data axis "
-                      f"{shape[1]} (x {jax.process_count()} hosts); change --mesh or the batch")
+                      f"{shape[1]}; change --mesh or the batch")
   return jax.make_mesh(shape, ("seed", "data"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
@@ -481,7 +487,8 @@ def stop_if_bad(state, spec: dict, mngr) -> None:
 def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
   """Trains (or resumes) the run; `interrupt_at` stops after that step as a kill would (tests)."""
   if cfg.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(cfg.coordinator_address or None, cfg.num_processes,
+                               cfg.process_id)
   if not cfg.store or not cfg.out:
     raise JaxsaeError("--store and --out are required")
   store = store_lib.Store(cfg.store)
