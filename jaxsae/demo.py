@@ -68,7 +68,21 @@ def _fvu_curve(run_dir: str) -> list[tuple[int, float]]:
   return [(r["tokens"], sum(r["fvu"]) / len(r["fvu"])) for r in rows]
 
 
+def check(cfg: DemoConfig) -> None:
+  """The demo's settings that would fail a later stage, refused before the extraction runs."""
+  if cfg.num_seeds < 2:
+    raise JaxsaeError(f"--num_seeds={cfg.num_seeds}: matching needs at least 2 seeds")
+  if not 0 < cfg.k < cfg.num_latents:
+    raise JaxsaeError(f"--k={cfg.k} must be between 1 and num_latents-1 ({cfg.num_latents - 1})")
+  if not 0 < cfg.batch_size <= cfg.train_tokens:
+    raise JaxsaeError(f"--batch_size={cfg.batch_size} must be positive and at most "
+                      f"--train_tokens={cfg.train_tokens}")
+  if not -1 <= cfg.threshold <= 1:
+    raise JaxsaeError(f"--threshold={cfg.threshold} is a cosine: it must be in [-1, 1]")
+
+
 def run(cfg: DemoConfig) -> dict:
+  check(cfg)
   t0 = time.time()
   store_dir, run_dir = os.path.join(cfg.out, "store"), os.path.join(cfg.out, "run")
   match_dir, report_dir = os.path.join(cfg.out, "match"), os.path.join(cfg.out, "report")
@@ -110,7 +124,8 @@ def run(cfg: DemoConfig) -> dict:
   half = min(curve, key=lambda c: abs(c[0] - curve[-1][0] / 2))
   rules = summary["rules"]
   print()
-  print(f"SmolLM2-135M {cfg.site}, {cfg.num_seeds} TopK SAEs x {cfg.num_latents} latents, "
+  model = "SmolLM2-135M" if cfg.model == extract.DEFAULT_MODEL else cfg.model
+  print(f"{model} {cfg.site}, {cfg.num_seeds} TopK SAEs x {cfg.num_latents} latents, "
         f"k={cfg.k}, {cfg.train_tokens:,} tokens each (batch {cfg.batch_size}, lr {cfg.lr})")
   change = (curve[-1][1] - half[1]) / half[1]
   print(f"  training: mean FVU {half[1]:.3f} at {half[0]:,} tokens, {curve[-1][1]:.3f} at "
