@@ -14,7 +14,9 @@ MODEL=${MODEL:-smollm2}; SITES=${SITES:-middle}; DATASET=${DATASET:-default}
 TOKENS=${TOKENS:-10000000}; CTX=${CTX:-1024}; NAME=${NAME:-default}
 LOCAL=${LOCAL:-out/stores/$NAME}
 cd "$(dirname "$0")/.."
-make install TORCH="${TORCH:-torch}"   # on a GPU machine the CUDA build of torch is the point
+# DRY_RUN=1 prints every command that would change something instead of running it.
+run() { if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
+run make install TORCH="${TORCH:-torch}"   # on a GPU machine the CUDA build of torch is the point
 RANGE=()
 if [ -n "${WORKERS:-}" ]; then
   NW=$(( (TOKENS + CTX - 1) / CTX )); WPS=$(( 65536 / CTX ))   # as jaxsae extract counts
@@ -22,10 +24,10 @@ if [ -n "${WORKERS:-}" ]; then
   A=$(( SHARDS * WORKER / WORKERS )); B=$(( SHARDS * (WORKER + 1) / WORKERS ))
   RANGE=(--shard_range="$A:$B")
 fi
-.venv/bin/jaxsae extract --model="$MODEL" --sites="$SITES" --dataset="$DATASET" \
+run .venv/bin/jaxsae extract --model="$MODEL" --sites="$SITES" --dataset="$DATASET" \
   --num_tokens="$TOKENS" --ctx_len="$CTX" --dtype=bfloat16 --out="$LOCAL" "${RANGE[@]}"
 # Shards and ledgers first, manifest last: a reader never sees a manifest before its shards.
-gcloud storage rsync -r -x 'manifest\.json$' "$LOCAL" "$BUCKET/stores/$NAME"
-if [ -f "$LOCAL/manifest.json" ]; then
-  gcloud storage cp "$LOCAL/manifest.json" "$BUCKET/stores/$NAME/manifest.json"
+run gcloud storage rsync -r -x 'manifest\.json$' "$LOCAL" "$BUCKET/stores/$NAME"
+if [ -n "${DRY_RUN:-}" ] || [ -f "$LOCAL/manifest.json" ]; then
+  run gcloud storage cp "$LOCAL/manifest.json" "$BUCKET/stores/$NAME/manifest.json"
 fi

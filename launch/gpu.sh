@@ -7,9 +7,11 @@
 # are spread over the GPUs on the mesh's "seed" axis (--mesh=auto), the batch over "data".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-make install TORCH=torch
-.venv/bin/python -m pip install -q -e '.[cuda]'
+# DRY_RUN=1 prints the commands instead of running them.
+run() { if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
+run make install TORCH=torch
+run .venv/bin/python -m pip install -q -e '.[cuda]'
 # Let XLA take GPU memory as it needs it rather than 75% up front, so extraction (torch) and
 # training can share a card.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-exec .venv/bin/jaxsae train "$@"
+run .venv/bin/jaxsae train "$@"

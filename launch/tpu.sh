@@ -18,33 +18,40 @@ RUN=${RUN:-$BUCKET/runs/$NAME}
 STORE=${STORE:-$BUCKET/stores/default}
 SPOT=${SPOT:---spot}
 cd "$(dirname "$0")/.."
+# DRY_RUN=1 prints every command that would change something instead of running it.
+run() { if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
+[ -f "$FLAGFILE" ] || { echo "no flagfile $FLAGFILE" >&2; exit 2; }
 
 # 1. A queued resource: the request waits for capacity instead of failing.
-if ! gcloud compute tpus tpu-vm describe "$TPU" --zone="$ZONE" >/dev/null 2>&1; then
-  gcloud compute tpus queued-resources create "$TPU-qr" --node-id="$TPU" --zone="$ZONE" \
+if [ -n "${DRY_RUN:-}" ] || ! gcloud compute tpus tpu-vm describe "$TPU" --zone="$ZONE" \
+     >/dev/null 2>&1; then
+  run gcloud compute tpus queued-resources create "$TPU-qr" --node-id="$TPU" --zone="$ZONE" \
     --accelerator-type="$TYPE" --runtime-version="$VERSION" $SPOT
-  until [ "$(gcloud compute tpus queued-resources describe "$TPU-qr" --zone="$ZONE" \
-             --format='value(state.state)')" = ACTIVE ]; do
+  until [ -n "${DRY_RUN:-}" ] || [ "$(gcloud compute tpus queued-resources describe "$TPU-qr" \
+          --zone="$ZONE" --format='value(state.state)')" = ACTIVE ]; do
     echo "waiting for $TPU ($TYPE) ..."; sleep 30
   done
 fi
 
 # 2. The same jaxsae on every worker: this checkout, packed and copied, installed with the
-#    TPU build of JAX and the gs:// filesystem layer. torch is not needed for training.
-tar czf /tmp/jaxsae-src.tgz --exclude=.venv --exclude=out --exclude=.git .
-gcloud compute tpus tpu-vm scp /tmp/jaxsae-src.tgz "$FLAGFILE" "$TPU":~/ --worker=all --zone="$ZONE"
-gcloud compute tpus tpu-vm ssh "$TPU" --worker=all --zone="$ZONE" --command="
+#    TPU build of JAX and the gs:// filesystem layer. Training does not use torch, but the
+#    package depends on it: the CPU build keeps several GB of CUDA off the workers.
+run tar czf /tmp/jaxsae-src.tgz --exclude=.venv --exclude=out --exclude=.git .
+run gcloud compute tpus tpu-vm scp /tmp/jaxsae-src.tgz "$FLAGFILE" "$TPU":~/ --worker=all \
+  --zone="$ZONE"
+run gcloud compute tpus tpu-vm ssh "$TPU" --worker=all --zone="$ZONE" --command="
   set -e; mkdir -p jaxsae && tar xzf jaxsae-src.tgz -C jaxsae
   python3 -m pip install -q --upgrade pip
-  python3 -m pip install -q 'torch==2.13.0' || true
-  python3 -m pip install -q -e 'jaxsae[tpu,gcs]'"
+  python3 -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+  python3 -m pip install -q -e './jaxsae[tpu,gcs]'"
 
 # 3. Every worker runs the same command; jax.distributed.initialize() (--distributed) joins
-#    them into one program, and each host reads only its slice of every global batch.
-gcloud compute tpus tpu-vm ssh "$TPU" --worker=all --zone="$ZONE" --command="
+#    them into one program (Cloud TPU workers find each other themselves), and each host
+#    reads only the rows of every global batch that its own chips hold.
+run gcloud compute tpus tpu-vm ssh "$TPU" --worker=all --zone="$ZONE" --command="
   cd jaxsae && ~/.local/bin/jaxsae train --flagfile=\$HOME/$(basename "$FLAGFILE") \
     --store=$STORE --out=\$HOME/runs/$NAME --checkpoint_dir=$RUN/checkpoints --distributed"
-gcloud compute tpus tpu-vm ssh "$TPU" --worker=0 --zone="$ZONE" --command="
+run gcloud compute tpus tpu-vm ssh "$TPU" --worker=0 --zone="$ZONE" --command="
   gcloud storage rsync -r \$HOME/runs/$NAME $RUN"
 
 echo "SAEs in $RUN/seed*/; match them anywhere with: jaxsae match $RUN --out=match"

@@ -1,0 +1,183 @@
+"""launch/: what the cloud scripts would run, two hosts over loopback, and the Colab notebook."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from absl import flags
+
+from conftest import planted_sparse
+
+from jaxsae import cli
+from jaxsae import extract
+from jaxsae import store as store_lib
+from jaxsae import train
+from jaxsae.sae import io
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dry_run(script: str, *args: str, **env: str) -> list[list[str]]:
+  """The commands `launch/SCRIPT` would run, each as argv, with no gcloud on the PATH."""
+  proc = subprocess.run(["bash", f"launch/{script}", *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=60,
+                        env={"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"),
+                             "DRY_RUN": "1", **env})
+  assert proc.returncode == 0, proc.stderr
+  return [_argv(line) for line in proc.stdout.splitlines()
+          if line.split(" ", 1)[0] in ("gcloud", "tar", "make", ".venv/bin/python",
+                                       ".venv/bin/jaxsae")]
+
+
+def _argv(line: str) -> list[str]:
+  """A line of `printf %q` words back as argv, by bash itself (it may use $'...' quoting)."""
+  out = subprocess.run(["bash", "-c", 'eval "set -- $1"; printf "%s\\0" "$@"', "_", line],
+                       capture_output=True, text=True, check=True).stdout
+  return out.split("\0")[:-1]
+
+
+def parse(cls, argv: list[str]):
+  """The config `jaxsae` would build from these flags (flagfiles read relative to the repo)."""
+  fv = flags.FlagValues()
+  cli.define_flags(cls, fv)
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    rest = fv(["jaxsae", *argv])
+  finally:
+    os.chdir(cwd)
+  return cli.config_from_flags(cls, rest[1:], fv)
+
+
+def test_tpu_script_runs_the_flagfile_on_every_worker_with_checkpoints_in_the_bucket():
+  cmds = dry_run("tpu.sh", TPU="sae", ZONE="us-central2-b", BUCKET="gs://b",
+                 FLAGFILE="launch/paper_topk.flags")
+  assert cmds[0][:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
+  assert "--spot" in cmds[0] and "--accelerator-type=v4-32" in cmds[0]
+  ssh = [c for c in cmds if c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"] and "ssh" in c]
+  install, train_cmd, copy = ssh
+  assert "--worker=all" in install and "--worker=all" in train_cmd and "--worker=0" in copy
+  assert "jax[tpu]" not in install[-1] and "./jaxsae[tpu,gcs]" in install[-1]
+  line = train_cmd[-1].split("jaxsae train", 1)[1]
+  argv = [a.replace("$HOME/", "launch/") for a in shlex.split(line)]
+  cfg = parse(train.TrainConfig, argv)
+  assert cfg.distributed and cfg.store == "gs://b/stores/default"
+  assert cfg.checkpoint_dir == "gs://b/runs/paper_topk/checkpoints"
+  # The paper's settings, and they pass the trainer's checks for Pythia-160M's d_in of 768.
+  assert (cfg.arch, cfg.num_latents, cfg.k, cfg.num_seeds) == ("topk", 32768, 32, 8)
+  spec = train.resolve(cfg, 768, 8_000_000_000)
+  assert spec["num_steps"] == 8_000_000_000 // 16384 and spec["keep_steps"]
+  assert copy[-1].split()[-1] == "gs://b/runs/paper_topk"
+
+
+def test_tpu_script_refuses_missing_settings():
+  proc = subprocess.run(["bash", "launch/tpu.sh"], cwd=ROOT, capture_output=True, text=True,
+                        env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1"})
+  assert proc.returncode != 0 and "TPU" in proc.stderr
+
+
+def test_extraction_workers_split_the_shards_between_them():
+  """WORKERS=N WORKER=i: the ranges the script computes tile the store's shards exactly."""
+  ranges = []
+  for i in range(3):
+    cmds = dry_run("extract_to_gcs.sh", BUCKET="gs://b", TOKENS="1000000", CTX="1024",
+                   WORKERS="3", WORKER=str(i))
+    (ext,) = [c for c in cmds if c[:2] == [".venv/bin/jaxsae", "extract"]]
+    cfg = parse(extract.ExtractConfig, ext[2:])
+    ranges.append(tuple(int(v) for v in cfg.shard_range.split(":")))
+    rsync, cp = [c for c in cmds if c[0] == "gcloud"]
+    assert "manifest\\.json$" in rsync and cp[-1] == "gs://b/stores/default/manifest.json"
+  windows = -(-1_000_000 // 1024)
+  num_shards = -(-windows // (cfg.shard_tokens // 1024))
+  assert ranges[0][0] == 0 and ranges[-1][1] == num_shards
+  assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+def test_gpu_script_trains_with_its_arguments():
+  cmds = dry_run("gpu.sh", "--store=s", "--num_seeds=8", "--out=o")
+  assert cmds[0] == ["make", "install", "TORCH=torch"]
+  assert cmds[-1] == [".venv/bin/jaxsae", "train", "--store=s", "--num_seeds=8", "--out=o"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_over_loopback_train_like_one_host(tmp_path):
+  """jax.distributed over loopback, two 'hosts' of 2 CPU devices each, against one of 4.
+
+  With seeds across the hosts (2x2) each host reads the whole batch; with the data axis across
+  them (1x4) each reads its half. Both give the single-process SAEs.
+  """
+  x, _ = planted_sparse(4096, 16, 32, 3)
+  store = str(tmp_path / "store")
+  store_lib.write_store(store, (x + 0.5).astype(np.float32), rows_per_shard=1024)
+  common = [f"--store={store}", "--num_latents=64", "--k=4", "--seeds=0,1", "--batch_size=128",
+            "--num_tokens=2560", "--lr=1e-2", "--lr_warmup_steps=5", "--checkpoint_every=10",
+            "--log_every=5", "--noprogress"]
+  jaxsae = [sys.executable, "-m", "jaxsae", "train"]
+
+  def env(devices):
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+  one = subprocess.run([*jaxsae, *common, "--mesh=2x2", f"--out={tmp_path}/one"], cwd=ROOT,
+                       env=env(4), capture_output=True, text=True, timeout=300)
+  assert one.returncode == 0, one.stderr[-3000:]
+  for mesh in ("2x2", "1x4"):
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [*jaxsae, *common, f"--mesh={mesh}", f"--out={tmp_path}/{mesh}", "--distributed",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+        cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    for p in procs:
+      _, err = p.communicate(timeout=300)
+      assert p.returncode == 0, err[-3000:]
+    for seed in (0, 1):
+      a = io.load_sparsify(f"{tmp_path}/{mesh}/seed{seed}")[0]
+      b = io.load_sparsify(f"{tmp_path}/one/seed{seed}")[0]
+      for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-6, err_msg=f"{mesh} {name}")
+
+
+def test_colab_notebook_runs_end_to_end(tiny_model_dir, text_dir, tmp_path):
+  """The notebook as Colab runs it, with its settings cell at a tiny scale and no install."""
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  nb = nbformat.read(os.path.join(ROOT, "launch", "colab.ipynb"), as_version=4)
+  tags = [c.metadata.get("tags", []) for c in nb.cells]
+  assert any("parameters" in t for t in tags) and any("install" in t for t in tags)
+  demo_flags = (f"--model={tiny_model_dir} --dataset={text_dir} --site=model.layers.2.mlp "
+                "--num_tokens=16384 --ctx_len=64 --num_seeds=2 --num_latents=64 --k=4 "
+                "--train_tokens=8192 --batch_size=128 --lr_warmup_steps=5")
+  params = (f"OUT = {str(tmp_path / 'demo')!r}\nDEMO_FLAGS = {demo_flags!r}\nSWEEP_KS = (8,)\n"
+            "SWEEP = dict(num_latents=64, num_seeds=2, num_tokens=8192, batch_size=128, "
+            "lr_warmup_steps=5, progress=False)")
+  nb.cells = [nbformat.v4.new_code_cell(params) if "parameters" in t else c
+              for c, t in zip(nb.cells, tags) if "install" not in t]
+  env_path = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
+  os.environ["PATH"], old = env_path, os.environ["PATH"]  # `!jaxsae` finds this venv's command
+  try:
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": ROOT}}).execute()
+  finally:
+    os.environ["PATH"] = old
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  text = lambda cell: "".join(o.get("text", "") for o in cell.outputs)
+  demo_out = text(next(c for c in code if "jaxsae demo" in c.source))
+  assert "fraction of latents shared" in demo_out and "report:" in demo_out
+  images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+  assert len(images) == 4
+  html = [o for c in code for o in c.outputs if "text/html" in o.get("data", {})]
+  assert html and "<img" in html[0]["data"]["text/html"]
+  assert re.search(r"k=8: shared [0-9.]+", text(code[-1]))
