@@ -142,6 +142,20 @@ def _no_library_tracebacks(record) -> bool:
   return not (record.exc_info and "jaxsae" not in record.pathname)
 
 
+def _quiet_closed_loops(hook):
+  """Drops "Event loop is closed" from callbacks of writes orbax abandoned after a failure.
+
+  tensorstore completes them on its own threads after orbax closed their asyncio loop, which
+  Python can only report as an unraisable exception; the failure itself is reported as one
+  line.
+  """
+  def quiet(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      hook(unraisable)
+  return quiet
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help", "--helpfull"):
@@ -164,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
       # absl would print every INFO line of orbax and XLA; progress bars say what matters.
       absl_logging.set_verbosity(absl_logging.WARNING)
       absl_logging.get_absl_handler().addFilter(_no_library_tracebacks)
+      sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
     try:
       module.run(config_from_flags(cls, args[1:]))
     except JaxsaeError as e:

@@ -267,7 +267,11 @@ def _parse_range(text: str, num_shards: int) -> range:
 
 
 def run(cfg: ExtractConfig) -> dict | None:
-  store.np_dtype(cfg.dtype)  # fail on a bad dtype before loading anything
+  store.np_dtype(cfg.dtype)  # fail on bad settings before loading anything
+  if cfg.model_dtype not in ("float32", "bfloat16", "float16"):
+    raise JaxsaeError(f"--model_dtype={cfg.model_dtype}: use float32, bfloat16 or float16")
+  if cfg.batch_size < 1:
+    raise JaxsaeError(f"--batch_size={cfg.batch_size} must be positive")
   if cfg.ctx_len < 2 or cfg.num_tokens < cfg.ctx_len:
     raise JaxsaeError(f"--num_tokens={cfg.num_tokens} must be at least one window "
                       f"(--ctx_len={cfg.ctx_len} >= 2)")
@@ -278,6 +282,11 @@ def run(cfg: ExtractConfig) -> dict | None:
   num_windows = -(-cfg.num_tokens // cfg.ctx_len)
   num_shards = -(-num_windows // wps)
   device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+  try:
+    torch.device(device)
+  except RuntimeError:
+    raise JaxsaeError(f"--device={cfg.device} is not a torch device; use auto, cpu, cuda or "
+                      "cuda:N")
 
   source = model_source(cfg.model, cfg.revision)
   t0 = time.time()

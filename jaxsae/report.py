@@ -488,9 +488,20 @@ def run(cfg: ReportConfig) -> dict:
     if not os.path.isfile(path):
       raise JaxsaeError(f"{path} is missing; run `jaxsae match ... --out={match_dir}` first "
                         "(it writes match.json last, when complete)")
-  with open(summary_path) as f:
-    summary = json.load(f)
-  table = pd.read_csv(table_path)
+  try:
+    with open(summary_path) as f:
+      summary = json.load(f)
+    table = pd.read_csv(table_path)
+    missing = [k for k in ("threshold", "definition", "fraction_shared_mean", "seeds", "pairs")
+               if k not in summary] if isinstance(summary, dict) else ["everything"]
+    missing += [c for c in ("a", "b", "enc_partner", "enc_cos", "dec_partner", "dec_cos")
+                if c not in table.columns]
+  except (ValueError, pd.errors.ParserError) as e:  # JSONDecodeError is a ValueError
+    raise JaxsaeError(f"{match_dir} holds an unreadable match result ({e}); rerun `jaxsae "
+                      f"match ... --out={match_dir}`")
+  if missing:
+    raise JaxsaeError(f"{match_dir} is not a complete `jaxsae match` output (no "
+                      f"{', '.join(missing)}); rerun `jaxsae match ... --out={match_dir}`")
   out = cfg.out or match_dir
   os.makedirs(out, exist_ok=True)
   t = summary["threshold"]

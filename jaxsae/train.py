@@ -129,10 +129,15 @@ def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> dict[str, Any
   if not seeds or len(set(seeds)) != len(seeds):
     raise JaxsaeError(f"--seeds={','.join(map(str, seeds))}: give one or more distinct seeds")
   n = cfg.num_latents or 32 * d_in
+  if n < 2:
+    raise JaxsaeError(f"--num_latents={n} must be at least 2")
   if cfg.arch in ("topk", "batchtopk") and not 0 < cfg.k < n:
     raise JaxsaeError(f"--k={cfg.k} must be between 1 and num_latents-1 ({n - 1})")
-  if cfg.batch_size <= 0:
-    raise JaxsaeError(f"--batch_size={cfg.batch_size} must be positive")
+  for name in ("batch_size", "checkpoint_every", "log_every"):
+    if getattr(cfg, name) <= 0:
+      raise JaxsaeError(f"--{name}={getattr(cfg, name)} must be positive")
+  if cfg.lr is not None and not cfg.lr > 0:
+    raise JaxsaeError(f"--lr={cfg.lr} must be positive (or left out for sparsify's default)")
   num_tokens = cfg.num_tokens if cfg.num_tokens is not None else num_store_tokens
   num_steps = num_tokens // cfg.batch_size
   if num_steps < 1:
