@@ -75,3 +75,62 @@ def planted_sparse(n_rows: int, d: int, n_feat: int, k: int, seed: int = 0):
   coef = np.zeros((n_rows, n_feat))
   np.put_along_axis(coef, idx, rng.uniform(1, 3, (n_rows, k)), 1)
   return coef @ dirs + 0.01 * rng.normal(size=(n_rows, d)), dirs
+
+
+def files(directory) -> dict[str, bytes]:
+  """Every file of a directory by name, with its bytes."""
+  return {f: open(os.path.join(directory, f), "rb").read() for f in sorted(os.listdir(directory))}
+
+
+def edit_manifest(directory, fn) -> None:
+  """Applies `fn` to the manifest.json of the store in `directory`, in place."""
+  import json
+  path = os.path.join(str(directory), "manifest.json")
+  with open(path) as f:
+    m = json.load(f)
+  fn(m)
+  with open(path, "w") as f:
+    json.dump(m, f)
+
+
+class FaultLedger:
+  """What the fault tests did, counted as they run: the numbers in docs/reliability.md.
+
+  `injected`: a fault done to a running stage or its files; `bad_input`: a bad flag or file
+  given to a stage; `clear_error`: the stage answered with one clear error; `checked`: data a
+  stage had reported written, compared with an undisturbed copy after the fault
+  (`lost` counts those that differed, and the test then fails).
+  """
+
+  def __init__(self):
+    self.counts = {k: 0 for k in ("injected", "bad_input", "clear_error", "checked", "lost")}
+
+  def add(self, kind: str, n: int = 1) -> None:
+    self.counts[kind] += n
+
+  def intact(self, same: bool) -> bool:
+    self.add("checked")
+    if not same:
+      self.add("lost")
+    return same
+
+
+_LEDGER = FaultLedger()
+
+
+@pytest.fixture
+def ledger() -> FaultLedger:
+  return _LEDGER
+
+
+def pytest_terminal_summary(terminalreporter):
+  c = _LEDGER.counts
+  if any(c.values()):
+    terminalreporter.write_line(
+        f"faults: {c['injected']} injected, {c['bad_input']} bad inputs tried, "
+        f"{c['clear_error']} clear errors, {c['checked']} data checks, {c['lost']} data lost")
+    path = os.environ.get("JAXSAE_FAULT_COUNTS")
+    if path:
+      import json
+      with open(path, "w") as f:
+        json.dump(c, f, indent=1)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 import transformers
+
+from conftest import files
 
 from jaxsae import extract
 from jaxsae import store
@@ -23,10 +21,6 @@ def _cfg(model, text, out, **kw) -> extract.ExtractConfig:
   base = dict(model=model, dataset=text, sites=("model.layers.1.mlp",), num_tokens=2048,
               ctx_len=64, dtype="float32", out=str(out), shard_tokens=512, batch_size=4)
   return extract.ExtractConfig(**{**base, **kw})
-
-
-def _files(d) -> dict[str, bytes]:
-  return {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))}
 
 
 def test_packing_prefixes_bos_and_fills_windows(tiny_model_dir):
@@ -89,32 +83,8 @@ def test_worker_split_gives_the_same_store(tiny_model_dir, text_dir, tmp_path):
   with pytest.raises(JaxsaeError, match="incomplete"):
     store.Store(str(tmp_path / "two"))
   extract.run(dataclasses.replace(a, shard_range="0:2"))
-  assert _files(tmp_path / "one") == _files(tmp_path / "two")
+  assert files(tmp_path / "one") == files(tmp_path / "two")
   assert store.Store(str(tmp_path / "two")).dtype == store.np_dtype("bfloat16")
-
-
-def test_killed_extraction_resumes_to_identical_bytes(tiny_model_dir, text_dir, tmp_path):
-  args = [f"--model={tiny_model_dir}", f"--dataset={text_dir}", "--sites=model.layers.1.mlp",
-          "--num_tokens=32768", "--ctx_len=64", "--shard_tokens=512", "--batch_size=1"]
-  killed = tmp_path / "killed"
-  proc = subprocess.Popen([sys.executable, "-m", "jaxsae.cli", "extract", *args,
-                           f"--out={killed}"], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 120
-  while not (killed / "shard_00001.json").exists() and time.time() < deadline:
-    time.sleep(0.01)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  done = store.written_shards(str(killed))
-  assert 0 < len(done) < 64, "the kill should land mid-extraction"
-  assert not (killed / "manifest.json").exists()
-  (killed / "shard_00063.bin.tmp-999").write_bytes(b"half a shard")  # as a kill leaves behind
-  subprocess.run([sys.executable, "-m", "jaxsae.cli", "extract", *args, f"--out={killed}"],
-                 check=True, capture_output=True)
-  assert not [f for f in os.listdir(killed) if ".tmp-" in f]  # the kill's leftovers are gone
-  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "clean", num_tokens=32768,
-                   dtype="bfloat16", batch_size=1))
-  assert _files(killed) == _files(tmp_path / "clean")
 
 
 def test_bad_model_and_site(tiny_model_dir, text_dir, tmp_path):
@@ -143,30 +113,6 @@ def test_corpus_too_small_is_a_clear_error(tiny_model_dir, tmp_path):
   (tmp_path / "t.txt").write_text("only a few words here " * 10)
   with pytest.raises(JaxsaeError, match="ran out after"):
     extract.run(_cfg(tiny_model_dir, str(tmp_path / "t.txt"), tmp_path / "s"))
-
-
-def test_disk_full_mid_shard_leaves_a_valid_store(tiny_model_dir, text_dir, tmp_path,
-                                                  monkeypatch):
-  real = store.atomic_write_bytes
-  calls = []
-
-  def flaky(path, data):
-    calls.append(path)
-    if path.endswith("shard_00001.bin"):
-      with open(f"{path}.tmp-1", "wb") as f:
-        f.write(data[:100])  # a partial temporary file, as a full disk leaves
-      raise OSError(28, "No space left on device")
-    real(path, data)
-
-  monkeypatch.setattr(store, "atomic_write_bytes", flaky)
-  with pytest.raises(JaxsaeError, match="No space left.*rerun"):
-    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "s"))
-  assert sorted(store.written_shards(str(tmp_path / "s"))) == [0]
-  monkeypatch.setattr(store, "atomic_write_bytes", real)
-  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "s"))
-  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "clean"))
-  clean = _files(tmp_path / "clean")
-  assert {k: v for k, v in _files(tmp_path / "s").items() if k in clean} == clean
 
 
 def test_non_finite_activations_name_the_shard_and_row(tmp_path):

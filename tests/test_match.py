@@ -305,7 +305,7 @@ def test_trainer_exports_load_and_count(tmp_path, arch):
 
 
 @pytest.mark.parametrize("layout", ["sparsify", "saelens"])
-def test_any_damaged_cfg_json_loads_or_is_a_clear_error(tmp_path, layout):
+def test_any_damaged_cfg_json_loads_or_is_a_clear_error(tmp_path, layout, ledger):
   """Generated cfg.json files: each loads as a valid SAE or fails as JaxsaeError, never worse."""
   from hypothesis import HealthCheck, given, settings, strategies as st
   rng = np.random.default_rng(0)
@@ -326,10 +326,11 @@ def test_any_damaged_cfg_json_loads_or_is_a_clear_error(tmp_path, layout):
       c.pop(key, None)
     with open(f"{path}/cfg.json", "w") as f:
       json.dump([c] if not_a_dict else c, f)
+    ledger.add("bad_input")
     try:
       sae = saes.load_sae(path)
       assert sae.W_enc.shape == sae.W_dec.shape == (N, D)
     except JaxsaeError:
-      pass
+      ledger.add("clear_error")
 
   check()

@@ -1,0 +1,74 @@
+"""A disk that fills up (RLIMIT_FSIZE on the process) during extraction and during
+checkpointing: one clear error, the store and checkpoints left valid, and a rerun with space
+completes to the result of a run that never ran out."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from jaxsae import store
+from jaxsae import train
+from jaxsae.errors import JaxsaeError
+
+from .conftest import (exported, extract_args, files, jaxsae, one_line_error, run, same_params,
+                       train_args, train_config)
+
+
+def file_size_limit(nbytes: int, cmd: list[str]) -> list[str]:
+  """`cmd` run where no file may grow past `nbytes`: a write past it fails as on a full disk.
+
+  A launcher sets the limit and execs `cmd` (a preexec_fn would run Python in a fork of this
+  multithreaded JAX process).
+  """
+  launcher = ("import os, resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills it\n"
+              "n = int(sys.argv[1])\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))\n"
+              "os.execv(sys.argv[2], sys.argv[2:])\n")
+  return [sys.executable, "-c", launcher, str(nbytes), *cmd]
+
+
+def test_extraction_out_of_space_then_resumed(tiny_model_dir, text_dir, clean_extraction,
+                                              tmp_path, ledger):
+  sizes = [len(v) for k, v in sorted(clean_extraction.items()) if k.endswith(".bin")]
+  # Room for the first shards, not for the first one larger than all before it: the disk
+  # fills up part way through.
+  grow = [i for i in range(1, len(sizes)) if sizes[i] > max(sizes[:i])]
+  limit = max(sizes[:grow[0]]) if grow else sizes[0] - 1
+  out = tmp_path / "s"
+  args = extract_args(tiny_model_dir, text_dir, out)
+  proc = run(file_size_limit(limit, jaxsae(*args)))
+  ledger.add("injected")
+  line = one_line_error(proc, "extract")
+  assert "writing a shard" in line and "File too large" in line and "rerun" in line
+  ledger.add("clear_error")
+  done = store.written_shards(str(out))
+  assert len(done) == (grow[0] if grow else 0)
+  for name, data in files(out).items():  # what was reported written is whole; no temporaries
+    assert ".tmp-" not in name and not name.endswith(".claim")
+    if name.startswith("shard_"):
+      assert ledger.intact(data == clean_extraction[name])
+  with pytest.raises(JaxsaeError, match="incomplete"):
+    store.Store(str(out))
+  proc = run(jaxsae(*args))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert ledger.intact(files(out) == clean_extraction)
+
+
+def test_checkpoint_out_of_space_then_resumed(train_store, train_reference, tmp_path, ledger):
+  out = tmp_path / "run"
+  with pytest.raises(KeyboardInterrupt):
+    train.run(train_config(train_store, out), interrupt_at=20)  # checkpoints 10 and 20
+  # A checkpoint's array file is ~48 KB here, metrics.jsonl and the rest far less.
+  proc = run(file_size_limit(20_000, jaxsae(*train_args(train_store, out))))
+  ledger.add("injected")
+  line = one_line_error(proc, "train")
+  assert "writing a checkpoint" in line and "File too large" in line
+  assert "the last complete one is step 20" in line
+  ledger.add("clear_error")
+  assert sorted(p.name for p in (out / "checkpoints").iterdir()
+                if "tmp" not in p.name) == ["10", "20"]
+  train.run(train_config(train_store, out))  # resumes from 20, the failed 30 cleaned away
+  assert ledger.intact(same_params(exported(out), exported(train_reference)))
