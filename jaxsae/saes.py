@@ -134,7 +134,7 @@ def load_sae(path: str, name: str | None = None) -> SAE:
   try:
     sae = parse(path, name, cfg)
     validate(sae)
-  except (TypeError, ValueError, AttributeError) as e:  # a cfg field of the wrong kind
+  except (TypeError, ValueError, AttributeError, OverflowError) as e:  # e.g. k="4", k=Infinity
     raise JaxsaeError(f"{cfg_path} has a setting of the wrong type or value ({e}); fix it or "
                       "re-export the SAE")
   return sae

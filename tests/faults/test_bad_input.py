@@ -67,6 +67,7 @@ CASES = [
     ("match {sae_a} --out={tmp}/m7", "only one SAE found"),
     ("match {sae_a} {sae_b} --out={tmp}/m8 --definition=vibes", "--definition='vibes'"),
     ("match {sae_a} {sae_bad_json} --out={tmp}/m9", "cfg.json is not valid JSON"),
+    ("match {sae_a} {sae_k_inf} --out={tmp}/m12", "cfg.json has a setting of the wrong type"),
     ("match {sae_a} {sae_b}", "--out is required"),
     ("match {sae_a} {sae_b} --out={tmp}/m10 --block_size=0", "must be positive"),
     ("match {sae_a} {sae_b} --out={tmp}/m11 --freq_tokens=100", "needs an activation store"),
@@ -84,13 +85,13 @@ CASES = [
 ]
 
 
-def _sae(path, n, d=16, bad_json=False):
+def _sae(path, n, d=16, cfg_text=None):
   rng = np.random.default_rng(n)
   w = lambda *s: rng.standard_normal(s).astype(np.float32)
   saes.save(str(path), w(n, d), w(n), w(n, d), w(d), k=4)
-  if bad_json:
+  if cfg_text is not None:
     with open(os.path.join(str(path), "cfg.json"), "w") as f:
-      f.write('{"k": 4, ')  # cut short
+      f.write(cfg_text)
   return str(path)
 
 
@@ -106,7 +107,9 @@ def results(tiny_model_dir, text_dir, train_store, tmp_path_factory):
   places = dict(model=tiny_model_dir, text=text_dir, store=train_store, tmp=str(tmp),
                 file=str(tmp / "a_file"), sae_a=_sae(tmp / "sae_a", 64),
                 sae_b=_sae(tmp / "sae_b", 64), sae_wide=_sae(tmp / "sae_wide", 128),
-                sae_bad_json=_sae(tmp / "sae_bad_json", 64, bad_json=True),
+                sae_bad_json=_sae(tmp / "sae_bad_json", 64, cfg_text='{"k": 4, '),  # cut short
+                # Found by test_match.py's generated cfg.json: an OverflowError, now one line.
+                sae_k_inf=_sae(tmp / "sae_k_inf", 64, cfg_text='{"k": Infinity}'),
                 match_bad_json=str(tmp / "match_bad_json"), match_empty=str(tmp / "match_empty"))
   cases = [line.format(**places).split() for line, _ in CASES]
   (tmp / "cases.json").write_text(json.dumps(cases))

@@ -41,11 +41,9 @@ def test_extraction_killed_three_times_resumes_to_identical_bytes(tiny_model_dir
     assert len(done) < n and not (out / "manifest.json").exists()
     if how == "writer":  # the kill landed inside the write: its temporary file is left
       assert [f for f in os.listdir(out) if ".bin.tmp-" in f]
-    for i in done:  # every shard reported written is whole and right
-      name = store.shard_name(i)
-      assert ledger.intact(all(
-          files(out)[name + ext] == want[name + ext] for ext in (".bin", ".tokens.npz",
-                                                                 ".json")))
+    now = files(out)  # every shard reported written is whole and right
+    assert ledger.intact(all(now[store.shard_name(i) + ext] == want[store.shard_name(i) + ext]
+                             for i in done for ext in (".bin", ".tokens.npz", ".json")))
   proc = run(jaxsae(*args))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert ledger.intact(files(out) == want)  # no temporaries, no claims, the same bytes
