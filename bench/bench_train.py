@@ -1,15 +1,24 @@
-"""Training throughput and quality: jaxsae's multi-seed step against EleutherAI sparsify.
+"""Training throughput and quality: jaxsae's multi-seed step against sparsify and SAELens.
 
   python bench/bench_train.py --store=out/demo/store --num_latents=4096 --k=32 \
-      --batch_size=4096 --seeds=1,4,8 --steps=30
+      --batch_size=4096 --seeds=1,4,8 --steps=30 --sides=jaxsae,sparsify,saelens
 
-Both sides train TopK SAEs with the paper's recipe (Adam, lr 2e-4/sqrt(n/2^14), linear warmup
-then decay, b_dec at the first batch's mean, unit-norm decoder rows with the parallel gradient
-removed) on the identical in-memory batches, so neither pays for data loading. sparsify is driven
-the way its trainer drives it: one `SparseCoder` per seed (fused encoder, embedding-bag
+The peers are bench-only dependencies: `pip install -e .[bench]`.
+
+jaxsae and sparsify train TopK SAEs with the paper's recipe (Adam, lr 2e-4/sqrt(n/2^14), linear
+warmup then decay, b_dec at the first batch's mean, unit-norm decoder rows with the parallel
+gradient removed) on the identical in-memory batches, so neither pays for data loading. sparsify
+is driven the way its trainer drives it: one `SparseCoder` per seed (fused encoder, embedding-bag
 decoder, bf16 autocast on CUDA), one after the other. jaxsae runs all seeds in one jitted step
-(`vmap` over the seed axis). Reported: tokens/s per seed (after warm-up and compilation), and
-FVU on a held-out batch after the same number of tokens.
+(`vmap` over the seed axis; on a lone CPU device the seeds in turn inside it). Reported: tokens/s
+per seed (after warm-up and compilation), and FVU on a held-out batch after the same tokens.
+
+SAELens (--sides=saelens, S=1 only: its trainer holds one SAE) trains its own `TopKTrainingSAE`
+through its own `SAETrainer.step` (the forward pass, its loss, backward, grad-norm clip at 1,
+Adam, dead-latent bookkeeping) on the same batches, with the same lr, the same warmup/decay
+schedule and b_dec at the first batch's mean; the rest is SAELens's recipe: a summed-MSE loss,
+activations rescaled by the decoder row norms instead of a unit-norm decoder, decoder rows
+initialised at norm 0.1, a dense [B, n] activation matrix for the decoder product.
 
 Without --store, activations are synthetic: a planted dictionary of 4 * num_latents unit
 directions, each token a sparse positive mix of them plus noise (--d_in wide).
@@ -17,6 +26,7 @@ directions, each token a sparse positive mix of them plus noise (--d_in wide).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 
@@ -32,7 +42,8 @@ _B = flags.DEFINE_integer("batch_size", 16384, "Tokens per batch.")
 _SEEDS = flags.DEFINE_list("seeds", ["1", "4", "8"], "Numbers of seeds S to measure.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed steps (after --warmup).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation, autotuning).")
-_SIDES = flags.DEFINE_list("sides", ["jaxsae", "sparsify"], "Which trainers to run.")
+_SIDES = flags.DEFINE_list("sides", ["jaxsae", "sparsify"], "Which trainers to run: jaxsae, "
+                           "sparsify, saelens (S=1 only).")
 _OUT = flags.DEFINE_string("out", "", "Also write the results here as JSON.")
 _DENSE = flags.DEFINE_bool("dense_encoder", False, "jaxsae with plain autodiff of the dense "
                            "encoder instead of its fused k-sparse backward (for comparison).")
@@ -172,7 +183,77 @@ def run_sparsify(xs, held, num_seeds: int) -> dict:
           "step_s": seconds / (steps - _WARMUP.value)}
 
 
+def run_saelens(xs, held, num_seeds: int) -> dict:
+  import torch
+  from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+  from sae_lens.config import SAETrainerConfig
+  from sae_lens.training.sae_trainer import SAETrainer
+  from transformers import get_linear_schedule_with_warmup
+
+  assert num_seeds == 1, "SAELens's trainer holds one SAE"
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  steps, d_in, n = len(xs), xs.shape[-1], _N.value
+  lr = 2e-4 / (n / 2**14) ** 0.5
+  torch.manual_seed(0)
+  # SAELens's own TopK recipe beyond the sizes (see the module docstring). Its sparse latents
+  # (use_sparse_activations=True) fail in backward with its default rescale by the decoder
+  # norms on torch 2.13's CPU (no aten::view for SparseCPU), so they stay dense.
+  sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=n, k=_K.value, dtype="float32",
+                                              device=device))
+  # bf16 autocast on CUDA as the other sides compute there; SAELens's own default is off.
+  cfg = SAETrainerConfig(total_training_samples=steps * _B.value,
+                         train_batch_size_samples=_B.value, lr=lr, lr_end=lr, device=device,
+                         autocast=device == "cuda")
+  trainer = SAETrainer(cfg, sae, data_provider=iter(()))
+  # SAELens's scheduler cannot express a warmup longer than the run (its constant phase would
+  # have negative length), so its optimizer gets the schedule the other sides use.
+  trainer.lr_scheduler = get_linear_schedule_with_warmup(trainer.optimizer, 1000, steps)
+  sae.to(device)
+  dev = [torch.from_numpy(x).to(device) for x in xs]
+
+  def train_step(i):
+    if i == 0:
+      with torch.no_grad():
+        sae.b_dec.data = dev[0].mean(0)  # SAELens starts b_dec at 0; the others at this mean
+    trainer.maybe_reset_sparsity()  # SAETrainer.fit's loop, without wandb and checkpoints
+    trainer.step(dev[i])
+    trainer.n_training_steps += 1
+
+  for i in range(_WARMUP.value):
+    train_step(i)
+  if device == "cuda":
+    torch.cuda.synchronize()
+  t = time.perf_counter()
+  for i in range(_WARMUP.value, steps):
+    train_step(i)
+  if device == "cuda":
+    torch.cuda.synchronize()
+  seconds = time.perf_counter() - t
+  with torch.no_grad():
+    out = sae.decode(sae.encode(torch.from_numpy(held).to(device)))
+  timed = (steps - _WARMUP.value) * _B.value
+  return {"tok_s_per_seed": timed / seconds, "fvu": fvu(held, out.float().cpu().numpy()),
+          "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+          "step_s": seconds / (steps - _WARMUP.value)}
+
+
+RUNNERS = {"jaxsae": run_jaxsae, "sparsify": run_sparsify, "saelens": run_saelens}
+# The module each peer side imports; they come from the bench extra, never jaxsae's own deps.
+PEERS = {"sparsify": "sparsify", "saelens": "sae_lens"}
+
+
+def check_sides(sides) -> None:
+  """Fail in one line before any side runs, not after jaxsae has spent minutes."""
+  for side in sides:
+    if side not in RUNNERS:
+      raise SystemExit(f"bench_train: --sides={side} is unknown; use {', '.join(RUNNERS)}")
+    if side in PEERS and importlib.util.find_spec(PEERS[side]) is None:
+      raise SystemExit(f"bench_train: --sides={side} needs the {PEERS[side]} package, a "
+                       "bench-only peer: pip install -e .[bench]")
+
+
 def main(_):
+  check_sides(_SIDES.value)
   steps = _WARMUP.value + _STEPS.value
   xs, held = batches(steps)
   results = []
@@ -180,10 +261,16 @@ def main(_):
     row = {"seeds": s, "d_in": xs.shape[-1], "num_latents": _N.value, "k": _K.value,
            "batch_size": _B.value, "tokens_per_seed": steps * _B.value}
     for side in _SIDES.value:
-      r = run_jaxsae(xs, held, s) if side == "jaxsae" else run_sparsify(xs, held, s)
+      if side == "saelens" and s > 1:
+        row["saelens"] = f"skipped at S={s}: SAELens's trainer holds one SAE; S=1 only"
+        continue
+      r = RUNNERS[side](xs, held, s)
       row.update({f"{side}_{k}": v for k, v in r.items()})
-    if len(_SIDES.value) == 2:
-      row["speedup"] = row["jaxsae_tok_s_per_seed"] / row["sparsify_tok_s_per_seed"]
+    if "jaxsae_tok_s_per_seed" in row:
+      # "speedup" (against sparsify) keeps the name the recorded results use.
+      for peer, key in (("sparsify", "speedup"), ("saelens", "speedup_vs_saelens")):
+        if f"{peer}_tok_s_per_seed" in row:
+          row[key] = row["jaxsae_tok_s_per_seed"] / row[f"{peer}_tok_s_per_seed"]
     print(json.dumps(row), flush=True)
     results.append(row)
   if _OUT.value:
