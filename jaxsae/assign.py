@@ -328,6 +328,7 @@ class Certificate:
   cols: np.ndarray
   vals: np.ndarray  # their float32 cosines
   rows_recomputed: int  # rows whose screen was too close to call, redone in float32
+  pairs_checked: int = 0  # entries certify_tail had to look at (0 after a full pass)
 
 
 def certify(a: np.ndarray, b: np.ndarray, u: np.ndarray, v: np.ndarray, k: int = 32,
@@ -390,21 +391,67 @@ def certify(a: np.ndarray, b: np.ndarray, u: np.ndarray, v: np.ndarray, k: int =
                      rows_recomputed=len(redo))
 
 
-def assign_sparse(a: np.ndarray, b: np.ndarray, k: int = 64, col_k: int = 0,
+def certify_tail(a: np.ndarray, b: np.ndarray, u: np.ndarray, v: np.ndarray,
+                 ceiling: np.ndarray, max_entries: int,
+                 block_size: int = 1024) -> Certificate | None:
+  """The certificate without a pass over the full matrix, from each row's ceiling.
+
+  Every entry off row i's candidate list has c_ij <= ceiling_i, so it already satisfies
+  c_ij - v_j <= u_i wherever v_j >= ceiling_i - u_i. Only the columns below that threshold,
+  a prefix of the columns sorted by v, can hold a violator. Rows are taken in blocks of
+  similar prefix length and each block is one float32 product with its longest prefix: on
+  SAE pairs that is under 1% of the matrix, against a full screened pass per round. None when
+  the blocks add up to more than `max_entries` entries: then a full pass is cheaper.
+  """
+  order = np.argsort(v, kind="stable")
+  count = np.searchsorted(v[order], ceiling - u, side="left")
+  todo = np.flatnonzero(count)
+  todo = todo[np.argsort(-count[todo], kind="stable")]  # similar prefixes share a block
+  blocks = [todo[lo:hi] for lo, hi in _blocks(len(todo), block_size)]
+  if sum(len(r) * int(count[r[0]]) for r in blocks) > max_entries:
+    return None
+  u_cert = np.asarray(u, np.float64).copy()
+  vr, vc, vv = [], [], []
+  for rows in blocks:
+    cols = order[:count[rows[0]]]
+    cos = a[rows] @ b[cols].T
+    reduced = cos - v[cols][None, :]
+    # Columns past a row's own prefix cannot violate it; the mask only spares the bookkeeping.
+    reduced[np.arange(len(cols))[None, :] >= count[rows][:, None]] = -np.inf
+    u_cert[rows] = np.maximum(u_cert[rows], reduced.max(axis=1))
+    r, c = np.nonzero(reduced > u[rows, None] + VIOLATION_EPS)
+    vr.append(rows[r])
+    vc.append(cols[c])
+    vv.append(cos[r, c].astype(np.float32))
+  cat = lambda xs, dtype: np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype)
+  return Certificate(u=u_cert, bound=float(u_cert.sum() + np.sum(v, dtype=np.float64)),
+                     rows=cat(vr, np.int64), cols=cat(vc, np.int64), vals=cat(vv, np.float32),
+                     rows_recomputed=0, pairs_checked=int(count.sum()))
+
+
+def assign_sparse(a: np.ndarray, b: np.ndarray, k: int = 32, col_k: int = 0,
                   certify_k: int = 32, block_size: int = 1024, precision: str = "bfloat16",
-                  rel_gap: float = REL_GAP, max_rounds: int = 20,
+                  rel_gap: float = REL_GAP, max_rounds: int = 20, full_passes: bool = False,
                   progress=None) -> Assignment:
   """The exact bijection without the dense matrix, with a dual certificate of optimality.
 
-  k candidates per row: with 32, on realistic pairs (30% orphans) a few rows are forced into
-  poor partners by the restricted problem, its duals are far off and two more rounds are
-  needed; 64 avoids that for ~25% more cost in the candidate pass (measured at 32,768).
+  k candidates per row. Rounds are cheap since `certify_tail` (a fraction of a percent of
+  the matrix each), so the one full pass, the candidates', sets the cost: at 16,384 on a
+  realistic pair (30% orphans) k = 32 took 7.2 s, 16 took 14.1 s (a fourth round, longer
+  prefixes) and 64 took 9.9 s (a slower top-k), bench/bench_match.py.
   certify_k: entries per row recomputed exactly in a certificate pass (more: a float32 row).
+  full_passes: certify every round with a pass over the full matrix, never `certify_tail`
+  (the method before it; for benchmarks).
   """
   t0 = time.perf_counter()
   _check_pair(a, b)
   n = a.shape[0]
   rows, cols, vals, best = candidates(a, b, k, col_k, block_size, precision, progress)
+  # No entry off a row's top-k list exceeds the list's smallest exact cosine by more than
+  # twice the screening error (once to the screened k-th value, once back).
+  delta = screen_error(a.shape[1], precision)
+  ceiling = (vals[:n * min(k, n)].reshape(n, -1).min(axis=1).astype(np.float64) + 2 * delta
+             if k < n else np.full(n, -np.inf))
   # The identity pairing's edges guarantee that the restricted problem has a perfect matching
   # however the candidates cluster; they are rarely chosen.
   ident = np.arange(n)
@@ -415,8 +462,10 @@ def assign_sparse(a: np.ndarray, b: np.ndarray, k: int = 64, col_k: int = 0,
     edge = _matched_cos(rows, cols, vals, n, match)
     objective = float(edge.sum())
     u, v = duals(rows, cols, vals, match, n)
-    cert = certify(a, b, u, v, k=certify_k, block_size=block_size, precision=precision,
-                   progress=progress)
+    cert = None if full_passes else certify_tail(a, b, u, v, ceiling, max_entries=n * n // 8)
+    if cert is None:
+      cert = certify(a, b, u, v, k=certify_k, block_size=block_size, precision=precision,
+                     progress=progress)
     gap = cert.bound - objective
     # An entry already among the candidates can only "violate" by float32 rounding (two
     # kernels summing in different orders); it adds nothing new to solve.
@@ -446,7 +495,7 @@ def _matched_cos(rows, cols, vals, n, match):
 
 
 def assign(a: np.ndarray, b: np.ndarray, *, method: str = "auto", dense_max: int = 8192,
-           k: int = 64, block_size: int = 1024, precision: str = "bfloat16",
+           k: int = 32, block_size: int = 1024, precision: str = "bfloat16",
            progress=None) -> Assignment:
   """The optimal bijection of unit rows a to unit rows b: dense up to `dense_max`, else sparse."""
   _check_pair(a, b)

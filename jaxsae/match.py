@@ -59,7 +59,7 @@ class MatchConfig:
               "matrix) or sparse (candidates + dual certificate)"})
   dense_max: int = dataclasses.field(default=8192, metadata={
       "help": "largest width solved on the dense matrix under --assignment=auto"})
-  candidates: int = dataclasses.field(default=64, metadata={
+  candidates: int = dataclasses.field(default=32, metadata={
       "help": "top-K cosines per row kept as candidates by the sparse solver"})
   precision: str = dataclasses.field(default="bfloat16", metadata={
       "help": "precision of the sparse solver's full-matrix screening passes (bfloat16 or "

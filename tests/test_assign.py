@@ -133,6 +133,38 @@ def test_dual_bound_is_an_upper_bound_for_any_duals():
     assert (cert.u[:, None] >= sim - v[None, :].astype(np.float32) - 1e-6).all()
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
+@pytest.mark.parametrize("kind", ["planted", "random"])
+def test_tail_certificate_covers_every_entry_without_the_full_matrix(precision, kind):
+  """certify_tail computes only the entries below each row's ceiling; its u must still cover
+  every entry of the full matrix, for the restricted duals and for arbitrary ones."""
+  rng = np.random.default_rng(6)
+  n, k = 512, 8
+  a, b = planted(rng, n, 32) if kind == "planted" else (unit(rng, n, 32), unit(rng, n, 32))
+  rows, cols, vals, _ = assign.candidates(a, b, k=k, block_size=128, precision=precision)
+  ceiling = (vals[:n * k].reshape(n, k).min(axis=1).astype(np.float64)
+             + 2 * assign.screen_error(32, precision))
+  sim = a.astype(np.float64) @ b.T.astype(np.float64)
+  off_list = np.ones((n, n), bool)
+  off_list[rows, cols] = False
+  assert (sim[off_list] <= np.broadcast_to(ceiling[:, None], (n, n))[off_list]).all()
+  ident = np.arange(n)
+  rows, cols, vals = assign._dedupe(np.r_[rows, ident], np.r_[cols, ident],
+                                    np.r_[vals, assign.paired_cosine(a, b)], n)
+  match = assign.solve_sparse(rows, cols, vals, n)
+  u, v = assign.duals(rows, cols, vals, match, n)
+  for u, v in ((u, v), (np.zeros(n), rng.uniform(-0.2, 0.4, n))):
+    cert = assign.certify_tail(a, b, u, v, ceiling, max_entries=n * n,
+                               block_size=64)
+    covered = cert.u[:, None] + v[None, :] >= sim - 1e-6
+    # Candidate entries are the restricted duals' job; every other entry is the certificate's.
+    assert covered[off_list].all()
+    if u.any():  # the restricted duals: few entries to look at, and a valid bound
+      assert cert.pairs_checked < n * n / 4
+      assert cert.bound >= scipy_objective(a, b) - 1e-4
+  assert assign.certify_tail(a, b, np.zeros(n), np.full(n, -1.0), ceiling, max_entries=10) is None
+
+
 def test_cosine_matrix_blocks():
   rng = np.random.default_rng(5)
   a, b = unit(rng, 37, 5), unit(rng, 37, 5)
