@@ -457,9 +457,11 @@ def assign_sparse(a: np.ndarray, b: np.ndarray, k: int = 32, col_k: int = 0,
   ident = np.arange(n)
   rows, cols, vals = _dedupe(np.concatenate([rows, ident]), np.concatenate([cols, ident]),
                              np.concatenate([vals, paired_cosine(a, b)]), n)
+  # Edges stay sorted by key = row * n + col, so lookups are binary searches, not hashing.
+  key = rows * n + cols
   for round_ in range(1, max_rounds + 1):
     match = solve_sparse(rows, cols, vals, n)
-    edge = _matched_cos(rows, cols, vals, n, match)
+    edge = vals[np.searchsorted(key, np.arange(n) * n + match)].astype(np.float64)
     objective = float(edge.sum())
     u, v = duals(rows, cols, vals, match, n)
     cert = None if full_passes else certify_tail(a, b, u, v, ceiling, max_entries=n * n // 8)
@@ -469,13 +471,17 @@ def assign_sparse(a: np.ndarray, b: np.ndarray, k: int = 32, col_k: int = 0,
     gap = cert.bound - objective
     # An entry already among the candidates can only "violate" by float32 rounding (two
     # kernels summing in different orders); it adds nothing new to solve.
-    known = np.isin(cert.rows * n + cert.cols, rows * n + cols)
-    if gap <= rel_gap * max(abs(objective), 1.0) or known.all():
+    new_key = cert.rows * n + cert.cols
+    at = np.minimum(np.searchsorted(key, new_key), len(key) - 1)
+    new = key[at] != new_key
+    if gap <= rel_gap * max(abs(objective), 1.0) or not new.any():
       break
-    new = ~known
-    rows, cols, vals = _dedupe(np.concatenate([rows, cert.rows[new]]),
-                               np.concatenate([cols, cert.cols[new]]),
-                               np.concatenate([vals, cert.vals[new]]), n)
+    new_key, first = np.unique(new_key[new], return_index=True)
+    order = np.argsort(np.concatenate([key, new_key]), kind="stable")
+    key = np.concatenate([key, new_key])[order]
+    rows = np.concatenate([rows, cert.rows[new][first]])[order]
+    cols = np.concatenate([cols, cert.cols[new][first]])[order]
+    vals = np.concatenate([vals, cert.vals[new][first]])[order]
   else:
     raise RuntimeError(f"no certificate after {max_rounds} rounds (gap {gap:.3g}); "
                        "raise the candidate count k")
@@ -483,15 +489,6 @@ def assign_sparse(a: np.ndarray, b: np.ndarray, k: int = 32, col_k: int = 0,
                     dual_bound=cert.bound, gap=gap, method="sparse", rounds=round_,
                     num_candidates=len(rows),
                     seconds=time.perf_counter() - t0)
-
-
-def _matched_cos(rows, cols, vals, n, match):
-  """The cosine of each row's matched edge, looked up among the candidate edges."""
-  key = rows.astype(np.int64) * n + cols
-  order = np.argsort(key)
-  want = np.arange(n, dtype=np.int64) * n + match
-  pos = order[np.searchsorted(key, want, sorter=order)]
-  return vals[pos].astype(np.float64)
 
 
 def assign(a: np.ndarray, b: np.ndarray, *, method: str = "auto", dense_max: int = 8192,
