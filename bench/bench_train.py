@@ -160,16 +160,7 @@ def run_sparsify(xs, held, num_seeds: int) -> dict:
       opt.zero_grad()
       sched.step()
 
-  for i in range(_WARMUP.value):
-    train_step(i)
-  if device == "cuda":
-    torch.cuda.synchronize()
-  t = time.perf_counter()
-  for i in range(_WARMUP.value, steps):
-    train_step(i)
-  if device == "cuda":
-    torch.cuda.synchronize()
-  seconds = time.perf_counter() - t
+  seconds = _timed_torch_steps(train_step, steps, device)
   fvus = []
   with torch.no_grad():
     for c in coders:
@@ -181,6 +172,20 @@ def run_sparsify(xs, held, num_seeds: int) -> dict:
   return {"tok_s_per_seed": timed / seconds, "fvu": float(np.mean(fvus)),
           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
           "step_s": seconds / (steps - _WARMUP.value)}
+
+
+def _timed_torch_steps(train_step, steps: int, device: str) -> float:
+  """Seconds for steps --warmup.. of a PyTorch side, synchronised where work is asynchronous."""
+  import torch
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  for i in range(_WARMUP.value):
+    train_step(i)
+  sync()
+  t = time.perf_counter()
+  for i in range(_WARMUP.value, steps):
+    train_step(i)
+  sync()
+  return time.perf_counter() - t
 
 
 def run_saelens(xs, held, num_seeds: int) -> dict:
@@ -219,16 +224,7 @@ def run_saelens(xs, held, num_seeds: int) -> dict:
     trainer.step(dev[i])
     trainer.n_training_steps += 1
 
-  for i in range(_WARMUP.value):
-    train_step(i)
-  if device == "cuda":
-    torch.cuda.synchronize()
-  t = time.perf_counter()
-  for i in range(_WARMUP.value, steps):
-    train_step(i)
-  if device == "cuda":
-    torch.cuda.synchronize()
-  seconds = time.perf_counter() - t
+  seconds = _timed_torch_steps(train_step, steps, device)
   with torch.no_grad():
     out = sae.decode(sae.encode(torch.from_numpy(held).to(device)))
   timed = (steps - _WARMUP.value) * _B.value
