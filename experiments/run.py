@@ -172,17 +172,20 @@ def plot(rows: list[dict], path: str) -> None:
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   categorical = study == "arch"
   xs = list(range(len(rows))) if categorical else [r["x"] for r in rows]
+  # Architectures are categories: no line between them, which would read as a trend.
   ax.errorbar(xs, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], marker="o",
-              capsize=4, label=f"jaxsae ({_MODEL.value}, {_SEEDS.value} seeds)")
+              capsize=4, linestyle="none" if categorical else "-",
+              label=f"jaxsae ({_MODEL.value}, {_SEEDS.value} seeds)")
   ref = PAPER.get(study)
   if ref and not categorical:
     ax.plot(ref["x"], ref["y"], "s--", color="gray", label="paper (Pythia-160M)")
   if categorical:
     ax.set_xticks(xs, [r["x"] for r in rows])
     if ref:
-      for i, r in enumerate(rows):
-        if r["x"] in ref["x"]:
-          ax.plot(i, ref["y"][ref["x"].index(r["x"])], "s", color="gray")
+      on = [(i, ref["y"][ref["x"].index(r["x"])]) for i, r in enumerate(rows)
+            if r["x"] in ref["x"]]
+      if on:
+        ax.plot(*zip(*on), "s", color="gray", label="paper (Pythia-160M)")
   elif study in ("size", "k", "length", "frequency"):
     ax.set_xscale("log", base=2 if study in ("size", "k") else 10)
   label = {"size": "latents", "k": "k", "arch": "architecture", "length": "training tokens",
