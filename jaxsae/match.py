@@ -57,7 +57,7 @@ class MatchConfig:
   assignment: str = dataclasses.field(default="auto", metadata={
       "help": "auto (dense up to --dense_max latents, else sparse), dense (scipy on the full "
               "matrix) or sparse (candidates + dual certificate)"})
-  dense_max: int = dataclasses.field(default=8192, metadata={
+  dense_max: int = dataclasses.field(default=4096, metadata={
       "help": "largest width solved on the dense matrix under --assignment=auto"})
   candidates: int = dataclasses.field(default=32, metadata={
       "help": "top-K cosines per row kept as candidates by the sparse solver"})
