@@ -324,7 +324,7 @@ def duals(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, match: np.ndarra
 
 @dataclasses.dataclass(frozen=True)
 class Certificate:
-  """What one pass over the full matrix proved about column duals v."""
+  """What a certificate (a full pass, or `certify_tail`) proved about column duals v."""
   u: np.ndarray  # [n] float64: u_i >= c_ij - v_j for every j, so sum(u) + sum(v) bounds
   bound: float  # sum(u) + sum(v): no bijection's total cosine exceeds it
   rows: np.ndarray  # violating entries c_ij - v_j > u_i (certify_tail: or nearly): candidates
@@ -438,10 +438,10 @@ def assign_sparse(a: np.ndarray, b: np.ndarray, k: int = 32, col_k: int = 0,
                   progress=None) -> Assignment:
   """The exact bijection without the dense matrix, with a dual certificate of optimality.
 
-  k candidates per row. Rounds are cheap since `certify_tail` (a fraction of a percent of
-  the matrix each), so the one full pass, the candidates', sets the cost: at 16,384 on a
-  realistic pair (30% orphans) k = 32 took 7.2 s, 16 took 14.1 s (a fourth round, longer
-  prefixes) and 64 took 9.9 s (a slower top-k), bench/bench_match.py.
+  k candidates per row. With `certify_tail` a round looks at a fraction of a percent of the
+  matrix, so the one full pass, the candidates', sets the cost: at 16,384 on a realistic pair
+  (30% orphans) k = 32 took 7.2 s, 16 took 14.1 s (a fourth round, longer prefixes) and 64
+  took 9.9 s (a slower top-k), timed in-process while other jobs shared the CPU.
   certify_k: entries per row recomputed exactly in a certificate pass (more: a float32 row).
   full_passes: certify every round with a pass over the full matrix, never `certify_tail`
   (the method before it; for benchmarks).
