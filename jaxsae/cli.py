@@ -26,6 +26,11 @@ from absl import logging as absl_logging
 
 from jaxsae.errors import JaxsaeError
 
+def flag(default: Any, help_: str) -> Any:
+  """A config dataclass field that becomes the flag --NAME with this default and help."""
+  return dataclasses.field(default=default, metadata={"help": help_})
+
+
 # name -> (module, config class, one-line description). Modules import lazily so that one
 # subcommand never pays for another's dependencies (torch for extract, jax for the rest).
 COMMANDS = {

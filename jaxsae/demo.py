@@ -21,11 +21,8 @@ from jaxsae import match
 from jaxsae import report
 from jaxsae import store as store_lib
 from jaxsae import train
+from jaxsae.cli import flag as _f
 from jaxsae.errors import JaxsaeError
-
-
-def _f(default, help_: str):
-  return dataclasses.field(default=default, metadata={"help": help_})
 
 
 @dataclasses.dataclass(frozen=True)

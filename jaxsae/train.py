@@ -33,6 +33,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsae import store as store_lib
+from jaxsae.cli import flag as _f
 from jaxsae.errors import JaxsaeError
 from jaxsae.sae import ARCHITECTURES, common, io
 
@@ -46,10 +47,6 @@ NORMALIZED_BY_DEFAULT = ("relu_l1", "relu_l1_unitnorm", "gated", "jumprelu")
 # What makes a run what it is: a rerun into the same --out must agree on these.
 IDENTITY = ("arch", "d_in", "num_latents", "k", "seeds", "batch_size", "data_seed", "site",
             "normalize")
-
-
-def _f(default, help_: str):
-  return dataclasses.field(default=default, metadata={"help": help_})
 
 
 @dataclasses.dataclass(frozen=True)
