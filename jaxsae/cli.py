@@ -1,8 +1,8 @@
 """The `jaxsae` command: one subcommand per stage, absl flags, one-line errors.
 
-Flags are defined here only, generated from each stage's frozen config dataclass: a field's
-`metadata["help"]` is its help text and its default is the flag's default, so `--help` and the
-config can never disagree. Library code receives the dataclass and never reads FLAGS.
+Flags are defined here only, generated from each stage's frozen config dataclass (written with
+`config.field`): a field's `metadata["help"]` is its help text and its default is the flag's
+default, so `--help` and the config can never disagree. Library code receives the dataclass and never reads FLAGS.
 
   jaxsae extract --model=M --sites=S --num_tokens=N --out=DIR
   jaxsae train --store=DIR --arch=topk --seeds=0,1,2,3 --out=RUN
@@ -24,11 +24,11 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
+from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
 
-def flag(default: Any, help_: str) -> Any:
-  """A config dataclass field that becomes the flag --NAME with this default and help."""
-  return dataclasses.field(default=default, metadata={"help": help_})
+# The old name of config.field, while train.py still imports it from here.
+flag = field
 
 
 # name -> (module, config class, one-line description). Modules import lazily so that one

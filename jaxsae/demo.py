@@ -21,7 +21,7 @@ from jaxsae import match
 from jaxsae import report
 from jaxsae import store as store_lib
 from jaxsae import train
-from jaxsae.cli import flag as _f
+from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
 
 
@@ -29,26 +29,26 @@ from jaxsae.errors import JaxsaeError
 class DemoConfig:
   """Flags of `jaxsae demo`: each stage's main settings, sized for a 2-core CPU."""
 
-  out: str = _f("out/demo", "Directory for everything the demo writes: store/, run/, match/, "
-                "report/.")
-  model: str = _f(extract.DEFAULT_MODEL, "Model to extract from (see `jaxsae extract`).")
-  site: str = _f("model.layers.15.mlp", "Site to extract: the paper's SmolLM-135M site.")
-  dataset: str = _f("default", "Corpus (see `jaxsae extract`).")
-  num_tokens: int = _f(262_144, "Tokens of activations to extract.")
-  ctx_len: int = _f(256, "Extraction window.")
-  num_seeds: int = _f(4, "SAE seeds trained at once.")
-  num_latents: int = _f(1024, "Latents per SAE.")
-  k: int = _f(32, "Active latents per token (TopK).")
-  train_tokens: int = _f(1_048_576, "Training tokens per seed (the store is reused in "
-                         "reshuffled epochs).")
-  batch_size: int = _f(256, "Tokens per training batch.")
-  lr: float = _f(4e-3, "Adam learning rate. The paper's recipe (2e-4 / sqrt(n / 2^14), batches "
-                 "of 16,384) is for billions of tokens; in a million, its SAEs barely leave their "
-                 "random initialisation and share almost nothing (0.000 at 2,048 latents here), "
-                 "so the demo takes more, smaller steps at a higher rate.")
-  lr_warmup_steps: int = _f(50, "Learning-rate warmup steps (the paper's 1,000 is for runs of "
-                            "hundreds of thousands of steps).")
-  threshold: float = _f(0.7, "Cosine threshold for a shared latent.")
+  out: str = field("out/demo", "Directory for everything the demo writes: store/, run/, match/, "
+                   "report/.")
+  model: str = field(extract.DEFAULT_MODEL, "Model to extract from (see `jaxsae extract`).")
+  site: str = field("model.layers.15.mlp", "Site to extract: the paper's SmolLM-135M site.")
+  dataset: str = field("default", "Corpus (see `jaxsae extract`).")
+  num_tokens: int = field(262_144, "Tokens of activations to extract.")
+  ctx_len: int = field(256, "Extraction window.")
+  num_seeds: int = field(4, "SAE seeds trained at once.")
+  num_latents: int = field(1024, "Latents per SAE.")
+  k: int = field(32, "Active latents per token (TopK).")
+  train_tokens: int = field(1_048_576, "Training tokens per seed (the store is reused in "
+                            "reshuffled epochs).")
+  batch_size: int = field(256, "Tokens per training batch.")
+  lr: float = field(4e-3, "Adam learning rate. The paper's recipe (2e-4 / sqrt(n / 2^14), "
+                    "batches of 16,384) is for billions of tokens; in a million, its SAEs barely "
+                    "leave their random initialisation and share almost nothing (0.000 at 2,048 "
+                    "latents here), so the demo takes more, smaller steps at a higher rate.")
+  lr_warmup_steps: int = field(50, "Learning-rate warmup steps (the paper's 1,000 is for runs of "
+                               "hundreds of thousands of steps).")
+  threshold: float = field(0.7, "Cosine threshold for a shared latent.")
 
 
 def _complete_store(path: str) -> bool:

