@@ -21,7 +21,7 @@ import torch
 
 from jaxsae import corpus
 from jaxsae import extract
-from jaxsae import store
+from jaxsae import store_writer
 
 _MODEL = flags.DEFINE_string("model", extract.DEFAULT_MODEL, "Model to benchmark.")
 _SITE = flags.DEFINE_string("site", "middle", "Site to extract.")
@@ -64,7 +64,7 @@ def main(_):
                                 batch_size=_BATCH.value, out=out, shard_tokens=8192)
     wps = cfg.shard_tokens // cfg.ctx_len
     num_shards = -(-n_windows // wps)
-    store.init_store(out, {"sites": [sites[0][0]], "d_in": model.config.hidden_size,
+    store_writer.init_store(out, {"sites": [sites[0][0]], "d_in": model.config.hidden_size,
                            "dtype": cfg.dtype, "ctx_len": cfg.ctx_len,
                            "num_shards": num_shards})
     stats = extract.extract_shards(cfg, hooked, tok, list(range(num_shards)), wps, n_windows,

@@ -28,7 +28,9 @@ import torch
 import tqdm
 
 from jaxsae import corpus
+from jaxsae import files
 from jaxsae import store
+from jaxsae import store_writer
 from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
 
@@ -94,15 +96,15 @@ def model_source(spec: str, revision: str | None = None) -> dict:
     if not os.path.isfile(spec):
       raise JaxsaeError(f"--model={spec}: no such GGUF file")
     return {"path": os.path.dirname(os.path.abspath(spec)), "gguf_file": os.path.basename(spec),
-            "id": os.path.basename(spec), "sha256": store.sha256_file(spec)}
+            "id": os.path.basename(spec), "sha256": files.sha256_file(spec)}
   if os.path.isdir(spec):
     cfg = os.path.join(spec, "config.json")
     if not os.path.isfile(cfg):
       raise JaxsaeError(f"--model={spec} is a directory without config.json; "
                         "pass a transformers model directory, a .gguf file or a hub id")
-    files = sorted(f for f in os.listdir(spec) if f.endswith((".safetensors", ".bin", ".json")))
+    names = sorted(f for f in os.listdir(spec) if f.endswith((".safetensors", ".bin", ".json")))
     h = hashlib.sha256()
-    for f in files:  # weights are hashed by size, not content: a 16 GB read is not worth it
+    for f in names:  # weights are hashed by size, not content: a 16 GB read is not worth it
       h.update(f"{f}:{os.path.getsize(os.path.join(spec, f))}".encode())
     h.update(open(cfg, "rb").read())
     return {"path": os.path.abspath(spec), "gguf_file": None, "id": os.path.abspath(spec),
@@ -302,10 +304,10 @@ def run(cfg: ExtractConfig) -> dict | None:
       "excluded_token_strings": tokenizer.convert_ids_to_tokens(excluded),
       "model_dtype": cfg.model_dtype, "extractor": "jaxsae.extract",
   }
-  store.init_store(cfg.out, spec)
+  store_writer.init_store(cfg.out, spec)
   todo = [i for i in _parse_range(cfg.shard_range, num_shards)
           if i not in store.written_shards(cfg.out)]
-  store.claim_shards(cfg.out, todo, cfg.shard_range)
+  store_writer.claim_shards(cfg.out, todo, cfg.shard_range)
   try:
     # A killed run leaves temporaries of the shards it was writing; those shards are ours to
     # write again (we hold their claims), so their leftovers are ours to remove.
@@ -321,9 +323,9 @@ def run(cfg: ExtractConfig) -> dict | None:
       print(f"{stats['tokens'] / stats['seconds']:,.0f} tokens/s; "
             f"{100 * stats['model_seconds'] / stats['seconds']:.0f}% of the time in the model")
   finally:
-    store.release_shards(cfg.out, todo)
+    store_writer.release_shards(cfg.out, todo)
   hooked.close()
-  manifest = store.finalize(cfg.out)
+  manifest = store_writer.finalize(cfg.out)
   if manifest is None:
     left = num_shards - len(store.written_shards(cfg.out))
     print(f"this worker's shards are written; {left} shard(s) of the store remain for other "
@@ -372,7 +374,7 @@ def extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, dev
       pos = np.nonzero(keep)[0].astype(np.int32)
       rows = acts.reshape(-1, *acts.shape[2:])[pos].astype(store.np_dtype(cfg.dtype))
       _wait(pending, cfg.out)
-      pending = writer.submit(store.write_shard, cfg.out, i, rows, ids, pos)
+      pending = writer.submit(store_writer.write_shard, cfg.out, i, rows, ids, pos)
     _wait(pending, cfg.out)
   finally:
     writer.shutdown(wait=True)

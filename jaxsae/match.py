@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxsae import assign as assign_lib
+from jaxsae import files
 from jaxsae import saes as saes_lib
 from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
@@ -309,8 +310,8 @@ def run(cfg: MatchConfig) -> dict:
   _write_latents(os.path.join(cfg.out, LATENTS_FILE), tables)
   if freqs is not None:
     np.save(os.path.join(cfg.out, FREQ_FILE), freqs)
-  from jaxsae.store import atomic_write_json
-  atomic_write_json(os.path.join(cfg.out, SUMMARY_FILE), result)  # last: the match is complete
+  # Last: match.json says the match is complete.
+  files.atomic_write_json(os.path.join(cfg.out, SUMMARY_FILE), result)
   print(f"jaxsae match: {len(pairs)} pairs of {len(saes)} SAEs x {n} latents: "
         f"{result['fraction_shared_mean']:.3f} shared ({cfg.definition}, threshold "
         f"{cfg.threshold}); wrote {cfg.out}/{SUMMARY_FILE}")

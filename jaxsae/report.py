@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxsae import files
 from jaxsae import match as match_lib
 from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
@@ -472,7 +473,6 @@ def _gap(p: dict) -> str:
 def run(cfg: ReportConfig) -> dict:
   """Reads a match directory and writes report.json, the PNGs and report.html."""
   import pandas as pd
-  from jaxsae.store import atomic_write_bytes, atomic_write_json
 
   if len(cfg.inputs) != 1:
     raise JaxsaeError("pass exactly one MATCH_DIR: the --out of `jaxsae match`")
@@ -543,7 +543,7 @@ def run(cfg: ReportConfig) -> dict:
                            f"{names[0]} is found. Right: fraction found only in {names[0]} as "
                            "more SAEs are compared (mean and std over random subsets).")
   data["plots"] = {title: os.path.basename(path) for title, (path, _) in plots.items()}
-  atomic_write_json(p("report.json"), data)
-  atomic_write_bytes(p("report.html"), render_html(summary, data, plots).encode())
+  files.atomic_write_json(p("report.json"), data)
+  files.atomic_write_bytes(p("report.html"), render_html(summary, data, plots).encode())
   print(f"jaxsae report: wrote {p('report.html')} ({len(plots)} plots)")
   return data

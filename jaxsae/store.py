@@ -1,4 +1,4 @@
-"""The activation store: sharded arrays on disk, a manifest, and a deterministic batch stream.
+"""The activation store: its format on disk, its reader, and the deterministic batch stream.
 
 Layout of a store directory::
 
@@ -10,11 +10,8 @@ Layout of a store directory::
   shard_00000.claim         while a worker writes the shard: its pid, host and --shard_range
   manifest.json             spec + every shard's entry (written once all shards exist)
 
-Every file appears under its final name only once complete (write to a temporary name, fsync,
-rename), and a shard counts as written only when its ledger entry exists. Independent workers
-can therefore fill disjoint shard ranges of one store (overlapping ones are refused by the
-claims), and a killed extraction resumes at the first shard without a ledger entry. Whoever
-writes the last shard writes the manifest.
+A shard counts as written only when its ledger entry exists, and a store is finished only when
+its manifest does: this module reads finished stores (store_writer.py writes them).
 
 The batch stream is a pure function of (data_seed, step): every epoch permutes the shard order,
 groups shards into buffers of `shuffle_shards`, and permutes rows within each buffer. So all SAE
@@ -23,19 +20,19 @@ seeds see the identical sequence, and a run resumed at step N reads exactly batc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
-import socket
 import threading
-import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import ml_dtypes
 import numpy as np
 
+from jaxsae import files
 from jaxsae.errors import JaxsaeError
+# Re-exported until train.py imports it from files: remove then.
+from jaxsae.files import atomic_write_json  # noqa: F401
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -45,8 +42,6 @@ DTYPES = {
     "float16": np.dtype(np.float16),
     "float32": np.dtype(np.float32),
 }
-# Rows used to estimate the mean activation norm recorded in the manifest.
-NORM_SAMPLE_ROWS = 65536
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -59,111 +54,6 @@ def shard_name(index: int) -> str:
   return f"shard_{index:05d}"
 
 
-def _is_remote(path: str) -> bool:
-  return "://" in str(path)
-
-
-def _path(path: str):
-  """A pathlib-like object for local paths and for gs:// (etils.epath, as orbax uses)."""
-  if _is_remote(path):
-    from etils import epath  # imported lazily: local runs never need the gcs layer
-    return epath.Path(path)
-  import pathlib
-  return pathlib.Path(path)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to `path` so that readers see either nothing or the whole file."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-  atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def sha256_file(path, chunk: int = 1 << 22) -> str:
-  h = hashlib.sha256()
-  with _path(str(path)).open("rb") as f:
-    while block := f.read(chunk):
-      h.update(block)
-  return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing.
-
-
-def init_store(directory: str, spec: dict) -> None:
-  """Creates `directory` for `spec`, or checks that the store already there is the same one.
-
-  `spec` must hold at least sites, d_in, dtype, ctx_len and num_shards; everything in it is part
-  of the store's identity, so a rerun with other settings is refused instead of mixing data.
-  """
-  os.makedirs(directory, exist_ok=True)
-  spec = {"format_version": FORMAT_VERSION, **spec}
-  path = os.path.join(directory, SPEC)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
-    if diff:
-      details = "; ".join(f"{k}: {old.get(k)!r} there, {spec.get(k)!r} now" for k in diff[:4])
-      raise JaxsaeError(
-          f"{directory} holds a different store ({details}); "
-          "choose a new --out or delete that directory")
-    return
-  if os.listdir(directory):
-    raise JaxsaeError(f"{directory} is not empty and is not an activation store; choose a new --out")
-  atomic_write_json(path, spec)
-
-
-def write_shard(directory: str, index: int, acts: np.ndarray, ids: np.ndarray,
-                pos: np.ndarray) -> dict:
-  """Writes shard `index`: activations [rows, n_sites, d_in], window ids and row positions."""
-  if acts.ndim != 3 or pos.shape != (acts.shape[0],):
-    raise ValueError(f"bad shard shapes: acts {acts.shape}, pos {pos.shape}")
-  if not np.isfinite(acts.astype(np.float32)).all():
-    bad = int(np.argwhere(~np.isfinite(acts.astype(np.float32)).all(axis=(1, 2)))[0, 0])
-    raise JaxsaeError(
-        f"non-finite activations in shard {index} at row {bad} (token id "
-        f"{int(ids.reshape(-1)[pos[bad]])}); the model produced NaN/Inf: try --dtype=float32 or "
-        "a model dtype with more range")
-  name = shard_name(index)
-  base = os.path.join(directory, name)
-  acts_bytes = np.ascontiguousarray(acts).tobytes()
-  buf = _npz_bytes(ids=ids.astype(np.int32), pos=pos.astype(np.int32))
-  atomic_write_bytes(base + ".bin", acts_bytes)
-  atomic_write_bytes(base + ".tokens.npz", buf)
-  entry = {
-      "index": index,
-      "file": name + ".bin",
-      "num_tokens": int(acts.shape[0]),
-      "num_windows": int(ids.shape[0]),
-      "sha256": hashlib.sha256(acts_bytes).hexdigest(),
-      "tokens_file": name + ".tokens.npz",
-      "tokens_sha256": hashlib.sha256(buf).hexdigest(),
-  }
-  atomic_write_json(base + ".json", entry)  # last: the shard now counts as written
-  return entry
-
-
-def _npz_bytes(**arrays) -> bytes:
-  import io
-  out = io.BytesIO()
-  np.savez(out, **arrays)
-  return out.getvalue()
-
-
 def written_shards(directory: str) -> dict[int, dict]:
   """The ledger entries of the shards that are completely written, by index."""
   done = {}
@@ -173,162 +63,6 @@ def written_shards(directory: str) -> dict[int, dict]:
         entry = json.load(f)
       done[entry["index"]] = entry
   return done
-
-
-def _claim_path(directory: str, index: int) -> str:
-  return os.path.join(directory, shard_name(index) + ".claim")
-
-
-def _read_claim(path: str) -> dict | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    return None
-  except (OSError, json.JSONDecodeError):
-    return {}  # unreadable: treated as another worker's, so never taken silently
-
-
-def _claim_is_stale(claim: dict, owner: dict) -> bool:
-  """Whether `owner` may take `claim` over: its worker is gone, or it is being rerun.
-
-  A worker on this host is gone when its pid is; on another host only a rerun of the very
-  same range (a restarted worker) may take over, as that host's processes cannot be seen.
-  """
-  if claim.get("host") == owner["host"]:
-    try:
-      os.kill(int(claim["pid"]), 0)
-    except ProcessLookupError:
-      return True
-    except (KeyError, TypeError, ValueError, OSError):
-      return False
-    return False  # alive here, whatever its range: two writers of one shard race
-  return bool(claim) and claim.get("range") == owner["range"]
-
-
-def claim_shards(directory: str, indices: Sequence[int], shard_range: str) -> None:
-  """Claims shards `indices` for this process, or raises naming the worker that holds one.
-
-  A claim is a file shard_NNNNN.claim created atomically (a complete temporary file hard-linked
-  under its final name, which fails if the name exists), so two workers given overlapping
-  `--shard_range`s cannot both hold a shard; the second is refused before it writes anything.
-  """
-  owner = {"pid": os.getpid(), "host": socket.gethostname(), "range": shard_range,
-           "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-  sweep_claims(directory)
-  tmp = os.path.join(directory, f".claim.tmp-{os.getpid()}")
-  atomic_write_json(tmp, owner)
-  taken = []
-  try:
-    for i in indices:
-      path = _claim_path(directory, i)
-      while True:
-        try:
-          os.link(tmp, path)
-          break
-        except FileExistsError:
-          claim = _read_claim(path)
-          if claim is None:
-            continue  # released between our two looks: try again
-          if not _claim_is_stale(claim, owner):
-            release_shards(directory, taken)
-            raise JaxsaeError(
-                f"{path}: shard {i} is claimed by another extraction worker (pid "
-                f"{claim.get('pid')} on {claim.get('host')}, --shard_range="
-                f"{claim.get('range') or 'all'}) that overlaps --shard_range="
-                f"{shard_range or 'all'}; give workers disjoint ranges, or if that worker is "
-                "gone for good, delete its .claim files (or rerun its exact range)")
-          atomic_write_json(path, owner)
-          break
-      taken.append(i)
-  finally:
-    os.remove(tmp)
-
-
-def sweep_claims(directory: str) -> None:
-  """Removes the claims a killed worker left on shards it had finished (never written again)."""
-  done = written_shards(directory)
-  for name in os.listdir(directory):
-    if name.startswith("shard_") and name.endswith(".claim") and \
-        int(name[6:].split(".")[0]) in done:
-      try:
-        os.remove(os.path.join(directory, name))
-      except FileNotFoundError:
-        pass
-
-
-def release_shards(directory: str, indices: Sequence[int]) -> None:
-  """Removes this process's claims on `indices` (claims taken over by another are left)."""
-  me = (os.getpid(), socket.gethostname())
-  for i in indices:
-    path = _claim_path(directory, i)
-    claim = _read_claim(path)
-    if claim and (claim.get("pid"), claim.get("host")) == me:
-      os.remove(path)
-
-
-def finalize(directory: str) -> dict | None:
-  """Writes manifest.json once every shard of the spec is written; returns it (None if not yet)."""
-  if os.path.exists(os.path.join(directory, MANIFEST)):
-    with open(os.path.join(directory, MANIFEST)) as f:
-      return json.load(f)
-  with open(os.path.join(directory, SPEC)) as f:
-    spec = json.load(f)
-  done = written_shards(directory)
-  if len(done) < spec["num_shards"]:
-    return None
-  shards = [done[i] for i in range(spec["num_shards"])]
-  manifest = {
-      **spec,
-      "num_tokens": sum(s["num_tokens"] for s in shards),
-      "shards": shards,
-  }
-  manifest["mean_norm"] = _mean_norms(directory, manifest)
-  atomic_write_json(os.path.join(directory, MANIFEST), manifest)
-  sweep_claims(directory)
-  return manifest
-
-
-def _mean_norms(directory: str, manifest: dict) -> dict[str, float]:
-  """Mean L2 norm per site over an evenly spaced sample of rows, for optional normalisation."""
-  store = Store(directory, manifest=manifest)
-  n = min(NORM_SAMPLE_ROWS, store.num_tokens)
-  rows = np.linspace(0, store.num_tokens - 1, n).astype(np.int64)
-  norms = {}
-  for site in store.sites:
-    x = store.rows(rows, site=site)
-    norms[site] = float(np.linalg.norm(x, axis=-1).mean())
-  return norms
-
-
-def write_store(directory: str, acts: np.ndarray, *, ids: np.ndarray | None = None,
-                rows_per_shard: int = 4096, dtype: str = "float32",
-                sites: Sequence[str] = ("site",), **spec) -> "Store":
-  """Writes activations [rows, d_in] (or [rows, n_sites, d_in]) as a complete store.
-
-  For tests and for activations computed elsewhere; `ids` [rows] are their token ids (each row
-  then stands as its own length-1 window).
-  """
-  if acts.ndim == 2:
-    acts = acts[:, None, :]
-  n, n_sites, d_in = acts.shape
-  if ids is None:
-    ids = np.zeros(n, np.int32)
-  num_shards = -(-n // rows_per_shard)
-  init_store(directory, {
-      "model": spec.pop("model", "array"), "sites": list(sites), "d_in": d_in, "dtype": dtype,
-      "ctx_len": 1, "num_shards": num_shards, "windows_per_shard": rows_per_shard,
-      "excluded_tokens": [], **spec})
-  for i in range(num_shards):
-    sl = slice(i * rows_per_shard, (i + 1) * rows_per_shard)
-    a = acts[sl].astype(np_dtype(dtype))
-    write_shard(directory, i, a, ids[sl].reshape(-1, 1), np.arange(a.shape[0]))
-  finalize(directory)
-  return Store(directory)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading.
 
 
 def _check_manifest(m: Any, where: str) -> None:
@@ -403,9 +137,9 @@ class Store:
       raise JaxsaeError(f"store {self.directory} has d_in={self.d_in}, expected {expect_d_in}")
     if expect_dtype is not None and np_dtype(expect_dtype) != self.dtype:
       raise JaxsaeError(f"store {self.directory} holds {m['dtype']}, expected {expect_dtype}")
-    files = [s["file"] for s in self.shards]
-    if len(set(files)) != len(files):
-      dup = next(f for f in files if files.count(f) > 1)
+    names = [s["file"] for s in self.shards]
+    if len(set(names)) != len(names):
+      dup = next(f for f in names if names.count(f) > 1)
       raise JaxsaeError(f"{self._where(MANIFEST)} lists shard {dup} twice; re-extract the store")
     counts = np.array([s["num_tokens"] for s in self.shards], np.int64)
     if counts.sum() != m["num_tokens"]:
@@ -428,11 +162,11 @@ class Store:
     return f"{self.directory.rstrip('/')}/{name}"
 
   def _read_manifest(self) -> dict:
-    root = _path(self.directory)
+    root = files.as_path(self.directory)
     if not (root / MANIFEST).exists():
       if (root / SPEC).exists():
         spec = json.loads((root / SPEC).read_text())
-        n = len(written_shards(self.directory)) if not _is_remote(self.directory) else "some"
+        n = len(written_shards(self.directory)) if not files.is_remote(self.directory) else "some"
         raise JaxsaeError(
             f"store {self.directory} is incomplete ({n} of {spec.get('num_shards')} shards "
             "written); rerun the same `jaxsae extract` command to finish it")
@@ -450,7 +184,7 @@ class Store:
     are; the manifest must repeat every field of it.
     """
     path = os.path.join(self.directory, SPEC)
-    if _is_remote(self.directory) or not os.path.exists(path):
+    if files.is_remote(self.directory) or not os.path.exists(path):
       return
     with open(path) as f:
       spec = json.load(f)
@@ -466,11 +200,11 @@ class Store:
     return len(self.sites) * self.d_in * self.dtype.itemsize
 
   def _check_size(self, i: int, s: dict) -> None:
-    p = _path(self.directory) / s["file"]
+    p = files.as_path(self.directory) / s["file"]
     if not p.exists():
       raise JaxsaeError(f"shard {s['file']} listed in {self._where(MANIFEST)} is missing; "
                         "rerun `jaxsae extract` with the same flags to rewrite it")
-    size = os.path.getsize(p) if not _is_remote(self.directory) else p.stat().length
+    size = os.path.getsize(p) if not files.is_remote(self.directory) else p.stat().length
     want = s["num_tokens"] * self._row_bytes()
     if size != want:
       raise JaxsaeError(f"shard {self._where(s['file'])} has {size} bytes, the manifest says "
@@ -482,7 +216,7 @@ class Store:
     if i in self._verified:
       return
     s = self.shards[i]
-    got = sha256_file(_path(self.directory) / s["file"])
+    got = files.sha256_file(files.as_path(self.directory) / s["file"])
     if got != s["sha256"]:
       raise JaxsaeError(f"shard {self._where(s['file'])} fails its checksum (corrupted on disk); "
                         f"delete it and its .json and rerun `jaxsae extract` to rewrite it")
@@ -494,8 +228,8 @@ class Store:
       if i not in self._maps:
         s = self.shards[i]
         shape = (s["num_tokens"], len(self.sites), self.d_in)
-        path = _path(self.directory) / s["file"]
-        if _is_remote(self.directory):
+        path = files.as_path(self.directory) / s["file"]
+        if files.is_remote(self.directory):
           arr = np.frombuffer(path.read_bytes(), self.dtype).reshape(shape)
         else:
           arr = np.memmap(path, self.dtype, "r", shape=shape)
@@ -526,7 +260,7 @@ class Store:
   def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
     """Shard `i`'s window token ids [windows, ctx_len] and row positions [rows]."""
     s = self.shards[i]
-    with _path(self.directory).joinpath(s["tokens_file"]).open("rb") as f:
+    with files.as_path(self.directory).joinpath(s["tokens_file"]).open("rb") as f:
       z = np.load(f)
       return z["ids"], z["pos"]
 
@@ -704,3 +438,9 @@ def _prefetched(make, start: int, num: int | None, depth: int) -> Iterator[Any]:
 
 def open_store(directory: str, **kwargs) -> Store:
   return Store(directory, **kwargs)
+
+
+def write_store(*args, **kwargs) -> Store:
+  """store_writer.write_store, until test_train.py imports it from there: remove then."""
+  from jaxsae import store_writer  # lazily: the writer imports this module
+  return store_writer.write_store(*args, **kwargs)

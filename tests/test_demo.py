@@ -15,6 +15,7 @@ from conftest import planted_sparse
 
 from jaxsae import demo
 from jaxsae import store as store_lib
+from jaxsae import store_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +81,7 @@ def test_demo_cli_overrides_reach_each_stage(tiny_model_dir, text_dir, tmp_path)
 def planted_store(tmp_path_factory):
   x, _ = planted_sparse(8192, 16, 24, 3, seed=1)
   path = str(tmp_path_factory.mktemp("planted") / "store")
-  store_lib.write_store(path, (x + 0.5).astype(np.float32), rows_per_shard=1024)
+  store_writer.write_store(path, (x + 0.5).astype(np.float32), rows_per_shard=1024)
   return path
 
 

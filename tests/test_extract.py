@@ -14,6 +14,7 @@ from conftest import files
 
 from jaxsae import extract
 from jaxsae import store
+from jaxsae import store_writer
 from jaxsae.errors import JaxsaeError
 
 
@@ -118,10 +119,10 @@ def test_corpus_too_small_is_a_clear_error(tiny_model_dir, tmp_path):
 def test_non_finite_activations_name_the_shard_and_row(tmp_path):
   acts = np.ones((10, 1, 4), np.float32)
   acts[7, 0, 2] = np.nan
-  store.init_store(str(tmp_path), {"sites": ["s"], "d_in": 4, "dtype": "float32",
+  store_writer.init_store(str(tmp_path), {"sites": ["s"], "d_in": 4, "dtype": "float32",
                                    "ctx_len": 1, "num_shards": 1})
   with pytest.raises(JaxsaeError, match="shard 3 at row 7"):
-    store.write_shard(str(tmp_path), 3, acts, np.zeros((10, 1), np.int32), np.arange(10))
+    store_writer.write_shard(str(tmp_path), 3, acts, np.zeros((10, 1), np.int32), np.arange(10))
   assert store.written_shards(str(tmp_path)) == {}
 
 

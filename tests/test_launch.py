@@ -17,7 +17,7 @@ from conftest import planted_sparse
 
 from jaxsae import cli
 from jaxsae import extract
-from jaxsae import store as store_lib
+from jaxsae import store_writer
 from jaxsae import train
 from jaxsae.sae import io
 
@@ -120,7 +120,7 @@ def test_two_processes_over_loopback_train_like_one_host(tmp_path):
   """
   x, _ = planted_sparse(4096, 16, 32, 3)
   store = str(tmp_path / "store")
-  store_lib.write_store(store, (x + 0.5).astype(np.float32), rows_per_shard=1024)
+  store_writer.write_store(store, (x + 0.5).astype(np.float32), rows_per_shard=1024)
   common = [f"--store={store}", "--num_latents=64", "--k=4", "--seeds=0,1", "--batch_size=128",
             "--num_tokens=2560", "--lr=1e-2", "--lr_warmup_steps=5", "--checkpoint_every=10",
             "--log_every=5", "--noprogress"]

@@ -13,6 +13,7 @@ import pytest
 from jaxsae import match
 from jaxsae import saes
 from jaxsae import store as store_lib
+from jaxsae import store_writer
 from jaxsae.errors import JaxsaeError
 
 D, N, K = 32, 128, 4
@@ -140,7 +141,7 @@ def make_run(tmp_path, rng, seeds=3, arch="topk", store=True, m=60):
           cfg={"jaxsae": {"seed": s, "arch": arch}})
   if store:
     acts = rand(rng, 700, D) * 2
-    store_lib.write_store(str(tmp_path / "store"), acts, ids=np.arange(700), rows_per_shard=256)
+    store_writer.write_store(str(tmp_path / "store"), acts, ids=np.arange(700), rows_per_shard=256)
     (run / "run.json").write_text(json.dumps({"store": str(tmp_path / "store")}))  # as train.py
   return run
 
@@ -279,7 +280,7 @@ def test_trainer_exports_load_and_count(tmp_path, arch):
   io = pytest.importorskip("jaxsae.sae.io")
   rng = np.random.default_rng(8)
   acts = rand(rng, 300, D) * 3
-  store_lib.write_store(str(tmp_path / "store"), acts, rows_per_shard=128)
+  store_writer.write_store(str(tmp_path / "store"), acts, rows_per_shard=128)
   run = tmp_path / "run"
   for seed in range(2):
     w = random_weights(rng)

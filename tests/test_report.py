@@ -17,6 +17,7 @@ import test_match as tm
 from jaxsae import match
 from jaxsae import report
 from jaxsae import store as store_lib
+from jaxsae import store_writer
 from jaxsae.errors import JaxsaeError
 
 PLOTS = ("cosines.png", "frequency.png", "threshold.png", "rules.png", "overlap.png",
@@ -27,12 +28,12 @@ CTX = 16
 def write_window_store(path, acts, ids_flat, manifest_extra):
   """A store whose rows sit in windows of CTX tokens, so contexts have tokens before them."""
   n, d = acts.shape
-  store_lib.init_store(str(path), {"model": "test", "sites": ["site"], "d_in": d,
+  store_writer.init_store(str(path), {"model": "test", "sites": ["site"], "d_in": d,
                                    "dtype": "float32", "ctx_len": CTX, "num_shards": 1,
                                    "excluded_tokens": [], **manifest_extra})
-  store_lib.write_shard(str(path), 0, acts[:, None, :], ids_flat.reshape(-1, CTX),
+  store_writer.write_shard(str(path), 0, acts[:, None, :], ids_flat.reshape(-1, CTX),
                         np.arange(n))
-  store_lib.finalize(str(path))
+  store_writer.finalize(str(path))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ import pytest
 
 from conftest import edit_manifest
 
+from jaxsae import files
 from jaxsae import store
+from jaxsae import store_writer
 from jaxsae.errors import JaxsaeError
 
 
@@ -21,12 +23,12 @@ def acts():
 
 @pytest.fixture
 def st(tmp_path, acts):
-  return store.write_store(str(tmp_path / "s"), acts, rows_per_shard=96, dtype="float32")
+  return store_writer.write_store(str(tmp_path / "s"), acts, rows_per_shard=96, dtype="float32")
 
 
 def test_rows_round_trip_in_every_dtype(tmp_path, acts):
   for dtype in ("float32", "bfloat16", "float16"):
-    s = store.write_store(str(tmp_path / dtype), acts, rows_per_shard=128, dtype=dtype)
+    s = store_writer.write_store(str(tmp_path / dtype), acts, rows_per_shard=128, dtype=dtype)
     idx = np.array([999, 0, 500, 127, 128])
     tol = {"float32": 0, "float16": 1e-3, "bfloat16": 1e-2}[dtype]
     np.testing.assert_allclose(s.rows(idx), acts[idx], rtol=tol, atol=tol)
@@ -91,14 +93,14 @@ def test_wrong_d_in_dtype_and_not_a_store(st, tmp_path):
 
 
 def test_non_finite_rows_are_named_at_read_time(tmp_path):
-  s = store.write_store(str(tmp_path / "s"), np.ones((50, 4), np.float32), rows_per_shard=50)
+  s = store_writer.write_store(str(tmp_path / "s"), np.ones((50, 4), np.float32), rows_per_shard=50)
   # Bytes edited on disk after the fact, and the checksum updated to match: only the value
   # check can catch it.
   path = os.path.join(s.directory, "shard_00000.bin")
   x = np.fromfile(path, np.float32).reshape(50, 4)
   x[17, 1] = np.inf
   x.tofile(path)
-  edit_manifest(s.directory, lambda m: m["shards"][0].update(sha256=store.sha256_file(path)))
+  edit_manifest(s.directory, lambda m: m["shards"][0].update(sha256=files.sha256_file(path)))
   with pytest.raises(JaxsaeError, match="shard_00000.bin at row 17"):
     store.Store(s.directory).batch(0, 50)
 
@@ -115,7 +117,7 @@ def test_a_reader_error_surfaces_from_the_prefetch_thread(st):
 def test_remote_path_layer_reads_the_same_batches(st, monkeypatch):
   # gs:// stores go through etils.epath (as orbax does) instead of memory maps. The same epath
   # code reads a local path, so treating this one as remote runs that branch here.
-  monkeypatch.setattr(store, "_is_remote", lambda path: True)
+  monkeypatch.setattr(files, "is_remote", lambda path: True)
   remote = store.Store(st.directory, verify="sha256")
   assert not isinstance(remote.shard(0), np.memmap)
   np.testing.assert_array_equal(remote.batch(7, 64, data_seed=3), st.batch(7, 64, data_seed=3))
@@ -131,7 +133,8 @@ def test_any_damaged_manifest_is_a_clear_error_or_a_valid_store(tmp_path_factory
   """Generated manifests: every one opens as a store whose reads work, or fails as JaxsaeError."""
   from hypothesis import HealthCheck, given, settings, strategies as st
   base = tmp_path_factory.mktemp("fuzz")
-  good = store.write_store(str(base / "s"), np.ones((300, 4), np.float32), rows_per_shard=100)
+  good = store_writer.write_store(str(base / "s"), np.ones((300, 4), np.float32),
+                                  rows_per_shard=100)
   original = json.load(open(os.path.join(good.directory, store.MANIFEST)))
   junk = st.one_of(st.none(), st.integers(-5, 10**6), st.text(max_size=5), st.floats(),
                    st.lists(st.integers(0, 3), max_size=3), st.dictionaries(st.text(max_size=3),

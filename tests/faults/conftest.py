@@ -14,7 +14,7 @@ import pytest
 
 from conftest import files, planted_sparse  # noqa: F401 (files: for the tests here)
 
-from jaxsae import store as store_lib
+from jaxsae import store_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
@@ -69,7 +69,7 @@ def train_store(tmp_path_factory) -> str:
   """8 shards x 1024 rows of a planted sparse dictionary, d_in=16."""
   path = str(tmp_path_factory.mktemp("faults_store") / "acts")
   x, _ = planted_sparse(8192, D_IN, 32, 3, 0)
-  store_lib.write_store(path, (x + 0.5).astype(np.float32), rows_per_shard=1024)
+  store_writer.write_store(path, (x + 0.5).astype(np.float32), rows_per_shard=1024)
   return path
 
 

@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
+from jaxsae import files as files_lib
 from jaxsae import store as store_lib
 from jaxsae import train
 from jaxsae.errors import JaxsaeError
@@ -32,7 +33,7 @@ def poisoned(train_store, tmp_path_factory) -> str:
     x[rows, 3] = np.array([np.nan, np.inf, -np.inf])[:len(rows)]
     x.tofile(path)
     # The checksum updated to match: bytes written wrong at extraction, not damaged since.
-    m["shards"][shard]["sha256"] = store_lib.sha256_file(path)
+    m["shards"][shard]["sha256"] = files_lib.sha256_file(path)
   json.dump(m, open(os.path.join(d, store_lib.MANIFEST), "w"))
   return d
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import edit_manifest
 
 from jaxsae import store as store_lib
+from jaxsae import store_writer
 from jaxsae import train
 from jaxsae.errors import JaxsaeError
 
@@ -23,7 +24,7 @@ def _other_store(directory, **spec) -> str:
   """A store of the same shape as the fault suite's, from other data (and model, site)."""
   other = os.path.join(os.path.dirname(directory), "other")
   x = np.random.default_rng(1).normal(size=(8192, 16)).astype(np.float32)
-  store_lib.write_store(other, x, rows_per_shard=1024, **spec)
+  store_writer.write_store(other, x, rows_per_shard=1024, **spec)
   return other
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from jaxsae import extract
 from jaxsae import store
+from jaxsae import store_writer
 from jaxsae.errors import JaxsaeError
 
 from .conftest import ROOT, extract_args, extract_config, files, jaxsae
@@ -37,22 +38,22 @@ def test_claims_refuse_overlap_and_let_a_rerun_take_over(tmp_path, ledger):
       with pytest.raises(JaxsaeError, match=f"shard 2 is claimed by another extraction worker "
                                             f"\\(pid {alive.pid} on {here}, --shard_range=0:4\\)"
                                             f" that overlaps --shard_range={rng}"):
-        store.claim_shards(d, [2, 3, 4, 5] if rng == "2:6" else [2, 3], rng)
+        store_writer.claim_shards(d, [2, 3, 4, 5] if rng == "2:6" else [2, 3], rng)
       ledger.add("clear_error")
     assert not os.path.exists(os.path.join(d, "shard_00004.claim"))  # nothing half-claimed
-    store.claim_shards(d, [4, 5], "4:6")  # disjoint: fine
+    store_writer.claim_shards(d, [4, 5], "4:6")  # disjoint: fine
   finally:
     alive.kill()
     alive.wait()
-  store.claim_shards(d, [2, 3], "2:4")  # its worker is gone: taken over
+  store_writer.claim_shards(d, [2, 3], "2:4")  # its worker is gone: taken over
   for i in range(6, 8):  # a worker on another host: only a rerun of its exact range takes over
     _claim(d, i, pid=1, host="elsewhere", range="6:8")
   with pytest.raises(JaxsaeError, match="pid 1 on elsewhere"):
-    store.claim_shards(d, [7], "7:8")
+    store_writer.claim_shards(d, [7], "7:8")
   ledger.add("injected")
   ledger.add("clear_error")
-  store.claim_shards(d, [6, 7], "6:8")
-  store.release_shards(d, range(8))  # ours only: the gone worker's 0 and 1 are for a rerun
+  store_writer.claim_shards(d, [6, 7], "6:8")
+  store_writer.release_shards(d, range(8))  # ours only: the gone worker's 0 and 1 are for a rerun
   assert sorted(f for f in os.listdir(d) if f.endswith(".claim")) == [
       "shard_00000.claim", "shard_00001.claim"]
 
