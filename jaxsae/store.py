@@ -24,7 +24,7 @@ import json
 import os
 import queue
 import threading
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -42,6 +42,14 @@ DTYPES = {
     "float16": np.dtype(np.float16),
     "float32": np.dtype(np.float32),
 }
+
+
+class Batch(NamedTuple):
+  """One batch of the stream, with what it had to leave out."""
+  x: Any  # [batch_size, d_in] float32: numpy, or a jax.Array placed with the stream's sharding
+  step: int
+  skipped: int = 0  # rows holding NaN/Inf, each replaced by a finite row of this batch
+  where: str = ""  # the first of them, e.g. "shard shard_00003.bin at row 17"; "" if none
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -150,8 +158,6 @@ class Store:
     self._verified: set[int] = set()
     self._maps: dict[int, np.ndarray] = {}
     self._perm_cache: dict[tuple, np.ndarray] = {}
-    # step -> (non-finite rows skipped in that batch, where the first one is)
-    self.skipped: dict[int, tuple[int, str]] = {}
     self._lock = threading.Lock()
     for i, s in enumerate(self.shards):
       self._check_size(i, s)
@@ -321,15 +327,20 @@ class Store:
           np.random.default_rng([data_seed, epoch, b]).permutation(len(rows))]
     return self._perm_cache[key]
 
-  def batch(self, step: int, batch_size: int, *, data_seed: int = 0, site: str | None = None,
-            shuffle_shards: int = 4, normalize: bool = False, process_index: int = 0,
-            process_count: int = 1, rows: tuple[int, int] | None = None,
-            verify_on_read: bool = True, skip_non_finite: bool = False) -> np.ndarray:
-    """Rows [lo, hi) of batch `step` as float32 [hi - lo, d_in].
+  def batch(self, step: int, batch_size: int, **kwargs) -> np.ndarray:
+    """Rows [lo, hi) of batch `step` as float32 [hi - lo, d_in]; see `read_batch`."""
+    return self.read_batch(step, batch_size, **kwargs).x
+
+  def read_batch(self, step: int, batch_size: int, *, data_seed: int = 0,
+                 site: str | None = None, shuffle_shards: int = 4, normalize: bool = False,
+                 process_index: int = 0, process_count: int = 1,
+                 rows: tuple[int, int] | None = None, verify_on_read: bool = True,
+                 skip_non_finite: bool = False) -> Batch:
+    """Rows [lo, hi) of batch `step` as float32 [hi - lo, d_in], with what was skipped.
 
     `rows` defaults to this process's equal share, [batch_size // process_count] rows.
     A row holding NaN/Inf is an error naming its shard and row, or with `skip_non_finite`
-    skipped: its place goes to a finite row of the same batch, and `skipped[step]` counts it.
+    skipped: its place goes to a finite row of the same batch, and the Batch counts it.
     """
     if rows is None:
       if batch_size % process_count:
@@ -342,6 +353,7 @@ class Store:
         self.verify_shard(int(i))
     x = self.rows(idx, site)
     bad = ~np.isfinite(x).all(axis=1)
+    skipped, where = 0, ""
     if bad.any():
       r = int(idx[np.argmax(bad)])
       i = int(np.searchsorted(self.offsets, r, side="right") - 1)
@@ -353,18 +365,19 @@ class Store:
       # keeps its shape and stays a pure function of (data_seed, step), so resuming is exact.
       good = np.nonzero(~bad)[0]
       x[bad] = x[good[np.arange(int(bad.sum())) % len(good)]]
-      self.skipped[step] = (int(bad.sum()), where)
+      skipped = int(bad.sum())
     if normalize:
       x *= self.normalizer(site)
-    return x
+    return Batch(x, step, skipped, where)
 
   def batches(self, batch_size: int, *, start_step: int = 0, num_steps: int | None = None,
-              sharding: Any = None, prefetch: int = 2, **kwargs) -> Iterator[Any]:
-    """Yields batches from `start_step` on, prepared `prefetch` ahead on a background thread.
+              sharding: Any = None, prefetch: int = 2, **kwargs) -> Iterator[Batch]:
+    """Yields a Batch per step from `start_step` on, prepared `prefetch` ahead on a thread.
 
-    With a `jax.sharding.Sharding`, each batch is placed on devices as a global array. On
+    With a `jax.sharding.Sharding`, each batch's x is placed on devices as a global array. On
     several hosts each reads only the rows its own devices hold: its share of the data axis,
-    or the whole batch where the mesh puts seeds across hosts.
+    or the whole batch where the mesh puts seeds across hosts; `skipped` then counts the
+    non-finite rows among those.
     """
     import jax
     shape = (batch_size, self.d_in)
@@ -372,13 +385,13 @@ class Store:
       lo, hi = addressable_rows(sharding, shape)
 
       def make(step):
-        x = self.batch(step, batch_size, rows=(lo, hi), **kwargs)
-        return jax.make_array_from_callback(
-            shape, sharding, lambda index: x[_rows_of(index[0], batch_size, -lo)])
+        b = self.read_batch(step, batch_size, rows=(lo, hi), **kwargs)
+        return b._replace(x=jax.make_array_from_callback(
+            shape, sharding, lambda index: b.x[_rows_of(index[0], batch_size, -lo)]))
     else:
       def make(step):
-        x = self.batch(step, batch_size, **kwargs)
-        return x if sharding is None else jax.device_put(x, sharding)
+        b = self.read_batch(step, batch_size, **kwargs)
+        return b if sharding is None else b._replace(x=jax.device_put(b.x, sharding))
 
     return _prefetched(make, start_step, num_steps, prefetch)
 

@@ -55,8 +55,10 @@ def test_each_epoch_visits_every_row_once_and_shuffles_across_shards(st):
 def test_resumed_stream_reads_exactly_batch_n_next(st):
   uninterrupted = [b for b in st.batches(32, num_steps=10, data_seed=2)]
   resumed = list(store.Store(st.directory).batches(32, start_step=6, num_steps=4, data_seed=2))
+  assert [b.step for b in resumed] == [6, 7, 8, 9]
   for a, b in zip(uninterrupted[6:], resumed):
-    np.testing.assert_array_equal(a, b)
+    assert a.step == b.step and (a.skipped, a.where) == (b.skipped, b.where) == (0, "")
+    np.testing.assert_array_equal(a.x, b.x)
 
 
 def test_hosts_read_disjoint_slices_of_the_global_batch(st):
@@ -75,7 +77,7 @@ def test_batches_placed_with_a_sharding(st):
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
   sharding = NamedSharding(mesh, P("data", None))
-  x = next(st.batches(16, sharding=sharding))
+  x = next(st.batches(16, sharding=sharding)).x
   assert isinstance(x, jax.Array) and x.sharding == sharding
   np.testing.assert_array_equal(np.asarray(x), st.batch(0, 16))
 
@@ -92,17 +94,34 @@ def test_wrong_d_in_dtype_and_not_a_store(st, tmp_path):
     store.Store(st.directory)
 
 
-def test_non_finite_rows_are_named_at_read_time(tmp_path):
-  s = store_writer.write_store(str(tmp_path / "s"), np.ones((50, 4), np.float32), rows_per_shard=50)
+def poisoned(directory, rows) -> store.Store:
+  """A store of 50 rows of ones whose `rows` hold Inf."""
+  s = store_writer.write_store(directory, np.ones((50, 4), np.float32), rows_per_shard=50)
   # Bytes edited on disk after the fact, and the checksum updated to match: only the value
   # check can catch it.
   path = os.path.join(s.directory, "shard_00000.bin")
   x = np.fromfile(path, np.float32).reshape(50, 4)
-  x[17, 1] = np.inf
+  x[rows, 1] = np.inf
   x.tofile(path)
   edit_manifest(s.directory, lambda m: m["shards"][0].update(sha256=files.sha256_file(path)))
+  return store.Store(s.directory)
+
+
+def test_non_finite_rows_are_named_at_read_time(tmp_path):
   with pytest.raises(JaxsaeError, match="shard_00000.bin at row 17"):
-    store.Store(s.directory).batch(0, 50)
+    poisoned(str(tmp_path / "s"), [17]).batch(0, 50)
+
+
+def test_the_stream_says_which_batches_had_non_finite_rows_skipped(tmp_path):
+  s = poisoned(str(tmp_path / "s"), [17, 30, 31])
+  batches = list(s.batches(10, num_steps=5, skip_non_finite=True))
+  bad = [np.isin(s.batch_indices(b.step, 10), [17, 30, 31]) for b in batches]
+  assert [b.skipped for b in batches] == [int(m.sum()) for m in bad]
+  for b, m in zip(batches, bad):
+    first = s.batch_indices(b.step, 10)[m][:1]
+    assert b.where == (f"shard shard_00000.bin at row {first[0]}" if m.any() else "")
+    assert np.isfinite(b.x).all()
+  assert sum(b.skipped for b in batches) == 3
 
 
 def test_a_reader_error_surfaces_from_the_prefetch_thread(st):
