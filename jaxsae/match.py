@@ -262,7 +262,7 @@ def run(cfg: MatchConfig) -> dict:
     if not store_path:
       raise JaxsaeError(
           f"--freq_tokens={freq_tokens} needs an activation store, but {', '.join(cfg.inputs)} "
-          "name none (no train_config.json or cfg.json 'store'); pass --store=DIR or "
+          "name none (no 'store' in a run's run.json or an SAE's cfg.json); pass --store=DIR or "
           "--freq_tokens=0")
     store = store_lib.Store(store_path, expect_d_in=saes[0].d_in)
     site = saes[0].site if saes[0].site in store.sites else None

@@ -11,7 +11,7 @@ Both become an `SAE` whose encoder AND decoder are `[n_latents, d_in]`: one row 
 Normalising a SAELens `W_enc` along its stored last axis would normalise across latents instead
 of within one, a mistake made in the paper's own notebook; canonicalising on load rules it out.
 
-A jaxsae training run is a directory of `seed{N}/` SAE directories (and `train_config.json`).
+A jaxsae training run is a directory of `seed{N}/` SAE directories and `run.json`.
 """
 
 from __future__ import annotations
@@ -269,15 +269,13 @@ def load_all(inputs: Sequence[str]) -> list[SAE]:
 
 
 def find_store(inputs: Sequence[str], saes: Sequence[SAE]) -> str | None:
-  """The activation store the SAEs were trained on: the run's run.json (or
-  train_config.json), else an SAE's cfg.json."""
+  """The activation store the SAEs were trained on: a run's run.json, else an SAE's cfg.json."""
   for inp in inputs:
-    for name in ("run.json", "train_config.json"):
-      path = os.path.join(str(inp), name)
-      if os.path.isfile(path):
-        store = _read_json(path).get("store")
-        if store:
-          return str(store)
+    path = os.path.join(str(inp), "run.json")
+    if os.path.isfile(path):
+      store = _read_json(path).get("store")
+      if store:
+        return str(store)
   for s in saes:
     if s.store:
       return str(s.store)

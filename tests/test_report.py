@@ -43,7 +43,7 @@ def matched(tmp_path_factory):
   run = tm.make_run(tmp, rng, seeds=3, m=60, store=False)
   ids = rng.integers(0, 5000, 640)
   write_window_store(tmp / "store", tm.rand(rng, 640, tm.D) * 2, ids, {})
-  (run / "train_config.json").write_text(json.dumps({"store": str(tmp / "store")}))
+  (run / "run.json").write_text(json.dumps({"store": str(tmp / "store")}))
   match.run(match.MatchConfig(inputs=(str(run),), out=str(tmp / "m"), freq_tokens=640,
                               freq_batch=128))
   return tmp
