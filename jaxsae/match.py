@@ -21,11 +21,12 @@ firing frequencies, when an activation store is known) and DIR/match.json (the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -111,46 +112,59 @@ def _check(cfg: MatchConfig) -> None:
 # Firing frequencies.
 
 
+def token_sample(store, num_tokens: int, batch_size: int = 1024,
+                 site: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+  """The tokens firing frequencies are measured on, and report's contexts are drawn from.
+
+  They are the first `num_tokens` (at most one epoch) of the store's deterministic batch
+  stream, as the trainer reads it (data seed 0), raw: each SAE applies its own input scale.
+  Yields (x [batch_size, d_in], rows [batch_size] their global store rows, take): only the
+  first `take` rows of the last batch belong to the sample; it is padded, not cut, so that
+  one compiled step serves every batch. The stream's order does not depend on batch_size.
+  """
+  num_tokens = min(num_tokens, store.num_tokens)
+  for step in range(-(-num_tokens // batch_size)):
+    take = min(batch_size, num_tokens - step * batch_size)
+    yield (store.batch(step, batch_size, site=site), store.batch_indices(step, batch_size),
+           take)
+
+
 def frequencies(saes: Sequence[saes_lib.SAE], store, num_tokens: int, batch_size: int = 1024,
                 site: str | None = None, progress: bool = True) -> tuple[np.ndarray, int]:
-  """Fraction of `num_tokens` store tokens on which each latent of each SAE fires: [S, n].
+  """Fraction of `num_tokens` store tokens (`token_sample`) on which each latent of each SAE
+  fires: [S, n], and the number of tokens.
 
   All seeds of one architecture go through one jitted step per batch (a `lax.map` over the
-  seed axis keeps memory at one [batch, n] activation block). Tokens are the store's
-  deterministic batch stream from step 0, as the trainer reads it, raw: each SAE applies
-  its own input scale.
+  seed axis keeps memory at one [batch, n] activation block).
   """
   import jax
   import jax.numpy as jnp
   from tqdm import tqdm
 
   num_tokens = min(num_tokens, store.num_tokens)
-  groups: dict[tuple, list[int]] = {}
+  # SAEs whose modules have one graph (architecture, k, b_dec rule) share one program.
+  groups: dict = {}
   for i, s in enumerate(saes):
-    groups.setdefault((s.arch, s.k), []).append(i)
-  keys = tuple(groups)  # static: the firing rule of each group is part of the program
-  stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[saes_lib.params(saes[i]) for i in idx])
-             for idx in groups.values()]
+    graphdef, state = saes_lib.encoder(s)
+    groups.setdefault(graphdef, []).append((i, state, np.float32(s.input_scale)))
+  graphdefs = tuple(groups)  # static: each group's firing rule is part of the program
+  stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[(st, sc) for _, st, sc in members])
+             for members in groups.values()]
 
-  @jax.jit
-  def count(stacked, x, valid):
-    def fires(p, arch, k):
-      return ((saes_lib.encode(p, x, arch, k) > 0) & valid[:, None]).sum(0, dtype=jnp.int32)
-    return [jax.lax.map(lambda p, a=arch, k=k: fires(p, a, k), ps)
-            for (arch, k), ps in zip(keys, stacked)]
+  @functools.partial(jax.jit, static_argnums=0)
+  def count(graphdefs, stacked, x, valid):
+    def fires(graphdef, state, scale):
+      z = saes_lib.encode(graphdef, state, x, scale)
+      return ((z > 0) & valid[:, None]).sum(0, dtype=jnp.int32)
+    return [jax.lax.map(lambda a, g=g: fires(g, *a), group)
+            for g, group in zip(graphdefs, stacked)]
 
   totals = np.zeros((len(saes), saes[0].n_latents), np.int64)
-  done, step = 0, 0
   bar = tqdm(total=num_tokens, desc="frequencies", unit="tok", disable=not progress)
-  while done < num_tokens:
-    x = store.batch(step, batch_size, site=site)
-    take = min(batch_size, num_tokens - done)
-    # The last batch is masked, not cut, so that one compiled step serves every batch.
-    counts = count(stacked, x, np.arange(batch_size) < take)
-    for idx, c in zip(groups.values(), counts):
-      totals[idx] += np.asarray(c)
-    done += take
-    step += 1
+  for x, _, take in token_sample(store, num_tokens, batch_size, site):
+    counts = count(graphdefs, stacked, x, np.arange(batch_size) < take)
+    for members, c in zip(groups.values(), counts):
+      totals[[i for i, _, _ in members]] += np.asarray(c)
     bar.update(take)
   bar.close()
   return totals / num_tokens, num_tokens

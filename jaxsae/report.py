@@ -46,8 +46,9 @@ class ReportConfig:
   out: str = field("", "directory for report.json, the PNGs and report.html (default: MATCH_DIR)")
   examples: int = field(4, "shared and orphan latents each to show with their top contexts")
   contexts: int = field(5, "top-activating contexts per example latent")
-  scan_tokens: int = field(65536, "store tokens scanned for top-activating contexts (0: no "
-                           "contexts)")
+  scan_tokens: int = field(-1, "store tokens scanned for top-activating contexts: -1, the "
+                           "tokens the match measured firing frequencies on; N, the first N of "
+                           "that same sample; 0, no contexts")
   before: int = field(12, "tokens of context shown before the activating token")
   after: int = field(3, "tokens of context shown after the activating token")
   seed: int = field(0, "seed for picking examples")
@@ -179,31 +180,39 @@ def token_strings(tokenizer, ids: list[int]) -> list[str]:
   return [tokenizer.decode([i]) for i in ids]
 
 
+def _encoder(sae):
+  """(weights, encode): `sae`'s weights as arrays, and the pure function encode(weights, x)
+  of raw store rows x [rows, d_in] to latent activations [rows, n]. The one place the report
+  encodes."""
+  from jaxsae import saes as saes_lib
+  graphdef, state = saes_lib.encoder(sae)  # the graph is static, the state an argument
+  return state, lambda w, x: saes_lib.encode(graphdef, w, x, sae.input_scale)
+
+
 def top_contexts(sae, store, latents: list[int], num_tokens: int, top: int,
                  batch_size: int = 1024,
                  site: str | None = None) -> dict[int, list[tuple[float, int]]]:
   """(activation, store row) of each latent's `top` largest activations on the first
-  `num_tokens` rows of the store, read in order."""
+  `num_tokens` tokens of the sample firing frequencies are measured on (match.token_sample);
+  ties go to the token met first."""
   import jax
   import jax.numpy as jnp
-  from jaxsae import saes as saes_lib
 
-  p = {k: jnp.asarray(v) for k, v in saes_lib.params(sae).items()}
-  cols = jnp.asarray(latents)
+  weights, encode = _encoder(sae)
 
   @jax.jit
-  def acts(x):
-    return saes_lib.encode(p, x, sae.arch, sae.k)[:, cols]
+  def acts(weights, x, cols):
+    # The weights are an argument, not closed over: a closed-over array would be baked into
+    # the compiled program as a constant.
+    return encode(weights, x)[:, cols]
 
+  cols = jnp.asarray(latents)
   best_v = np.full((len(latents), 0), -np.inf)
   best_r = np.zeros((len(latents), 0), np.int64)
-  num_tokens = min(num_tokens, store.num_tokens)
-  for lo in range(0, num_tokens, batch_size):
-    rows = np.arange(lo, min(lo + batch_size, num_tokens))
-    x = store.rows(np.pad(rows, (0, batch_size - len(rows)), mode="edge"), site=site)
-    a = np.asarray(acts(x))[:len(rows)].T  # [latents, rows]
+  for x, rows, take in match_lib.token_sample(store, num_tokens, batch_size, site):
+    a = np.asarray(acts(weights, x, cols))[:take].T  # [latents, rows]
     v = np.concatenate([best_v, a], axis=1)
-    r = np.concatenate([best_r, np.broadcast_to(rows, a.shape)], axis=1)
+    r = np.concatenate([best_r, np.broadcast_to(rows[:take], a.shape)], axis=1)
     keep = np.argsort(-v, axis=1, kind="stable")[:, :top]
     best_v, best_r = np.take_along_axis(v, keep, 1), np.take_along_axis(r, keep, 1)
   return {lat: [(float(v), int(r)) for v, r in zip(best_v[i], best_r[i]) if v > 0]
@@ -217,7 +226,7 @@ def examples_with_contexts(summary: dict, table, cfg: ReportConfig) -> tuple[lis
   base = [dict(kind=kind, latent=lat, **_row_info(rows.loc[lat]))
           for kind, lats in picks.items() for lat in lats]
   store_path = summary.get("store")
-  if cfg.scan_tokens <= 0 or not base:
+  if cfg.scan_tokens == 0 or not base:
     return base, "contexts not requested"
   if not store_path:
     return base, "no activation store is known for these SAEs, so no contexts"
@@ -229,8 +238,14 @@ def examples_with_contexts(summary: dict, table, cfg: ReportConfig) -> tuple[lis
   except (JaxsaeError, OSError) as e:
     return base, f"contexts unavailable: {e}"
   site = sae.site if sae.site in store.sites else None
-  found = top_contexts(sae, store, [e["latent"] for e in base], cfg.scan_tokens, cfg.contexts,
-                       site=site)
+  # The match's own sample, so that a latent's contexts and its frequency describe the same
+  # tokens.
+  scan = cfg.scan_tokens
+  if scan < 0:
+    scan = summary.get("freq_tokens") or match_lib.DEFAULT_FREQ_TOKENS
+  batch = summary.get("config", {}).get("freq_batch", 1024)
+  found = top_contexts(sae, store, [e["latent"] for e in base], scan, cfg.contexts,
+                       batch_size=batch, site=site)
   tok = load_tokenizer(store.manifest)
   for e in base:
     e["contexts"] = []

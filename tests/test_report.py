@@ -42,6 +42,7 @@ def matched(tmp_path_factory):
   rng = np.random.default_rng(0)
   run = tm.make_run(tmp, rng, seeds=3, m=60, store=False)
   ids = rng.integers(0, 5000, 640)
+  np.save(tmp / "ids.npy", ids)  # the token of store row r is ids[r]
   write_window_store(tmp / "store", tm.rand(rng, 640, tm.D) * 2, ids, {})
   (run / "run.json").write_text(json.dumps({"store": str(tmp / "store")}))
   match.run(match.MatchConfig(inputs=(str(run),), out=str(tmp / "m"), freq_tokens=640,
@@ -80,18 +81,39 @@ def test_report_numbers_and_files(matched):
     assert c["tokens"][c["index"]] == f"[{c['ids'][c['index']]}]"  # no tokenizer: ids
 
 
-def test_top_contexts_equal_brute_force(matched):
+def topk_acts(sae, x):
+  pre = np.maximum((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc, 0)
+  kth = np.sort(pre, axis=1)[:, -sae.k][:, None]
+  return np.where(pre >= kth, pre, 0)
+
+
+def test_top_contexts_equal_brute_force_on_the_frequency_sample(matched):
   from jaxsae import saes
   sae = saes.load_all([str(matched / "run")])[0]
   store = store_lib.Store(str(matched / "store"))
-  found = report.top_contexts(sae, store, [3, 17], 640, 4, batch_size=100)
-  x = store.rows(np.arange(640))
-  pre = np.maximum((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc, 0)
-  kth = np.sort(pre, axis=1)[:, -sae.k][:, None]
-  act = np.where(pre >= kth, pre, 0)
+  # 300 of 640 rows, in the shuffled stream's order, as match.frequencies reads them; batches
+  # of 128 leave a padded last one.
+  found = report.top_contexts(sae, store, [3, 17], 300, 4, batch_size=128)
+  sample = np.concatenate([store.batch_indices(s, 100) for s in range(3)])
+  assert not np.array_equal(np.sort(sample), np.arange(300))  # not the first rows on disk
+  act = topk_acts(sae, store.rows(sample))
   for lat in (3, 17):
     want = np.argsort(-act[:, lat], kind="stable")[:4]
-    assert [r for _, r in found[lat]] == [int(r) for r in want if act[r, lat] > 0]
+    assert [r for _, r in found[lat]] == [int(sample[i]) for i in want if act[i, lat] > 0]
+
+
+def test_contexts_come_from_the_tokens_frequencies_were_measured_on(matched):
+  run = matched / "run"
+  match.run(match.MatchConfig(inputs=(str(run),), out=str(matched / "m300"), freq_tokens=300,
+                              freq_batch=128))
+  data = report.run(report.ReportConfig(inputs=(str(matched / "m300"),),
+                                        out=str(matched / "r300"), contexts=300))
+  ids = np.load(matched / "ids.npy")
+  for e in data["examples"]:
+    # Every token the latent fired on has a context, so they count its firing frequency.
+    assert len(e["contexts"]) == round(e["frequency"] * 300)
+    for c in e["contexts"]:
+      assert c["ids"][c["index"]] == ids[c["row"]]  # the marked token is the row's own
 
 
 class _Imgs(html.parser.HTMLParser):
