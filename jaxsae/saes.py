@@ -283,49 +283,39 @@ def find_store(inputs: Sequence[str], saes: Sequence[SAE]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Encoding, only as far as frequencies and top contexts need it: which latents fire, how much.
+# Encoding: through the architecture's own module, so a file is read with the firing rule the
+# trainer used.
 
 
-def params(sae: SAE) -> dict[str, np.ndarray]:
-  """The arrays `encode` needs, with every architecture's extras filled so shapes line up."""
-  n = sae.n_latents
-  threshold = sae.extras.get("threshold", np.zeros(n, np.float32))
-  return {
-      "W_enc": sae.W_enc, "b_enc": sae.b_enc,
-      "b_dec": sae.b_dec if sae.subtract_b_dec else np.zeros_like(sae.b_dec),
-      "threshold": np.broadcast_to(threshold, (n,)).astype(np.float32),
-      "r_mag": sae.extras.get("r_mag", np.zeros(n, np.float32)),
-      "b_mag": sae.extras.get("b_mag", sae.b_enc),
-      "input_scale": np.float32(sae.input_scale),
-  }
+def module(sae: SAE):
+  """The `jaxsae.sae` module of `sae`'s architecture, holding its weights.
 
-
-def encode(p: dict, x, arch: str, k: int | None = None):
-  """Latent activations [batch, n] of inputs x [batch, d_in]; pure, jittable.
-
-  The firing rule is each architecture's own: TopK keeps the k largest ReLU pre-activations,
-  JumpReLU zeroes those at or below their threshold, BatchTopK at inference fires above the
-  threshold it exported (its batch rule cannot apply to single tokens), gated fires where its
-  gate (the plain pre-activation) is positive, with magnitude from its rescaled path.
-  Inputs are raw store rows; the trainer's input scale is applied here.
+  ReLU SAEs of every recipe (jaxsae's relu_l1 variants, SAELens's standard) encode alike, by
+  `ReluL1`; whether the encoder subtracts b_dec comes from the file.
   """
-  import jax
-  import jax.numpy as jnp
-  sae_in = x * p["input_scale"] - p["b_dec"]
-  proj = jnp.einsum("bd,nd->bn", sae_in, p["W_enc"], preferred_element_type=jnp.float32)
-  pre = proj + p["b_enc"]
-  if arch == "relu":
-    return jax.nn.relu(pre)
-  if arch == "topk":
-    vals, idx = jax.lax.top_k(jax.nn.relu(pre), k)
-    rows = jnp.arange(pre.shape[0])[:, None]
-    return jnp.zeros_like(pre).at[rows, idx].set(vals)
-  if arch in ("jumprelu", "batchtopk"):
-    return jnp.where(pre > p["threshold"], jax.nn.relu(pre), 0.0)
-  if arch == "gated":
-    mag = proj * jnp.exp(p["r_mag"]) + p["b_mag"]
-    return jnp.where(pre > 0, jax.nn.relu(mag), 0.0)
-  raise ValueError(arch)
+  from jaxsae import sae as sae_lib
+  cls = {"topk": sae_lib.TopK, "batchtopk": sae_lib.BatchTopK, "relu": sae_lib.ReluL1,
+         "jumprelu": sae_lib.JumpReLU, "gated": sae_lib.Gated}[sae.arch]
+  weights = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec,
+             **sae.extras}
+  m = cls.from_weights(weights, sae_lib.SaeConfig(k=sae.k or 1))
+  m.subtracts_b_dec = sae.subtract_b_dec
+  return m
+
+
+def encoder(sae: SAE):
+  """(graphdef, state) of `module(sae)`: pass the state to jitted code as an argument (never
+  close over it: a closed-over array is baked into the program as a constant), and run
+  `encode(graphdef, state, x, sae.input_scale)` there."""
+  from flax import nnx
+  return nnx.split(module(sae))
+
+
+def encode(graphdef, state, x, input_scale):
+  """Latent activations [batch, n] of raw store rows x [batch, d_in]; pure, jittable (graphdef
+  static). The trainer's input scale is applied here."""
+  from flax import nnx
+  return nnx.merge(graphdef, state).encode(x * input_scale)
 
 
 def save(path: str, W_enc: np.ndarray, b_enc: np.ndarray, W_dec: np.ndarray,

@@ -1,25 +1,26 @@
-"""SAE architectures: one small module each, one mapping from `--arch` name to architecture.
+"""SAE architectures: one Flax NNX module each, one mapping from `--arch` name to module.
 
-Each module is readable alone: `init`, `encode`, `decode`, `loss` over a params dict
-{W_enc [d_in, n], b_enc [n], W_dec [n, d_in], b_dec [d_in], + extras}; see `common.Architecture`.
+Each module is readable alone: its initialisation, `encode` (the firing rule), `loss`, and
+what it shares with every other in `common.SAE` (the dictionary, `decode`, `export`).
 """
 
 from __future__ import annotations
 
-from jaxsae.sae import batchtopk
-from jaxsae.sae import gated
-from jaxsae.sae import jumprelu
-from jaxsae.sae import relu_l1
-from jaxsae.sae import topk
-from jaxsae.sae.common import Architecture, SaeConfig
+from jaxsae.sae.batchtopk import BatchTopK
+from jaxsae.sae.common import SAE, SaeConfig, Statistic
+from jaxsae.sae.gated import Gated
+from jaxsae.sae.jumprelu import JumpReLU
+from jaxsae.sae.relu_l1 import ReluL1, ReluL1UnitNorm
+from jaxsae.sae.topk import TopK
 
-ARCHITECTURES: dict[str, Architecture] = {
-    "topk": topk.ARCH,
-    "relu_l1": relu_l1.ARCH,
-    "relu_l1_unitnorm": relu_l1.ARCH_UNIT_NORM,
-    "gated": gated.ARCH,
-    "jumprelu": jumprelu.ARCH,
-    "batchtopk": batchtopk.ARCH,
+ARCHITECTURES: dict[str, type[SAE]] = {
+    "topk": TopK,
+    "relu_l1": ReluL1,
+    "relu_l1_unitnorm": ReluL1UnitNorm,
+    "gated": Gated,
+    "jumprelu": JumpReLU,
+    "batchtopk": BatchTopK,
 }
 
-__all__ = ["ARCHITECTURES", "Architecture", "SaeConfig"]
+__all__ = ["ARCHITECTURES", "SAE", "SaeConfig", "Statistic", "BatchTopK", "Gated", "JumpReLU",
+           "ReluL1", "ReluL1UnitNorm", "TopK"]

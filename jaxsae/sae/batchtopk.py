@@ -8,34 +8,19 @@ Tokens that need more latents get more, as long as the batch averages k per toke
 
 At inference there is no batch, so a single threshold replaces the selection: z = pre * 1[pre >
 threshold], with the threshold an exponential moving average of the smallest selected activation
-of each training batch. It is a parameter the optimizer never moves (zero gradient), updated in
-`after_step`.
+of each training batch. It is a `common.Statistic`, set in `after_step`: no gradient, no
+optimizer state.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxsae.sae import common
-from jaxsae.sae.common import Params, SaeConfig
-from jaxsae.sae.topk import auxk_loss
-from jaxsae.sae.topk import init as topk_init
-from jaxsae.sae.topk import pre_acts
-
-
-def init(key: jax.Array, d_in: int, num_latents: int, cfg: SaeConfig) -> Params:
-  # 0 marks "not yet estimated": the first batch sets it outright instead of decaying from 0.
-  return {**topk_init(key, d_in, num_latents, cfg), "threshold": jnp.zeros((), jnp.float32)}
-
-
-def encode(params: Params, x: jax.Array, cfg: SaeConfig) -> jax.Array:
-  pre = pre_acts(params, x, cfg)
-  return jnp.where(pre > params["threshold"], pre, 0.0)
-
-
-def decode(params: Params, z: jax.Array, cfg: SaeConfig) -> jax.Array:
-  return common.matmul(z, params["W_dec"], cfg) + params["b_dec"]
+from jaxsae.sae.common import SaeConfig
+from jaxsae.sae import topk
 
 
 def batch_topk(pre: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -46,27 +31,35 @@ def batch_topk(pre: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return jnp.where(pre >= cut, pre, 0.0), cut
 
 
-def loss(params: Params, x: jax.Array, cfg: SaeConfig, dead_mask: jax.Array,
-         penalty_scale: jax.Array):
-  del penalty_scale
-  pre = pre_acts(params, x, cfg)
-  z, cut = batch_topk(pre, cfg.k)
-  z = jnp.where(z > 0, z, 0.0)
-  x_hat = decode(params, z, cfg)
-  var = common.total_variance(x)
-  e = x - x_hat
-  aux = auxk_loss(params, pre, e, var, dead_mask, cfg) if cfg.auxk_alpha else jnp.zeros(())
-  out = {**common.base_metrics(x, x_hat, z), "aux": aux,
-         "min_act": jax.lax.stop_gradient(cut)}
-  return out["fvu"] + cfg.auxk_alpha * aux, out
+class BatchTopK(common.SAE):
 
+  def __init__(self, d_in: int, num_latents: int, cfg: SaeConfig, *, rngs: nnx.Rngs):
+    self.init_dictionary(*topk.init_weights(rngs.params(), d_in, num_latents), cfg)
+    # 0 marks "not yet estimated": the first batch sets it outright instead of decaying from 0.
+    self.threshold = common.variable(jnp.zeros((), jnp.float32), common.Statistic)
 
-def after_step(params: Params, out: dict, cfg: SaeConfig) -> Params:
-  thr, cut = params["threshold"], out["min_act"]
-  new = jnp.where(thr == 0, cut, cfg.threshold_decay * thr + (1 - cfg.threshold_decay) * cut)
-  return {**params, "threshold": new}
+  def pre_acts(self, x: jax.Array) -> jax.Array:
+    return jax.nn.relu(common.matmul(self.encoder_input(x), self.W_enc[...], self.cfg)
+                       + self.b_enc[...])
 
+  def encode(self, x: jax.Array) -> jax.Array:
+    pre = self.pre_acts(x)
+    return jnp.where(pre > self.threshold[...], pre, 0.0)
 
-ARCH = common.Architecture(init=init, encode=encode, decode=decode, loss=loss,
-                           unit_norm_decoder=True, after_step=after_step,
-                           extras=("threshold",))
+  def loss(self, x: jax.Array, dead_mask: jax.Array, penalty_scale: jax.Array):
+    del penalty_scale
+    pre = self.pre_acts(x)
+    z, cut = batch_topk(pre, self.cfg.k)
+    z = jnp.where(z > 0, z, 0.0)
+    x_hat = self.decode(z)
+    var = common.total_variance(x)
+    e = x - x_hat
+    aux = (topk.auxk_loss(self.W_dec[...], pre, e, var, dead_mask, self.cfg)
+           if self.cfg.auxk_alpha else jnp.zeros(()))
+    out = {**common.base_metrics(x, x_hat, z), "aux": aux,
+           "min_act": jax.lax.stop_gradient(cut)}
+    return out["fvu"] + self.cfg.auxk_alpha * aux, out
+
+  def after_step(self, out: dict[str, jax.Array]) -> None:
+    thr, cut, decay = self.threshold[...], out["min_act"], self.cfg.threshold_decay
+    self.threshold[...] = jnp.where(thr == 0, cut, decay * thr + (1 - decay) * cut)

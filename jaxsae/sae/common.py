@@ -1,25 +1,28 @@
-"""Math shared by the SAE architectures: the config they read, FVU, decoder norms, sparse decode.
+"""What the SAE architectures share: their config, the module they build on, and the kernels.
 
-Every architecture module (topk.py, relu_l1.py, ...) is a handful of pure functions over a params
-dict {W_enc [d_in, n], b_enc [n], W_dec [n, d_in], b_dec [d_in], + extras}; the trainer adds the
-seed axis with `vmap`, so nothing here knows about seeds or devices.
+Each architecture (topk.py, relu_l1.py, ...) is one `nnx.Module` over the dictionary every SAE
+has, W_enc [d_in, n], b_enc [n], W_dec [n, d_in], b_dec [d_in] (+ its extras), with methods
+`encode` (its firing rule at inference), `decode`, `loss` and `export`. The hot kernels below
+are pure functions the modules call. Nothing here knows about seeds or devices: the trainer
+builds the seeds as one Flax ensemble (`nnx.vmap`), which puts a `seed` axis in front of every
+variable.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-
-Params = dict[str, jax.Array]
+import numpy as np
+from flax import nnx
 
 
 @dataclasses.dataclass(frozen=True)
 class SaeConfig:
-  """What the architectures read. Frozen and hashable, so jit can treat it as static."""
+  """What the architectures read. Frozen and hashable: a static attribute of the modules."""
 
   k: int = 32
   k_aux: int | None = None  # AuxK latents; None means d_in // 2 (Gao et al. 2024, App. B.1)
@@ -32,36 +35,79 @@ class SaeConfig:
   compute_dtype: str = "float32"
 
 
-class Architecture(NamedTuple):
-  """One SAE architecture as plain functions; the mapping in `jaxsae.sae` holds one per name.
+class Statistic(nnx.Variable):
+  """State a training step sets but no gradient trains (BatchTopK's inference threshold, the
+  tokens-since-fired counters). Not an `nnx.Param`, so `nnx.Optimizer(..., wrt=nnx.Param)`
+  keeps no Adam moments for it."""
 
-  Attributes:
-    init: (key, d_in, num_latents, cfg) -> params.
-    encode: (params, x [B, d_in], cfg) -> dense latents [B, n].
-    decode: (params, z [B, n], cfg) -> reconstruction [B, d_in].
-    loss: (params, x, cfg, dead_mask [n] bool, penalty_scale scalar) -> (loss, out), where
-      out holds scalars "fvu", "l0", "aux" and "fired" [n] bool (any token used the latent).
-    unit_norm_decoder: decoder rows are kept at unit norm and the gradient along them removed.
-    after_step: optional (params, out, cfg) -> params, for state that is not trained by
-      gradient (e.g. BatchTopK's inference threshold).
-    extras: names of the parameters beyond the four shared ones.
-    export: optional params -> tensors to export, where an extra is better shared in another
-      form than it is trained in (JumpReLU trains log thresholds, readers expect thresholds).
-    subtracts_b_dec: the encoder sees x - b_dec (recorded as apply_b_dec_to_input on export).
-    sparsify_activation: the `activation` sparsify's loader needs to reproduce this SAE, or None
-      where sparsify cannot (the export is then still readable by jaxsae's own loaders).
+
+def variable(value: jax.Array, kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
+  """A variable with no sharded axis inside one SAE. The ensemble's `nnx.vmap` puts the `seed`
+  mesh axis in front of this `out_sharding`; the trainer places the whole state at once from
+  those names (its jit's out_shardings), so nothing is sharded eagerly here."""
+  return kind(value, out_sharding=(None,) * jnp.ndim(value), eager_sharding=False)
+
+
+class SAE(nnx.Module):
+  """The dictionary every architecture has, and what follows from it alone.
+
+  Subclasses set the class attributes and define `__init__(d_in, num_latents, cfg, *, rngs)`,
+  `encode(x) -> z [B, n]` and `loss(x, dead_mask, penalty_scale) -> (loss, out)`, where out
+  holds scalars "fvu", "l0", "aux" and "fired" [n] bool (any token used the latent).
   """
 
-  init: Callable[..., Params]
-  encode: Callable[..., jax.Array]
-  decode: Callable[..., jax.Array]
-  loss: Callable[..., tuple[jax.Array, dict[str, Any]]]
-  unit_norm_decoder: bool = True
-  after_step: Callable[..., Params] | None = None
-  extras: tuple[str, ...] = ()
-  sparsify_activation: str | None = None
-  export: Callable[[Params], Params] | None = None
+  # Decoder rows are kept at unit norm, and the gradient along them removed, by the trainer.
+  unit_norm_decoder: ClassVar[bool] = True
+  # The activation sparsify's loader needs to reproduce this SAE, or None where it cannot.
+  sparsify_activation: ClassVar[str | None] = None
+
+  cfg: SaeConfig
+  # The encoder sees x - b_dec (exported as apply_b_dec_to_input).
   subtracts_b_dec: bool = True
+
+  def init_dictionary(self, w_enc: jax.Array, w_dec: jax.Array, cfg: SaeConfig) -> None:
+    d_in, n = w_enc.shape
+    self.cfg = cfg
+    self.W_enc = variable(w_enc)
+    self.b_enc = variable(jnp.zeros(n, jnp.float32))
+    self.W_dec = variable(w_dec)
+    self.b_dec = variable(jnp.zeros(d_in, jnp.float32))
+
+  @property
+  def num_latents(self) -> int:
+    return self.W_enc.shape[-1]
+
+  def encoder_input(self, x: jax.Array) -> jax.Array:
+    return x - self.b_dec[...] if self.subtracts_b_dec else x
+
+  def decode(self, z: jax.Array, frozen: bool = False) -> jax.Array:
+    """x_hat = z W_dec + b_dec, the decoder of every architecture; `frozen` passes no gradient
+    to the decoder (Gated's auxiliary loss)."""
+    w_dec, b_dec = self.W_dec[...], self.b_dec[...]
+    if frozen:
+      w_dec, b_dec = jax.lax.stop_gradient((w_dec, b_dec))
+    return matmul(z, w_dec, self.cfg) + b_dec
+
+  def after_step(self, out: dict[str, jax.Array]) -> None:
+    """Updates state that is not trained by gradient, from the step's `out` (none by default)."""
+
+  def export(self) -> dict[str, jax.Array]:
+    """The tensors readers expect (sparsify's names, W_enc as [d_in, n]) and their extras."""
+    return {name: v[...] for name, v in nnx.state(self).items() if name != "cfg"}
+
+  @classmethod
+  def from_weights(cls, weights: dict[str, Any], cfg: SaeConfig, **kwargs) -> SAE:
+    """The module holding exported weights (`export`'s inverse), e.g. to encode with an SAE read
+    from disk: the same firing rule the trainer used."""
+    d_in, n = np.shape(weights["W_enc"])
+    sae = nnx.eval_shape(lambda: cls(d_in, n, cfg, rngs=nnx.Rngs(0), **kwargs))
+    for name, value in sae.import_weights(dict(weights)).items():
+      getattr(sae, name).set_value(jnp.asarray(value, jnp.float32))
+    return sae
+
+  def import_weights(self, weights: dict[str, Any]) -> dict[str, Any]:
+    """Exported tensors back into this module's variables (the identity unless overridden)."""
+    return weights
 
 
 def matmul(a: jax.Array, b: jax.Array, cfg: SaeConfig) -> jax.Array:

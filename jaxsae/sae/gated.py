@@ -18,52 +18,38 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxsae.sae import common
-from jaxsae.sae.common import Params, SaeConfig
+from jaxsae.sae.common import SaeConfig
 
 
-def init(key: jax.Array, d_in: int, num_latents: int, cfg: SaeConfig) -> Params:
-  del cfg
-  w_dec = common.unit_norm_rows(jax.random.normal(key, (num_latents, d_in), jnp.float32))
-  return {
-      "W_enc": w_dec.T,
-      "b_enc": jnp.zeros(num_latents, jnp.float32),
-      "r_mag": jnp.zeros(num_latents, jnp.float32),
-      "b_mag": jnp.zeros(num_latents, jnp.float32),
-      "W_dec": w_dec,
-      "b_dec": jnp.zeros(d_in, jnp.float32),
-  }
+class Gated(common.SAE):
 
+  def __init__(self, d_in: int, num_latents: int, cfg: SaeConfig, *, rngs: nnx.Rngs):
+    w_dec = common.unit_norm_rows(jax.random.normal(rngs.params(), (num_latents, d_in),
+                                                    jnp.float32))
+    self.init_dictionary(w_dec.T, w_dec, cfg)
+    self.r_mag = common.variable(jnp.zeros(num_latents, jnp.float32))
+    self.b_mag = common.variable(jnp.zeros(num_latents, jnp.float32))
 
-def _paths(params: Params, x: jax.Array, cfg: SaeConfig) -> tuple[jax.Array, jax.Array]:
-  proj = common.matmul(x - params["b_dec"], params["W_enc"], cfg)
-  return proj + params["b_enc"], proj * jnp.exp(params["r_mag"]) + params["b_mag"]
+  def paths(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(pi_gate, pi_mag), both [B, n]."""
+    proj = common.matmul(self.encoder_input(x), self.W_enc[...], self.cfg)
+    return proj + self.b_enc[...], proj * jnp.exp(self.r_mag[...]) + self.b_mag[...]
 
+  def encode(self, x: jax.Array) -> jax.Array:
+    pi_gate, pi_mag = self.paths(x)
+    return jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
 
-def encode(params: Params, x: jax.Array, cfg: SaeConfig) -> jax.Array:
-  pi_gate, pi_mag = _paths(params, x, cfg)
-  return jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
-
-
-def decode(params: Params, z: jax.Array, cfg: SaeConfig) -> jax.Array:
-  return common.matmul(z, params["W_dec"], cfg) + params["b_dec"]
-
-
-def loss(params: Params, x: jax.Array, cfg: SaeConfig, dead_mask: jax.Array,
-         penalty_scale: jax.Array):
-  del dead_mask
-  pi_gate, pi_mag = _paths(params, x, cfg)
-  z = jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
-  x_hat = decode(params, z, cfg)
-  var = common.total_variance(x)
-  gate = jax.nn.relu(pi_gate)
-  frozen = jax.lax.stop_gradient(params)
-  aux = jnp.sum(jnp.square(x - decode(frozen, gate, cfg))) / var
-  l1 = jnp.sum(gate) / var
-  out = {**common.base_metrics(x, x_hat, z), "aux": aux}
-  return out["fvu"] + cfg.l1_coeff * penalty_scale * l1 + aux, out
-
-
-ARCH = common.Architecture(init=init, encode=encode, decode=decode, loss=loss,
-                           unit_norm_decoder=True, extras=("r_mag", "b_mag"))
+  def loss(self, x: jax.Array, dead_mask: jax.Array, penalty_scale: jax.Array):
+    del dead_mask
+    pi_gate, pi_mag = self.paths(x)
+    z = jnp.where(pi_gate > 0, jax.nn.relu(pi_mag), 0.0)
+    x_hat = self.decode(z)
+    var = common.total_variance(x)
+    gate = jax.nn.relu(pi_gate)
+    aux = jnp.sum(jnp.square(x - self.decode(gate, frozen=True))) / var
+    l1 = jnp.sum(gate) / var
+    out = {**common.base_metrics(x, x_hat, z), "aux": aux}
+    return out["fvu"] + self.cfg.l1_coeff * penalty_scale * l1 + aux, out

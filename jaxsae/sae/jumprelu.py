@@ -21,9 +21,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxsae.sae import common
-from jaxsae.sae.common import Params, SaeConfig
+from jaxsae.sae.common import SaeConfig
 
 
 def _rect(u: jax.Array) -> jax.Array:
@@ -70,50 +71,40 @@ def _scale(d_in: int) -> float:
   return math.sqrt(d_in)
 
 
-def init(key: jax.Array, d_in: int, num_latents: int, cfg: SaeConfig) -> Params:
-  w_dec = common.unit_norm_rows(jax.random.normal(key, (num_latents, d_in), jnp.float32))
-  theta = cfg.jumprelu_threshold * _scale(d_in)
-  return {
-      "W_enc": w_dec.T,
-      "b_enc": jnp.zeros(num_latents, jnp.float32),
-      # Trained in log space, as in the paper, so the threshold stays positive.
-      "log_threshold": jnp.full(num_latents, math.log(theta), jnp.float32),
-      "W_dec": w_dec,
-      "b_dec": jnp.zeros(d_in, jnp.float32),
-  }
+class JumpReLU(common.SAE):
 
+  def __init__(self, d_in: int, num_latents: int, cfg: SaeConfig, *, rngs: nnx.Rngs):
+    w_dec = common.unit_norm_rows(jax.random.normal(rngs.params(), (num_latents, d_in),
+                                                    jnp.float32))
+    self.init_dictionary(w_dec.T, w_dec, cfg)
+    theta = cfg.jumprelu_threshold * _scale(d_in)
+    # Trained in log space, as in the paper, so the threshold stays positive.
+    self.log_threshold = common.variable(jnp.full(num_latents, math.log(theta), jnp.float32))
 
-def _pre(params: Params, x: jax.Array, cfg: SaeConfig) -> jax.Array:
-  return common.matmul(x - params["b_dec"], params["W_enc"], cfg) + params["b_enc"]
+  def pre_acts(self, x: jax.Array) -> jax.Array:
+    return common.matmul(self.encoder_input(x), self.W_enc[...], self.cfg) + self.b_enc[...]
 
+  def encode(self, x: jax.Array) -> jax.Array:
+    pre = self.pre_acts(x)
+    return jnp.where(pre > jnp.exp(self.log_threshold[...]), pre, 0.0)
 
-def encode(params: Params, x: jax.Array, cfg: SaeConfig) -> jax.Array:
-  pre = _pre(params, x, cfg)
-  return jnp.where(pre > jnp.exp(params["log_threshold"]), pre, 0.0)
+  def loss(self, x: jax.Array, dead_mask: jax.Array, penalty_scale: jax.Array):
+    del dead_mask
+    bandwidth = self.cfg.jumprelu_bandwidth * _scale(x.shape[-1])
+    pre = self.pre_acts(x)
+    theta = jnp.exp(self.log_threshold[...])
+    z = jumprelu(pre, theta, bandwidth)
+    x_hat = self.decode(z)
+    l0 = jnp.mean(jnp.sum(step(pre, theta, bandwidth), axis=-1))
+    out = {**common.base_metrics(x, x_hat, z), "aux": l0}
+    return out["fvu"] + self.cfg.l0_coeff * penalty_scale * l0, out
 
+  def export(self) -> dict[str, jax.Array]:
+    """Thresholds themselves, as SAELens and jaxsae's matcher read them, not their logs."""
+    out = super().export()
+    out["threshold"] = jnp.exp(out.pop("log_threshold"))
+    return out
 
-def decode(params: Params, z: jax.Array, cfg: SaeConfig) -> jax.Array:
-  return common.matmul(z, params["W_dec"], cfg) + params["b_dec"]
-
-
-def loss(params: Params, x: jax.Array, cfg: SaeConfig, dead_mask: jax.Array,
-         penalty_scale: jax.Array):
-  del dead_mask
-  bandwidth = cfg.jumprelu_bandwidth * _scale(x.shape[-1])
-  pre = _pre(params, x, cfg)
-  theta = jnp.exp(params["log_threshold"])
-  z = jumprelu(pre, theta, bandwidth)
-  x_hat = decode(params, z, cfg)
-  l0 = jnp.mean(jnp.sum(step(pre, theta, bandwidth), axis=-1))
-  out = {**common.base_metrics(x, x_hat, z), "aux": l0}
-  return out["fvu"] + cfg.l0_coeff * penalty_scale * l0, out
-
-
-def export(params: Params) -> Params:
-  """Thresholds themselves, as SAELens and jaxsae's matcher read them, not their logs."""
-  out = {k: v for k, v in params.items() if k != "log_threshold"}
-  return {**out, "threshold": jnp.exp(params["log_threshold"])}
-
-
-ARCH = common.Architecture(init=init, encode=encode, decode=decode, loss=loss,
-                           unit_norm_decoder=True, extras=("log_threshold",), export=export)
+  def import_weights(self, weights: dict) -> dict:
+    weights["log_threshold"] = jnp.log(jnp.asarray(weights.pop("threshold")))
+    return weights

@@ -19,51 +19,44 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxsae.sae import common
-from jaxsae.sae.common import Params, SaeConfig
+from jaxsae.sae.common import SaeConfig
 
 # Anthropic (April 2024): decoder rows start as random directions of norm 0.1, W_enc = W_dec^T.
 INIT_DECODER_NORM = 0.1
 
 
-def make(unit_norm: bool) -> common.Architecture:
-  """The architecture; `unit_norm` picks the 2023 variant."""
+class ReluL1(common.SAE):
+  """The April 2024 recipe; `ReluL1UnitNorm` is the 2023 one."""
 
-  def init(key: jax.Array, d_in: int, num_latents: int, cfg: SaeConfig) -> Params:
-    del cfg
-    w_dec = common.unit_norm_rows(jax.random.normal(key, (num_latents, d_in), jnp.float32))
-    if not unit_norm:
+  unit_norm_decoder = False
+
+  def __init__(self, d_in: int, num_latents: int, cfg: SaeConfig, *, rngs: nnx.Rngs):
+    w_dec = common.unit_norm_rows(jax.random.normal(rngs.params(), (num_latents, d_in),
+                                                    jnp.float32))
+    if not self.unit_norm_decoder:
       w_dec = w_dec * INIT_DECODER_NORM
-    return {
-        "W_enc": w_dec.T,
-        "b_enc": jnp.zeros(num_latents, jnp.float32),
-        "W_dec": w_dec,
-        "b_dec": jnp.zeros(d_in, jnp.float32),
-    }
+    self.init_dictionary(w_dec.T, w_dec, cfg)
+    self.subtracts_b_dec = self.unit_norm_decoder
 
-  def encode(params: Params, x: jax.Array, cfg: SaeConfig) -> jax.Array:
-    if unit_norm:
-      x = x - params["b_dec"]
-    return jax.nn.relu(common.matmul(x, params["W_enc"], cfg) + params["b_enc"])
+  def encode(self, x: jax.Array) -> jax.Array:
+    return jax.nn.relu(common.matmul(self.encoder_input(x), self.W_enc[...], self.cfg)
+                       + self.b_enc[...])
 
-  def decode(params: Params, z: jax.Array, cfg: SaeConfig) -> jax.Array:
-    return common.matmul(z, params["W_dec"], cfg) + params["b_dec"]
-
-  def loss(params: Params, x: jax.Array, cfg: SaeConfig, dead_mask: jax.Array,
-           penalty_scale: jax.Array):
+  def loss(self, x: jax.Array, dead_mask: jax.Array, penalty_scale: jax.Array):
     del dead_mask
-    z = encode(params, x, cfg)
-    x_hat = decode(params, z, cfg)
+    z = self.encode(x)
+    x_hat = self.decode(z)
     var = common.total_variance(x)
-    weights = 1.0 if unit_norm else jnp.linalg.norm(params["W_dec"], axis=-1)
+    weights = 1.0 if self.unit_norm_decoder else jnp.linalg.norm(self.W_dec[...], axis=-1)
     l1 = jnp.sum(z * weights) / var
     out = {**common.base_metrics(x, x_hat, z), "aux": l1}
-    return out["fvu"] + cfg.l1_coeff * penalty_scale * l1, out
-
-  return common.Architecture(init=init, encode=encode, decode=decode, loss=loss,
-                             unit_norm_decoder=unit_norm, subtracts_b_dec=unit_norm)
+    return out["fvu"] + self.cfg.l1_coeff * penalty_scale * l1, out
 
 
-ARCH = make(unit_norm=False)
-ARCH_UNIT_NORM = make(unit_norm=True)
+class ReluL1UnitNorm(ReluL1):
+  """Bricken et al. 2023: unit-norm decoder rows, b_dec subtracted before encoding, plain L1."""
+
+  unit_norm_decoder = True
