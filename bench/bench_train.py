@@ -81,9 +81,10 @@ def fvu(x: np.ndarray, x_hat: np.ndarray) -> float:
 def run_jaxsae(xs, held, num_seeds: int) -> dict:
   import jax
   import jax.numpy as jnp
+  from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec as P
   from jaxsae import train
-  from jaxsae.sae import ARCHITECTURES, common
+  from jaxsae.sae import ARCHITECTURES, SaeConfig, common
 
   if _DENSE.value:
     common.topk_encoder = lambda x, w, b, c: jax.lax.top_k(
@@ -92,20 +93,21 @@ def run_jaxsae(xs, held, num_seeds: int) -> dict:
   d_in, n = xs.shape[-1], _N.value
   cfg = train.TrainConfig(arch="topk", num_latents=n, k=_K.value, batch_size=_B.value)
   spec = train.resolve(cfg, d_in, steps * _B.value)
-  arch = ARCHITECTURES["topk"]
-  sae_cfg = common.SaeConfig(k=_K.value, compute_dtype=spec["compute_dtype"])
+  sae_cfg = SaeConfig(k=_K.value, compute_dtype=spec["compute_dtype"])
   tx, _ = train.make_optimizer(spec["lr"], cfg.lr_warmup_steps, steps, cfg)
   mesh = train.make_mesh("auto", num_seeds, _B.value)
   seeds = list(range(num_seeds))
-  make_state = lambda: train.init_state(arch, tx, seeds, d_in, n, sae_cfg)
-  shardings = train.state_shardings(jax.eval_shape(make_state), mesh)
+  make_state = lambda: train.TrainState(ARCHITECTURES["topk"], seeds, d_in, n, sae_cfg, tx)
+  graphdef, abstract = nnx.split(nnx.eval_shape(make_state))
+  shardings = train.state_shardings(abstract, mesh)
   batch_sharding = NamedSharding(mesh, P("data", None))
-  step = jax.jit(train.make_step(arch, tx, sae_cfg, cfg, 0),
+  step = jax.jit(train.make_step(graphdef, cfg, 0, train.seed_loop(cfg)),
                  in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, NamedSharding(mesh, P("seed"))), donate_argnums=0)
-  state = jax.jit(make_state, out_shardings=shardings)()
+  state = jax.jit(lambda: nnx.state(make_state()), out_shardings=shardings)()
   dev = [jax.device_put(x, batch_sharding) for x in xs]
-  state = jax.jit(train.init_b_dec, out_shardings=shardings)(state, dev[0])
+  state = jax.jit(train.init_b_dec, static_argnums=0, out_shardings=shardings)(
+      graphdef, state, dev[0])
   for i in range(_WARMUP.value):
     state, m = step(state, dev[i])
   jax.block_until_ready(state)
@@ -114,11 +116,11 @@ def run_jaxsae(xs, held, num_seeds: int) -> dict:
     state, m = step(state, dev[i])
   jax.block_until_ready(state)
   seconds = time.perf_counter() - t
-  params = jax.device_get(state["params"])
+  weights = jax.device_get(train.exported(graphdef, state))
   fvus = []
   for s in range(num_seeds):
-    p = {k: jnp.asarray(v[s]) for k, v in params.items()}
-    x_hat = arch.decode(p, arch.encode(p, jnp.asarray(held), sae_cfg), sae_cfg)
+    sae = ARCHITECTURES["topk"].from_weights({k: v[s] for k, v in weights.items()}, sae_cfg)
+    x_hat = sae.decode(sae.encode(jnp.asarray(held)))
     fvus.append(fvu(held, np.asarray(x_hat)))
   timed = (steps - _WARMUP.value) * _B.value
   step_s = seconds / (steps - _WARMUP.value)

@@ -18,24 +18,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import re
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsae import store as store_lib
-from jaxsae.cli import flag as _f
+from jaxsae import files
+from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
-from jaxsae.sae import ARCHITECTURES, common, io
+from jaxsae.sae import ARCHITECTURES, SAE, SaeConfig, Statistic, common, io
 
 # Where each checkpoint records the digest of its values (orbax custom metadata).
 DIGEST_KEY = "jaxsae_digest"
@@ -44,6 +47,8 @@ SKIPPED_KEY = "non_finite_skipped"
 COUNTER_CAP = 2**30
 # Architectures whose penalties assume inputs scaled to mean norm sqrt(d_in) (see --normalize).
 NORMALIZED_BY_DEFAULT = ("relu_l1", "relu_l1_unitnorm", "gated", "jumprelu")
+# What the checkpoints hold: the nnx.State of `TrainState`. jaxsae 0.1 wrote no format (a dict).
+STATE_FORMAT = "nnx-1"
 # What makes a run what it is: a rerun into the same --out must agree on these.
 IDENTITY = ("arch", "d_in", "num_latents", "k", "seeds", "batch_size", "data_seed", "site",
             "normalize")
@@ -53,65 +58,66 @@ IDENTITY = ("arch", "d_in", "num_latents", "k", "seeds", "batch_size", "data_see
 class TrainConfig:
   """Flags of `jaxsae train` (cli.py makes one absl flag per field)."""
 
-  store: str = _f("", "Activation store directory (from `jaxsae extract`), local or gs://.")
-  out: str = _f("", "Run directory: checkpoints, metrics and the exported SAEs go here; "
-                "rerunning the same command resumes the run.")
-  arch: str = _f("topk", "SAE architecture: " + "|".join(ARCHITECTURES) + ".")
-  num_latents: int | None = _f(None, "Latents per SAE; default 32 * d_in (sparsify's "
-                               "expansion factor).")
-  k: int = _f(32, "Active latents per token for topk (per token on average for batchtopk).")
-  seeds: tuple[int, ...] = _f((0, 1, 2, 3), "SAE seeds; each changes only the parameter "
-                              "initialisation. All seeds see the identical batches.")
-  num_seeds: int | None = _f(None, "Shorthand for --seeds=0,1,...,num_seeds-1.")
-  data_seed: int = _f(0, "Seed of the batch order, shared by all SAE seeds.")
-  site: str | None = _f(None, "Which of the store's sites to train on; default the first.")
-  skip_non_finite: bool = _f(False, "Skip store rows holding NaN/Inf (each gives its place in "
-                             "the batch to a finite row of the same batch) and count them in "
-                             "metrics.jsonl, instead of stopping with an error naming the row.")
-  num_tokens: int | None = _f(None, "Training tokens per seed; default one pass over the store.")
-  batch_size: int = _f(16384, "Tokens per batch (global, over all hosts and devices).")
-  lr: float | None = _f(None, "Adam learning rate; default 2e-4 / sqrt(num_latents / 2**14) "
-                        "(sparsify).")
-  lr_warmup_steps: int = _f(1000, "Linear learning-rate warmup steps, then linear decay to 0.")
-  adam_b1: float = _f(0.9, "Adam beta1.")
-  adam_b2: float = _f(0.999, "Adam beta2.")
-  max_grad_norm: float = _f(1.0, "Gradient-norm clip, applied to each seed separately; 0 = off.")
-  auxk_alpha: float = _f(0.0, "Weight of the AuxK dead-latent loss (topk, batchtopk); 1/32 = "
-                         "0.03125 turns it on as in Gao et al.; 0 = off as in the paper's runs.")
-  dead_tokens: int = _f(10_000_000, "A latent is dead after not firing for this many tokens.")
-  l1_coeff: float = _f(5.0, "L1 coefficient (relu_l1, relu_l1_unitnorm, gated), for inputs "
-                       "normalised to mean norm sqrt(d_in).")
-  l0_coeff: float = _f(1e-3, "L0 coefficient of jumprelu, in FVU per active latent per token.")
-  penalty_warmup: float = _f(0.05, "Fraction of the steps over which the L1/L0 coefficient "
-                             "warms up linearly from 0.")
-  jumprelu_bandwidth: float = _f(1e-3, "JumpReLU pseudo-derivative bandwidth (as published; "
-                                 "scaled by sqrt(d_in) for jaxsae's normalisation).")
-  jumprelu_threshold: float = _f(1e-3, "JumpReLU initial threshold (as published; scaled by "
-                                 "sqrt(d_in)).")
-  normalize: bool | None = _f(None, "Scale inputs to mean norm sqrt(d_in) with the store's "
-                              "recorded mean norm; default on for relu_l1/gated/jumprelu, off "
-                              "for topk/batchtopk (whose FVU loss is scale-free).")
-  mesh: str = _f("auto", "Device mesh SEEDSxDATA, e.g. 4x2; auto spreads seeds first.")
-  seed_loop: str = _f("auto", "vmap (all seeds as one batched program) or map (one seed after "
-                      "another inside the step); auto: map on a single CPU device, else vmap.")
-  compute_dtype: str = _f("auto", "dtype of the matrix products (float32|bfloat16); parameters "
-                          "and optimizer state stay float32. auto: float32 on CPU, else bfloat16.")
-  checkpoint_every: int = _f(1000, "Save a checkpoint every this many steps (and at the end).")
-  keep_checkpoints: int = _f(3, "How many of the newest checkpoints to keep.")
-  checkpoint_dir: str = _f("", "Where checkpoints go; default RUN/checkpoints. May be gs://, so "
-                           "a preempted TPU slice resumes from the bucket while --out stays "
-                           "on local disk.")
-  keep_at_tokens: tuple[int, ...] = _f((), "Also keep checkpoints and export every seed (under "
-                                       "RUN/tokens{T}/) at these token counts.")
-  log_every: int = _f(10, "Write metrics every this many steps.")
-  progress: bool = _f(True, "Show a progress bar.")
-  distributed: bool = _f(False, "Join the other hosts with jax.distributed.initialize() first "
-                         "(multi-host TPU: every worker runs the same command).")
-  coordinator_address: str = _f("", "host:port of process 0, with --distributed where the "
-                                "cluster is not detected (Cloud TPU and SLURM are); also "
-                                "$JAX_COORDINATOR_ADDRESS.")
-  num_processes: int | None = _f(None, "Number of processes, with --coordinator_address.")
-  process_id: int | None = _f(None, "This process's index, with --coordinator_address.")
+  store: str = field("", "Activation store directory (from `jaxsae extract`), local or gs://.")
+  out: str = field("", "Run directory: checkpoints, metrics and the exported SAEs go here; "
+                   "rerunning the same command resumes the run.")
+  arch: str = field("topk", "SAE architecture: " + "|".join(ARCHITECTURES) + ".")
+  num_latents: int | None = field(None, "Latents per SAE; default 32 * d_in (sparsify's "
+                                  "expansion factor).")
+  k: int = field(32, "Active latents per token for topk (per token on average for batchtopk).")
+  seeds: tuple[int, ...] = field((0, 1, 2, 3), "SAE seeds; each changes only the parameter "
+                                 "initialisation. All seeds see the identical batches.")
+  num_seeds: int | None = field(None, "Shorthand for --seeds=0,1,...,num_seeds-1.")
+  data_seed: int = field(0, "Seed of the batch order, shared by all SAE seeds.")
+  site: str | None = field(None, "Which of the store's sites to train on; default the first.")
+  skip_non_finite: bool = field(False, "Skip store rows holding NaN/Inf (each gives its place in "
+                                "the batch to a finite row of the same batch) and count them in "
+                                "metrics.jsonl, instead of stopping with an error naming the row.")
+  num_tokens: int | None = field(None, "Training tokens per seed; default one pass over the store.")
+  batch_size: int = field(16384, "Tokens per batch (global, over all hosts and devices).")
+  lr: float | None = field(None, "Adam learning rate; default 2e-4 / sqrt(num_latents / 2**14) "
+                           "(sparsify).")
+  lr_warmup_steps: int = field(1000, "Linear learning-rate warmup steps, then linear decay to 0.")
+  adam_b1: float = field(0.9, "Adam beta1.")
+  adam_b2: float = field(0.999, "Adam beta2.")
+  max_grad_norm: float = field(1.0, "Gradient-norm clip, applied to each seed separately; 0 = off.")
+  auxk_alpha: float = field(0.0, "Weight of the AuxK dead-latent loss (topk, batchtopk); 1/32 = "
+                            "0.03125 turns it on as in Gao et al.; 0 = off as in the paper's runs.")
+  dead_tokens: int = field(10_000_000, "A latent is dead after not firing for this many tokens.")
+  l1_coeff: float = field(5.0, "L1 coefficient (relu_l1, relu_l1_unitnorm, gated), for inputs "
+                          "normalised to mean norm sqrt(d_in).")
+  l0_coeff: float = field(1e-3, "L0 coefficient of jumprelu, in FVU per active latent per token.")
+  penalty_warmup: float = field(0.05, "Fraction of the steps over which the L1/L0 coefficient "
+                                "warms up linearly from 0.")
+  jumprelu_bandwidth: float = field(1e-3, "JumpReLU pseudo-derivative bandwidth (as published; "
+                                    "scaled by sqrt(d_in) for jaxsae's normalisation).")
+  jumprelu_threshold: float = field(1e-3, "JumpReLU initial threshold (as published; scaled by "
+                                    "sqrt(d_in)).")
+  normalize: bool | None = field(None, "Scale inputs to mean norm sqrt(d_in) with the store's "
+                                 "recorded mean norm; default on for relu_l1/gated/jumprelu, off "
+                                 "for topk/batchtopk (whose FVU loss is scale-free).")
+  mesh: str = field("auto", "Device mesh SEEDSxDATA, e.g. 4x2; auto spreads seeds first.")
+  seed_loop: str = field("auto", "vmap (all seeds as one batched program) or map (one seed after "
+                         "another inside the step); auto: map on a single CPU device, else vmap.")
+  compute_dtype: str = field("auto", "dtype of the matrix products (float32|bfloat16); "
+                             "parameters and optimizer state stay float32. auto: float32 on "
+                             "CPU, else bfloat16.")
+  checkpoint_every: int = field(1000, "Save a checkpoint every this many steps (and at the end).")
+  keep_checkpoints: int = field(3, "How many of the newest checkpoints to keep.")
+  checkpoint_dir: str = field("", "Where checkpoints go; default RUN/checkpoints. May be gs://, so "
+                              "a preempted TPU slice resumes from the bucket while --out stays "
+                              "on local disk.")
+  keep_at_tokens: tuple[int, ...] = field((), "Also keep checkpoints and export every seed (under "
+                                          "RUN/tokens{T}/) at these token counts.")
+  log_every: int = field(10, "Write metrics every this many steps.")
+  progress: bool = field(True, "Show a progress bar.")
+  distributed: bool = field(False, "Join the other hosts with jax.distributed.initialize() first "
+                            "(multi-host TPU: every worker runs the same command).")
+  coordinator_address: str = field("", "host:port of process 0, with --distributed where the "
+                                   "cluster is not detected (Cloud TPU and SLURM are); also "
+                                   "$JAX_COORDINATOR_ADDRESS.")
+  num_processes: int | None = field(None, "Number of processes, with --coordinator_address.")
+  process_id: int | None = field(None, "This process's index, with --coordinator_address.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +169,12 @@ def check_identity(out: str, spec: dict, store_dir: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
+    if old.get("state_format") != STATE_FORMAT:
+      raise JaxsaeError(
+          f"{out} was written by jaxsae 0.1's dict-based trainer (checkpoint format "
+          f"{old.get('state_format', 'dict')!r}; this trainer reads {STATE_FORMAT!r}): its "
+          "exported seed*/ SAEs stay readable by `jaxsae match`, but it cannot be resumed; "
+          "train into a new --out")
     if old.get("d_in") != spec["d_in"]:
       raise JaxsaeError(f"store {store_dir} has d_in={spec['d_in']} but the run in {out} was "
                         f"trained on d_in={old.get('d_in')}; use the same store or a new --out")
@@ -173,7 +185,8 @@ def check_identity(out: str, spec: dict, store_dir: str) -> None:
                         "or choose a new --out")
   elif jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
-    store_lib.atomic_write_json(path, {**spec, "store": store_dir})
+    files.atomic_write_json(path, {**spec, "store": store_dir,
+                                       "state_format": STATE_FORMAT})
 
 
 def make_mesh(spec: str, num_seeds: int, batch_size: int) -> Mesh:
@@ -213,26 +226,49 @@ def make_optimizer(lr: float, warmup: int, num_steps: int, cfg: TrainConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# State and the jitted step. Every leaf except "step" has the seed axis first.
+# State: one seed's training state as a module, the S seeds as one Flax ensemble.
 
 
-def init_state(arch: common.Architecture, tx, seeds, d_in: int, n: int, sae_cfg) -> dict:
-  def one(seed):
-    init_key, rng = jax.random.split(jax.random.key(seed))
-    params = arch.init(init_key, d_in, n, sae_cfg)
-    return {"params": params, "opt": tx.init(params),
-            "since_fired": jnp.zeros(n, jnp.int32),
-            # First step whose loss was non-finite, -1 while all is well.
-            "bad_step": jnp.full((), -1, jnp.int32),
-            # Per-seed RNG for stochastic parts of an architecture; checkpointed with the rest.
-            "rng": jax.random.key_data(rng)}
-  state = jax.vmap(one)(jnp.asarray(seeds, jnp.uint32))
-  return {**state, "step": jnp.zeros((), jnp.int32)}
+class Member(nnx.Module):
+  """One seed's training state: its SAE, its optimizer and its bookkeeping."""
+
+  def __init__(self, arch: type[SAE], d_in: int, n: int, sae_cfg: SaeConfig, tx, *,
+               rngs: nnx.Rngs):
+    self.sae = arch(d_in, n, sae_cfg, rngs=rngs)
+    # Adam moments for the nnx.Params only: a Statistic (BatchTopK's threshold) gets none.
+    self.opt = nnx.Optimizer(self.sae, tx, wrt=nnx.Param)
+    # Tokens since each latent last fired: its dead-latent clock (AuxK, the `dead` metric).
+    self.since_fired = common.variable(jnp.zeros(n, jnp.int32), Statistic)
+    # First step whose loss was non-finite, -1 while all is well.
+    self.bad_step = common.variable(jnp.full((), -1, jnp.int32), Statistic)
 
 
-def state_shardings(abstract_state, mesh: Mesh):
-  seeded = NamedSharding(mesh, P("seed"))
-  return jax.tree.map(lambda a: seeded if a.ndim else NamedSharding(mesh, P()), abstract_state)
+class TrainState(nnx.Module):
+  """Everything a checkpoint holds: the ensemble of S members and the step of the shared stream."""
+
+  def __init__(self, arch: type[SAE], seeds, d_in: int, n: int, sae_cfg: SaeConfig, tx):
+    # Flax's ensemble: `nnx.vmap` over per-seed streams puts a leading seed axis on every
+    # variable and names it "seed" in its sharding metadata. nnx.Rngs(seed) draws its first
+    # key as jax.random.split(key(seed))[0], so a seed starts where it would alone.
+    rngs = nnx.Rngs(jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)))
+    build = nnx.vmap(lambda r: Member(arch, d_in, n, sae_cfg, tx, rngs=r),
+                     transform_metadata={nnx.PARTITION_NAME: "seed"})
+    self.seeds = build(rngs)
+    self.step = nnx.Variable(jnp.zeros((), jnp.int32))
+
+
+def state_shardings(abstract_state: nnx.State, mesh: Mesh):
+  """Each variable's NamedSharding, from the `out_sharding` names its module gave it.
+
+  Flax's vmap extends only a non-empty `out_sharding`, so a per-seed scalar (bad_step, optax's
+  counts) comes out with its seed axis unnamed; that axis is always the first.
+  """
+  def one(v: nnx.Variable):
+    names = tuple(v.get_metadata().get("out_sharding") or ())
+    if len(names) < v.ndim:
+      names = ("seed",) + names
+    return v.replace(NamedSharding(mesh, P(*names)))
+  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def seed_loop(cfg: TrainConfig) -> str:
@@ -248,49 +284,65 @@ def seed_loop(cfg: TrainConfig) -> str:
   return "map" if jax.default_backend() == "cpu" and jax.device_count() == 1 else "vmap"
 
 
-def make_step(arch: common.Architecture, tx, sae_cfg, cfg: TrainConfig, penalty_steps: int):
-  def one_seed(params, opt, since, bad, x, step):
-    dead = since > cfg.dead_tokens
-    penalty_scale = jnp.minimum(step / max(penalty_steps, 1), 1.0)
-    (loss, out), grads = jax.value_and_grad(arch.loss, has_aux=True)(
-        params, x, sae_cfg, dead, penalty_scale)
-    if arch.unit_norm_decoder:
-      grads["W_dec"] = common.remove_parallel_grad(grads["W_dec"], params["W_dec"])
-    updates, new_opt = tx.update(grads, opt, params)  # clip + Adam: this seed's alone
-    new = optax.apply_updates(params, updates)
-    if arch.unit_norm_decoder:
-      new["W_dec"] = common.unit_norm_rows(new["W_dec"])
-    if arch.after_step is not None:
-      new = arch.after_step(new, out, sae_cfg)
+# ---------------------------------------------------------------------------------------------
+# The jitted step: pure over the state's arrays; modules are merged and split inside.
+
+
+def update(m: Member, x: jax.Array, step: jax.Array, cfg: TrainConfig,
+           penalty_steps: int) -> dict[str, jax.Array]:
+  """One seed's training step on batch x, in place on `m`; returns its metrics."""
+  sae = m.sae
+  dead = m.since_fired[...] > cfg.dead_tokens
+  penalty_scale = jnp.minimum(step / max(penalty_steps, 1), 1.0)
+  (loss, out), grads = nnx.value_and_grad(
+      lambda s: s.loss(x, dead, penalty_scale), has_aux=True)(sae)
+  if sae.unit_norm_decoder:
+    grads["W_dec"][...] = common.remove_parallel_grad(grads["W_dec"][...], sae.W_dec[...])
+  m.opt.update(sae, grads)  # clip + Adam: this seed's alone
+  if sae.unit_norm_decoder:
+    sae.W_dec[...] = common.unit_norm_rows(sae.W_dec[...])
+  sae.after_step(out)
+  since = m.since_fired[...]
+  m.since_fired[...] = jnp.where(out["fired"], 0, jnp.minimum(since + x.shape[0], COUNTER_CAP))
+  return {"loss": loss, "fvu": out["fvu"], "l0": out["l0"], "aux": out["aux"]}
+
+
+def make_step(graphdef: nnx.GraphDef, cfg: TrainConfig, penalty_steps: int, loop: str):
+  """(state, x [B, d_in]) -> (state, per-seed metrics): every seed's update on the shared batch."""
+
+  def one_seed(member_def, member_state, x, step):
+    m = nnx.merge(member_def, member_state)
+    before = jax.tree.leaves(member_state)  # arrays are immutable: these stay the old values
+    bad = m.bad_step[...]
+    metrics = update(m, x, step, cfg, penalty_steps)
     # A non-finite loss freezes the seed where it was, so no NaN can reach a checkpoint; the
     # loop sees bad_step and stops the run.
-    ok = jnp.isfinite(loss) & (bad < 0)
-    new, new_opt = jax.tree.map(lambda a, b: jnp.where(ok, a, b), (new, new_opt), (params, opt))
-    fired_since = jnp.where(out["fired"], 0, jnp.minimum(since + x.shape[0], COUNTER_CAP))
-    since = jnp.where(ok, fired_since, since)
-    bad = jnp.where((bad < 0) & ~ok, step, bad)
-    metrics = {"loss": loss, "fvu": out["fvu"], "l0": out["l0"], "aux": out["aux"],
-               "dead": jnp.mean(since > cfg.dead_tokens)}
-    return new, new_opt, since, bad, metrics
+    ok = jnp.isfinite(metrics["loss"]) & (bad < 0)
+    after, treedef = jax.tree.flatten(nnx.state(m))
+    nnx.update(m, treedef.unflatten([jnp.where(ok, a, b) for a, b in zip(after, before)]))
+    m.bad_step[...] = jnp.where((bad < 0) & ~ok, step, bad)
+    metrics["dead"] = jnp.mean(m.since_fired[...] > cfg.dead_tokens)
+    return nnx.state(m), metrics
 
-  def train_step(state, x):
-    seeded = (state["params"], state["opt"], state["since_fired"], state["bad_step"])
-    if seed_loop(cfg) == "map":
-      params, opt, since, bad, metrics = jax.lax.map(
-          lambda a: one_seed(*a, x, state["step"]), seeded)
-    else:
-      params, opt, since, bad, metrics = jax.vmap(one_seed, in_axes=(0, 0, 0, 0, None, None))(
-          *seeded, x, state["step"])
-    return {**state, "params": params, "opt": opt, "since_fired": since, "bad_step": bad,
-            "step": state["step"] + 1}, metrics
+  def train_step(state: nnx.State, x: jax.Array):
+    ts = nnx.merge(graphdef, state)
+    member_def, members = nnx.split(ts.seeds)
+    step = ts.step[...]
+    fn = lambda s: one_seed(member_def, s, x, step)
+    members, metrics = jax.lax.map(fn, members) if loop == "map" else jax.vmap(fn)(members)
+    nnx.update(ts.seeds, members)
+    ts.step[...] = step + 1
+    return nnx.state(ts), metrics
 
   return train_step
 
 
-def init_b_dec(state, x):
+def init_b_dec(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> nnx.State:
   """sparsify: b_dec starts at the mean of the first batch, so pre-activations start centred."""
-  b = jnp.broadcast_to(x.mean(0), state["params"]["b_dec"].shape)
-  return {**state, "params": {**state["params"], "b_dec": b}}
+  ts = nnx.merge(graphdef, state)
+  b_dec = ts.seeds.sae.b_dec
+  b_dec[...] = jnp.broadcast_to(x.mean(0), b_dec.shape)
+  return nnx.state(ts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +430,7 @@ def digest(state) -> str:
 def save(mngr, state, skipped: int = 0) -> None:
   import orbax.checkpoint as ocp
   with _writing_checkpoints(mngr):
-    mngr.save(int(state["step"]), args=ocp.args.StandardSave(state), force=True,
+    mngr.save(int(state["step"].get_value()), args=ocp.args.StandardSave(state), force=True,
               custom_metadata={DIGEST_KEY: digest(state), SKIPPED_KEY: skipped})
 
 
@@ -450,27 +502,27 @@ class MetricsWriter:
       self.tb.close()
 
 
-def export(directory: str, params, spec: dict, arch: common.Architecture, step: int,
+def export(directory: str, saes: dict[str, np.ndarray], sae: SAE, spec: dict, step: int,
            input_scale: float, store_dir: str) -> None:
-  """Every seed to directory/seed{N}/ in sparsify's layout (process 0 writes)."""
-  if arch.export is not None:
-    params = jax.jit(jax.vmap(arch.export))(params)
-  params = to_host(params)
+  """Every seed to directory/seed{N}/ in sparsify's layout (process 0 writes).
+
+  `saes` holds the seeds' exported tensors [S, ...] (`exported`), `sae` the architecture.
+  """
   if jax.process_index() != 0:
     return
   for i, seed in enumerate(spec["seeds"]):
     cfg = {"arch": spec["arch"], "seed": seed, "k": spec["k"], "step": step,
            "num_tokens": step * spec["batch_size"], "store": store_dir, "site": spec["site"],
            "data_seed": spec["data_seed"], "input_scale": input_scale,
-           "normalize_decoder": arch.unit_norm_decoder,
-           "apply_b_dec_to_input": arch.subtracts_b_dec,
-           "activation": arch.sparsify_activation or "topk"}
+           "normalize_decoder": sae.unit_norm_decoder,
+           "apply_b_dec_to_input": sae.subtracts_b_dec,
+           "activation": sae.sparsify_activation or "topk"}
     io.save_sparsify(os.path.join(directory, f"seed{seed}"),
-                     {name: v[i] for name, v in params.items()}, cfg)
+                     {name: v[i] for name, v in saes.items()}, cfg)
 
 
-def stop_if_bad(state, spec: dict, mngr) -> None:
-  bad = to_host(state["bad_step"])
+def stop_if_bad(state: nnx.State, spec: dict, mngr) -> None:
+  bad = to_host(state["seeds"]["bad_step"].get_value())
   if (bad >= 0).any():
     i = int(np.argmax(bad >= 0))
     with _writing_checkpoints(mngr):
@@ -480,6 +532,51 @@ def stop_if_bad(state, spec: dict, mngr) -> None:
         f"seed {spec['seeds'][i]}: non-finite loss at step {int(bad[i])}; stopped without "
         f"saving it. The last good checkpoint is step {last}: lower --lr or check the store "
         "for extreme activations, then rerun to resume from there")
+
+
+class Tick(NamedTuple):
+  """Where the loop is after a step: what every hook is given."""
+  step: int
+  state: nnx.State
+  metrics: dict[str, jax.Array]  # per seed, from the step just taken
+  skipped: int  # non-finite store rows skipped so far (--skip_non_finite)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """`fn(tick)` after every `every`-th step and after the steps in `at` (levanter's hooks)."""
+  fn: Callable[[Tick], None]
+  every: int = 0
+  at: frozenset[int] = frozenset()
+
+  def __call__(self, tick: Tick) -> None:
+    if (self.every and tick.step % self.every == 0) or tick.step in self.at:
+      self.fn(tick)
+
+
+class Throughput:
+  """Tokens per second since this process's first step (its compilation is not throughput)."""
+
+  def __init__(self, batch_size: int, num_seeds: int):
+    self.batch_size, self.num_seeds = batch_size, num_seeds
+    self.t0, self.first = 0.0, None
+
+  def tick(self, tick: Tick) -> None:
+    if self.first is None:
+      jax.block_until_ready(tick.state)
+      self.t0, self.first = time.perf_counter(), tick.step
+
+  def rates(self, step: int) -> dict[str, float]:
+    """Per seed: tokens of the shared stream each seed trains on; all seeds: S times that."""
+    per_seed = self.batch_size * (step - self.first) / max(time.perf_counter() - self.t0, 1e-9)
+    return {"tokens_per_s_per_seed": per_seed, "tokens_per_s_all_seeds": per_seed * self.num_seeds}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def exported(graphdef: nnx.GraphDef, state: nnx.State) -> dict[str, jax.Array]:
+  """Every seed's `export()` tensors, stacked [S, ...]."""
+  sae_def, saes = nnx.split(nnx.merge(graphdef, state).seeds.sae)
+  return jax.vmap(lambda s: nnx.merge(sae_def, s).export())(saes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,20 +594,24 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
   site_index = store.site_index(cfg.site)
   spec = resolve(cfg, store.d_in, store.num_tokens)
   check_identity(cfg.out, spec, cfg.store)
-  arch = ARCHITECTURES[cfg.arch]
   seeds, d_in, n, num_steps = spec["seeds"], store.d_in, spec["num_latents"], spec["num_steps"]
   input_scale = store.normalizer(store.sites[site_index]) if spec["normalize"] else 1.0
-
   mesh = make_mesh(cfg.mesh, len(seeds), cfg.batch_size)
-  sae_cfg = common.SaeConfig(
+  loop = seed_loop(cfg)
+  if loop == "map" and mesh.size > 1:
+    raise JaxsaeError(f"--seed_loop=map runs the seeds one after another on one device, but the "
+                      f"mesh has {mesh.size}: it would gather every seed's state; use "
+                      "--seed_loop=vmap (or auto)")
+  sae_cfg = SaeConfig(
       k=cfg.k, auxk_alpha=cfg.auxk_alpha, l1_coeff=cfg.l1_coeff, l0_coeff=cfg.l0_coeff,
       jumprelu_bandwidth=cfg.jumprelu_bandwidth, jumprelu_threshold=cfg.jumprelu_threshold,
       compute_dtype=spec["compute_dtype"])
   tx, schedule = make_optimizer(spec["lr"], cfg.lr_warmup_steps, num_steps, cfg)
 
-  # State: initialised directly into its sharding, or restored from the newest checkpoint.
-  make_state = lambda: init_state(arch, tx, seeds, d_in, n, sae_cfg)
-  abstract = jax.eval_shape(make_state)
+  # State: built directly into its sharding, or restored from the newest checkpoint. Past
+  # this point the loop holds only the state's arrays (nnx.State); modules live inside jit.
+  make_state = lambda: TrainState(ARCHITECTURES[cfg.arch], seeds, d_in, n, sae_cfg, tx)
+  graphdef, abstract = nnx.split(nnx.eval_shape(make_state))
   shardings = state_shardings(abstract, mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
@@ -518,65 +619,77 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
   state = restore_latest(mngr, abstract)
   fresh = state is None
   if fresh:
-    state = jax.jit(make_state, out_shardings=shardings)()
-  start = int(state["step"])
+    state = jax.jit(lambda: nnx.state(make_state()), out_shardings=shardings)()
+  start = int(state["step"].get_value())
 
   batch_sharding = NamedSharding(mesh, P("data", None))
-  seed_sharding = NamedSharding(mesh, P("seed"))
-  step_fn = jax.jit(make_step(arch, tx, sae_cfg, cfg, round(cfg.penalty_warmup * num_steps)),
+  step_fn = jax.jit(make_step(graphdef, cfg, round(cfg.penalty_warmup * num_steps), loop),
                     in_shardings=(shardings, batch_sharding),
-                    out_shardings=(shardings, seed_sharding), donate_argnums=0)
+                    out_shardings=(shardings, NamedSharding(mesh, P("seed"))),
+                    donate_argnums=0)
   batches = store.batches(cfg.batch_size, start_step=start, num_steps=num_steps - start,
                           sharding=batch_sharding, data_seed=cfg.data_seed, site=cfg.site,
                           normalize=spec["normalize"], skip_non_finite=cfg.skip_non_finite)
+  sae = nnx.merge(graphdef, abstract).seeds.sae  # the architecture's static facts, for export
   writer = MetricsWriter(cfg.out, seeds, start)
   bar = None
   if cfg.progress and jax.process_index() == 0:
     from tqdm import tqdm
     bar = tqdm(total=num_steps, initial=start, unit="step", dynamic_ncols=True,
                desc=f"train {cfg.arch} x{len(seeds)}")
-  tokens_per_step = cfg.batch_size * len(seeds)
-  t0, step, timed_from = time.perf_counter(), start, start
-  # Non-finite store rows skipped so far (--skip_non_finite); checkpoints carry the count.
+  clock = Throughput(cfg.batch_size, len(seeds))
+
+  def log(t: Tick) -> None:
+    m = to_host(t.metrics)
+    stop_if_bad(t.state, spec, mngr)
+    rates = clock.rates(t.step)
+    writer.write({"step": t.step, "tokens_per_seed": t.step * cfg.batch_size,
+                  "non_finite_skipped": t.skipped, "lr": float(schedule(t.step - 1)), **rates,
+                  "seeds": seeds, **{k: v.tolist() for k, v in m.items()}})
+    if bar is not None:
+      bar.set_postfix({"tok/s per seed": f"{rates['tokens_per_s_per_seed']:,.0f}",
+                       "all seeds": f"{rates['tokens_per_s_all_seeds']:,.0f}",
+                       "fvu": f"{m['fvu'].mean():.4f}", "l0": f"{m['l0'].mean():.1f}"},
+                      refresh=False)
+
+  def checkpoint(t: Tick) -> None:
+    stop_if_bad(t.state, spec, mngr)
+    save(mngr, t.state, t.skipped)
+
+  def export_to(directory: str, t: Tick) -> None:
+    export(directory, to_host(exported(graphdef, t.state)), sae, spec, t.step, input_scale,
+           cfg.store)
+
+  keep = frozenset(spec["keep_steps"])
+  hooks = [
+      clock.tick,
+      Hook(log, every=cfg.log_every, at=frozenset({num_steps})),
+      Hook(checkpoint, every=cfg.checkpoint_every, at=keep | {num_steps}),
+      Hook(lambda t: export_to(os.path.join(cfg.out, f"tokens{t.step * cfg.batch_size}"), t),
+           at=keep),
+  ]
   skipped = 0 if fresh else saved_metadata(mngr, start).get(SKIPPED_KEY, 0)
   failed = True
   try:
-    for x in batches:
-      if fresh and step == 0:
-        state = jax.jit(init_b_dec, out_shardings=shardings)(state, x)
-      state, metrics = step_fn(state, x)
-      n, where = store.skipped.pop(step, (0, ""))
-      if n and not skipped:
-        logging.warning("skipping rows with NaN/Inf (--skip_non_finite); the first: %s", where)
-      skipped += n
-      step += 1
-      if step == start + 1:  # time from here: compilation is not throughput
-        jax.block_until_ready(state)
-        t0, timed_from = time.perf_counter(), step
-      if step % cfg.log_every == 0 or step == num_steps:
-        m = to_host(metrics)
-        stop_if_bad(state, spec, mngr)
-        rate = tokens_per_step * (step - timed_from) / max(time.perf_counter() - t0, 1e-9)
-        writer.write({"step": step, "tokens": step * cfg.batch_size,
-                      "non_finite_skipped": skipped,
-                      "lr": float(schedule(step - 1)), "tokens_per_s": rate,
-                      "seeds": seeds, **{k: v.tolist() for k, v in m.items()}})
-        if bar is not None:
-          bar.set_postfix({"tok/s": f"{rate:,.0f}", "fvu": f"{m['fvu'].mean():.4f}",
-                           "l0": f"{m['l0'].mean():.1f}"}, refresh=False)
+    for step, batch in enumerate(batches, start + 1):
+      if fresh and step == 1:
+        state = jax.jit(init_b_dec, static_argnums=0, out_shardings=shardings)(
+            graphdef, state, batch.x)
+      state, metrics = step_fn(state, batch.x)
+      if batch.skipped and not skipped:
+        logging.warning("skipping rows with NaN/Inf (--skip_non_finite); the first: %s",
+                        batch.where)
+      skipped += batch.skipped
+      tick = Tick(step, state, metrics, skipped)
+      for hook in hooks:
+        hook(tick)
       if bar is not None:
         bar.update(1)
-      if step % cfg.checkpoint_every == 0 or step in spec["keep_steps"] or step == num_steps:
-        stop_if_bad(state, spec, mngr)
-        save(mngr, state, skipped)
-      if step in spec["keep_steps"]:
-        export(os.path.join(cfg.out, f"tokens{step * cfg.batch_size}"), state["params"], spec,
-               arch, step, input_scale, cfg.store)
       if interrupt_at is not None and step >= interrupt_at:
         raise KeyboardInterrupt
     with _writing_checkpoints(mngr):
       mngr.wait_until_finished()
-    export(cfg.out, state["params"], spec, arch, num_steps, input_scale, cfg.store)
+    export_to(cfg.out, Tick(num_steps, state, metrics, skipped))
     if jax.process_index() == 0:
       print(f"jaxsae train: {len(seeds)} seeds x {num_steps * cfg.batch_size:,} tokens; SAEs in "
             f"{os.path.join(cfg.out, 'seed{' + ','.join(map(str, seeds)) + '}')}/, metrics in "

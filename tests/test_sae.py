@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from conftest import planted_sparse
 
-from jaxsae.sae import ARCHITECTURES, batchtopk, common, io, jumprelu, topk
+from jaxsae.sae import ARCHITECTURES, SaeConfig, common, io, jumprelu
 
 D_IN, N = 32, 96
 
@@ -27,45 +28,45 @@ def planted(n_rows=40000, d=D_IN, n_feat=48, k=3, seed=0):
 
 # Per-architecture settings for the tiny planted problem (the defaults are for LM activations).
 TRAIN_CFG = {
-    "topk": common.SaeConfig(k=3),
-    "batchtopk": common.SaeConfig(k=3),
-    "relu_l1": common.SaeConfig(l1_coeff=1.0),
-    "relu_l1_unitnorm": common.SaeConfig(l1_coeff=1.0),
-    "gated": common.SaeConfig(l1_coeff=5.0),
-    "jumprelu": common.SaeConfig(l0_coeff=0.03, jumprelu_threshold=0.1, jumprelu_bandwidth=0.05),
+    "topk": SaeConfig(k=3),
+    "batchtopk": SaeConfig(k=3),
+    "relu_l1": SaeConfig(l1_coeff=1.0),
+    "relu_l1_unitnorm": SaeConfig(l1_coeff=1.0),
+    "gated": SaeConfig(l1_coeff=5.0),
+    "jumprelu": SaeConfig(l0_coeff=0.03, jumprelu_threshold=0.1, jumprelu_bandwidth=0.05),
 }
+
+
+def make(name, cfg=None, seed=0):
+  return ARCHITECTURES[name](D_IN, N, cfg or TRAIN_CFG[name], rngs=nnx.Rngs(seed))
 
 
 def train(name, x_all, steps=500, batch=512, lr=3e-3):
   """The trainer's per-seed update, written out plainly for one SAE."""
-  arch, cfg = ARCHITECTURES[name], TRAIN_CFG[name]
-  params = arch.init(jax.random.key(0), D_IN, N, cfg)
-  params["b_dec"] = jnp.asarray(x_all[:batch].mean(0))
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
-  opt = tx.init(params)
+  sae = make(name)
+  sae.b_dec[...] = jnp.asarray(x_all[:batch].mean(0))
+  opt = nnx.Optimizer(sae, optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr)),
+                      wrt=nnx.Param)
 
-  @jax.jit
-  def step(params, opt, x, i):
+  @nnx.jit
+  def step(sae, opt, x, i):
     scale = jnp.minimum(i / (0.05 * steps), 1.0)
-    (loss, out), g = jax.value_and_grad(arch.loss, has_aux=True)(
-        params, x, cfg, jnp.zeros(N, bool), scale)
-    if arch.unit_norm_decoder:
-      g["W_dec"] = common.remove_parallel_grad(g["W_dec"], params["W_dec"])
-    updates, opt = tx.update(g, opt, params)
-    params = optax.apply_updates(params, updates)
-    if arch.unit_norm_decoder:
-      params["W_dec"] = common.unit_norm_rows(params["W_dec"])
-    if arch.after_step is not None:
-      params = arch.after_step(params, out, cfg)
-    return params, opt, out["fvu"]
+    (loss, out), g = nnx.value_and_grad(
+        lambda s: s.loss(x, jnp.zeros(N, bool), scale), has_aux=True)(sae)
+    if sae.unit_norm_decoder:
+      g["W_dec"][...] = common.remove_parallel_grad(g["W_dec"][...], sae.W_dec[...])
+    opt.update(sae, g)
+    if sae.unit_norm_decoder:
+      sae.W_dec[...] = common.unit_norm_rows(sae.W_dec[...])
+    sae.after_step(out)
+    return out["fvu"]
 
   fvus = []
   rows = len(x_all) // batch * batch
   for i in range(steps):
     lo = i * batch % rows
-    params, opt, fvu = step(params, opt, x_all[lo:lo + batch], i)
-    fvus.append(float(fvu))
-  return params, fvus
+    fvus.append(float(step(sae, opt, x_all[lo:lo + batch], i)))
+  return sae, fvus
 
 
 @pytest.fixture(scope="module")
@@ -75,45 +76,73 @@ def data():
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_shapes_and_finite_loss(name):
-  arch = ARCHITECTURES[name]
-  cfg = common.SaeConfig(k=4)
-  params = arch.init(jax.random.key(1), D_IN, N, cfg)
-  assert params["W_enc"].shape == (D_IN, N) and params["b_enc"].shape == (N,)
-  assert params["W_dec"].shape == (N, D_IN) and params["b_dec"].shape == (D_IN,)
-  assert set(params) == {"W_enc", "b_enc", "W_dec", "b_dec", *arch.extras}
+  sae = make(name, SaeConfig(k=4), seed=1)
+  assert sae.W_enc.shape == (D_IN, N) and sae.b_enc.shape == (N,)
+  assert sae.W_dec.shape == (N, D_IN) and sae.b_dec.shape == (D_IN,)
   x = jax.random.normal(jax.random.key(2), (64, D_IN))
-  z = arch.encode(params, x, cfg)
+  z = sae.encode(x)
   assert z.shape == (64, N) and bool((z >= 0).all())
-  assert arch.decode(params, z, cfg).shape == (64, D_IN)
-  loss, out = arch.loss(params, x, cfg, jnp.zeros(N, bool), jnp.ones(()))
+  assert sae.decode(z).shape == (64, D_IN)
+  loss, out = sae.loss(x, jnp.zeros(N, bool), jnp.ones(()))
   assert loss.shape == () and np.isfinite(float(loss))
   assert out["fired"].shape == (N,) and out["fired"].dtype == bool
   for key in ("fvu", "l0", "aux"):
     assert out[key].shape == ()
-  if arch.unit_norm_decoder:
-    np.testing.assert_allclose(np.linalg.norm(params["W_dec"], axis=1), 1.0, rtol=1e-5)
+  if sae.unit_norm_decoder:
+    np.testing.assert_allclose(np.linalg.norm(sae.W_dec[...], axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_only_trained_weights_are_params_and_get_optimizer_state(name):
+  """Trained weights are nnx.Params; state no gradient trains (BatchTopK's threshold) is a
+  Statistic, and nnx.Optimizer(wrt=nnx.Param) keeps no Adam moments for it."""
+  sae = make(name)
+  params = set(nnx.state(sae, nnx.Param).keys())
+  stats = set(nnx.state(sae, common.Statistic).keys())
+  extras = {"gated": {"r_mag", "b_mag"}, "jumprelu": {"log_threshold"}}.get(name, set())
+  assert params == {"W_enc", "b_enc", "W_dec", "b_dec", *extras}
+  assert stats == ({"threshold"} if name == "batchtopk" else set())
+  opt = nnx.Optimizer(sae, optax.adam(1e-3), wrt=nnx.Param)
+  moments = opt.opt_state[0].mu
+  assert set(moments.keys()) == params
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_export_round_trips_through_from_weights(name):
+  """What the trainer exports, read back into the module, encodes the same (matching and the
+  report encode through `from_weights`: one firing rule for trainer and readers)."""
+  sae = make(name, SaeConfig(k=4))
+  sae.b_enc[...] = 0.1 * jax.random.normal(jax.random.key(3), (N,))
+  if name == "batchtopk":
+    sae.threshold[...] = 0.2
+  x = jax.random.normal(jax.random.key(2), (64, D_IN))
+  weights = {k: np.asarray(v) for k, v in sae.export().items()}
+  back = type(sae).from_weights(weights, SaeConfig(k=4))
+  np.testing.assert_allclose(back.encode(x), sae.encode(x), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(back.decode(sae.encode(x)), sae.decode(sae.encode(x)))
 
 
 def test_topk_has_exactly_k_active_and_sparse_decode_matches_dense():
-  cfg = common.SaeConfig(k=5)
-  params = topk.init(jax.random.key(0), D_IN, N, cfg)
+  cfg = SaeConfig(k=5)
+  sae = make("topk", cfg)
   x = jax.random.normal(jax.random.key(1), (128, D_IN))
-  z = topk.encode(params, x, cfg)
+  z = sae.encode(x)
   np.testing.assert_array_equal(np.asarray((z > 0).sum(1)), 5)
   # W_dec starts as the normalised transpose of W_enc (sparsify's init).
-  np.testing.assert_allclose(params["W_dec"], common.unit_norm_rows(params["W_enc"].T), rtol=1e-6)
+  np.testing.assert_allclose(sae.W_dec[...], common.unit_norm_rows(sae.W_enc[...].T), rtol=1e-6)
 
   def sparse(w_dec):
-    vals, idx, _ = topk.encode_topk(params, x, cfg)
+    vals, idx, _ = sae.encode_topk(x)
     return common.sparse_decode(vals, idx, w_dec, cfg)
 
   def dense(w_dec):
-    return topk.encode(params, x, cfg) @ w_dec
+    return sae.encode(x) @ w_dec
 
-  np.testing.assert_allclose(sparse(params["W_dec"]), dense(params["W_dec"]), atol=1e-5)
+  w = sae.W_dec[...]
+  np.testing.assert_allclose(sparse(w), dense(w), atol=1e-5)
   target = jax.random.normal(jax.random.key(3), (128, D_IN))
-  g_sparse = jax.grad(lambda w: jnp.sum((sparse(w) - target) ** 2))(params["W_dec"])
-  g_dense = jax.grad(lambda w: jnp.sum((dense(w) - target) ** 2))(params["W_dec"])
+  g_sparse = jax.grad(lambda w: jnp.sum((sparse(w) - target) ** 2))(w)
+  g_dense = jax.grad(lambda w: jnp.sum((dense(w) - target) ** 2))(w)
   np.testing.assert_allclose(g_sparse, g_dense, atol=1e-4)
 
 
@@ -125,31 +154,33 @@ def test_remove_parallel_grad_leaves_only_orthogonal_part():
   np.testing.assert_allclose(out + jnp.sum(g * w, 1, keepdims=True) * w, g, atol=1e-5)
 
 
+def grads_of(sae, x, dead):
+  return nnx.grad(lambda s: s.loss(x, dead, 1.0), has_aux=True)(sae)
+
+
 def test_auxk_only_with_dead_latents_and_trains_them():
-  cfg = common.SaeConfig(k=4, auxk_alpha=1 / 32)
-  params = topk.init(jax.random.key(0), D_IN, N, cfg)
+  sae = make("topk", SaeConfig(k=4, auxk_alpha=1 / 32))
   x = jax.random.normal(jax.random.key(1), (64, D_IN))
-  _, out = topk.loss(params, x, cfg, jnp.zeros(N, bool), 1.0)
+  _, out = sae.loss(x, jnp.zeros(N, bool), 1.0)
   assert float(out["aux"]) == 0.0
   dead = jnp.arange(N) >= N // 2
-  grads, out = jax.grad(topk.loss, has_aux=True)(params, x, cfg, dead, 1.0)
+  grads, out = grads_of(sae, x, dead)
   assert float(out["aux"]) > 0
   # With AuxK on, dead latents get decoder gradient even though TopK never selects them.
-  live_only = jax.grad(topk.loss, has_aux=True)(params, x, cfg, jnp.zeros(N, bool), 1.0)[0]
-  assert float(jnp.abs(grads["W_dec"][dead]).sum()) > float(
-      jnp.abs(live_only["W_dec"][dead]).sum())
+  live_only = grads_of(sae, x, jnp.zeros(N, bool))[0]
+  assert float(jnp.abs(grads["W_dec"][...][dead]).sum()) > float(
+      jnp.abs(live_only["W_dec"][...][dead]).sum())
 
 
 def test_batchtopk_keeps_k_per_token_on_average_and_sets_threshold():
-  cfg = common.SaeConfig(k=4)
-  params = batchtopk.init(jax.random.key(0), D_IN, N, cfg)
+  sae = make("batchtopk", SaeConfig(k=4))
   x = jax.random.normal(jax.random.key(1), (64, D_IN))
-  _, out = batchtopk.loss(params, x, cfg, jnp.zeros(N, bool), 1.0)
+  _, out = sae.loss(x, jnp.zeros(N, bool), 1.0)
   assert float(out["l0"]) == pytest.approx(4.0)
-  assert float(params["threshold"]) == 0.0
-  params = batchtopk.after_step(params, out, cfg)
-  assert float(params["threshold"]) == pytest.approx(float(out["min_act"]))
-  z = batchtopk.encode(params, x, cfg)  # inference by threshold: about k per token
+  assert float(sae.threshold[...]) == 0.0
+  sae.after_step(out)
+  assert float(sae.threshold[...]) == pytest.approx(float(out["min_act"]))
+  z = sae.encode(x)  # inference by threshold: about k per token
   assert 2.0 < float((z > 0).sum(1).mean()) < 8.0
 
 
@@ -168,22 +199,22 @@ def test_jumprelu_threshold_gets_pseudo_gradients():
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_learns_planted_dictionary(name, data):
   x, dirs = data
-  params, fvus = train(name, x)
+  sae, fvus = train(name, x)
   assert np.mean(fvus[-20:]) < 0.5 * np.mean(fvus[:5]), (fvus[:5], fvus[-20:])
   assert np.mean(fvus[-20:]) < 0.2
-  w = np.asarray(common.unit_norm_rows(params["W_dec"]))
+  w = np.asarray(common.unit_norm_rows(sae.W_dec[...]))
   best = (dirs @ w.T).max(axis=1)
   assert np.mean(best > 0.9) >= 0.8, np.sort(best)
-  if ARCHITECTURES[name].unit_norm_decoder:
-    np.testing.assert_allclose(np.linalg.norm(params["W_dec"], axis=1), 1.0, rtol=1e-5)
+  if sae.unit_norm_decoder:
+    np.testing.assert_allclose(np.linalg.norm(sae.W_dec[...], axis=1), 1.0, rtol=1e-5)
   if name == "topk":
-    z = topk.encode(params, jnp.asarray(x[:256]), TRAIN_CFG[name])
+    z = sae.encode(jnp.asarray(x[:256]))
     np.testing.assert_array_equal(np.asarray((z > 0).sum(1)), 3)
 
 
 def test_save_sparsify_layout_and_round_trip(tmp_path):
-  params = jumprelu.init(jax.random.key(0), D_IN, N, common.SaeConfig())
-  params = {k: np.asarray(v) for k, v in jumprelu.export(params).items()}
+  sae = make("jumprelu", SaeConfig())
+  params = {k: np.asarray(v) for k, v in sae.export().items()}
   out = str(tmp_path / "run" / "seed3")
   io.save_sparsify(out, params, {"arch": "jumprelu", "seed": 3, "k": 0, "num_tokens": 123})
   assert sorted(os.listdir(out)) == ["cfg.json", "sae.safetensors"]
@@ -206,22 +237,23 @@ def test_save_sparsify_layout_and_round_trip(tmp_path):
 
 
 def test_fused_topk_encoder_gradients_equal_autodiff_of_the_dense_form():
-  cfg = common.SaeConfig(k=4)
+  cfg = SaeConfig(k=4)
   key = jax.random.key(3)
   x = jax.random.normal(key, (64, D_IN))
-  params = topk.init(jax.random.key(4), D_IN, N, cfg)
-  params["b_dec"] = 0.3 * jax.random.normal(jax.random.key(5), (D_IN,))
-  params["b_enc"] = 0.1 * jax.random.normal(jax.random.key(6), (N,))
+  sae = make("topk", cfg, seed=4)
+  sae.b_dec[...] = 0.3 * jax.random.normal(jax.random.key(5), (D_IN,))
+  sae.b_enc[...] = 0.1 * jax.random.normal(jax.random.key(6), (N,))
+  params = {k: v[...] for k, v in nnx.state(sae).items()}
 
-  def dense_loss(p):
-    vals, idx, _ = topk.encode_topk(p, x, cfg)
-    x_hat = common.sparse_decode(vals, idx, p["W_dec"], cfg) + p["b_dec"]
+  def dense_loss(s):
+    vals, idx, _ = s.encode_topk(x)
+    x_hat = common.sparse_decode(vals, idx, s.W_dec[...], cfg) + s.b_dec[...]
     return jnp.sum(jnp.square(x - x_hat)) / common.total_variance(x)
 
-  fused = jax.grad(lambda p: topk.loss(p, x, cfg, jnp.zeros(N, bool), 1.0)[0])(params)
-  dense = jax.grad(dense_loss)(params)
+  fused = nnx.grad(lambda s: s.loss(x, jnp.zeros(N, bool), 1.0)[0])(sae)
+  dense = nnx.grad(dense_loss)(sae)
   for name in params:
-    np.testing.assert_allclose(fused[name], dense[name], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fused[name][...], dense[name][...], rtol=1e-4, atol=1e-6)
   # The custom rule for the input too (dead code in training, but it must be right).
   gx = jax.grad(lambda x: common.topk_encoder(x, params["W_enc"], params["b_enc"], cfg)[0].sum())
   gx_dense = jax.grad(lambda x: jax.lax.top_k(

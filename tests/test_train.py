@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -86,7 +85,9 @@ def test_run_writes_metrics_checkpoints_and_exports(reference):
     assert len(lines[-1][key]) == 2  # one value per seed
   assert lines[-1]["l0"] == [4.0, 4.0]
   assert all(f < 0.7 * f0 for f, f0 in zip(lines[-1]["fvu"], lines[0]["fvu"]))
-  assert lines[-1]["tokens"] == 40 * 128 and lines[-1]["tokens_per_s"] > 0
+  assert lines[-1]["tokens_per_seed"] == 40 * 128
+  rates = lines[-1]["tokens_per_s_per_seed"], lines[-1]["tokens_per_s_all_seeds"]
+  assert rates[0] > 0 and rates[1] == pytest.approx(2 * rates[0])
   assert sorted(os.listdir(reference / "checkpoints")) == ["20", "30", "40"]  # keep the last 3
   (events,) = os.listdir(reference / "tensorboard")
   tags = {v.tag for e in _tensorboard_events(reference / "tensorboard" / events)
@@ -247,15 +248,15 @@ def test_sparsify_loads_export_and_reproduces_reconstructions(reference, store_d
   import torch
   from sparsify import SparseCoder
 
-  from jaxsae.sae import ARCHITECTURES, common
+  from jaxsae.sae import SaeConfig, TopK
   sae = SparseCoder.load_from_disk(reference / "seed0")
   assert sae.num_latents == N and sae.cfg.k == 4
   x = store_lib.Store(store_dir).batch(0, 256)
   with torch.no_grad():
     theirs = sae(torch.from_numpy(x)).sae_out.numpy()
   params, _ = io.load_sparsify(str(reference / "seed0"))
-  arch, cfg = ARCHITECTURES["topk"], common.SaeConfig(k=4)
-  ours = np.asarray(arch.decode(params, arch.encode(params, x, cfg), cfg))
+  ours_sae = TopK.from_weights(params, SaeConfig(k=4))
+  ours = np.asarray(ours_sae.decode(ours_sae.encode(x)))
   np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
 
