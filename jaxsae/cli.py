@@ -24,11 +24,7 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
-from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
-
-# The old name of config.field, while train.py still imports it from here.
-flag = field
 
 
 # name -> (module, config class, one-line description). Modules import lazily so that one

@@ -31,8 +31,6 @@ import numpy as np
 
 from jaxsae import files
 from jaxsae.errors import JaxsaeError
-# Re-exported until train.py imports it from files: remove then.
-from jaxsae.files import atomic_write_json  # noqa: F401
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
