@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
@@ -213,6 +214,39 @@ def test_non_finite_loss_stops_at_last_good_checkpoint(store_dir, tmp_path):
     assert np.isfinite(np.asarray(leaf, np.float64)).all()
 
 
+def test_ensemble_state_is_sharded_by_seed_from_its_modules():
+  """Every variable of the ensemble carries the seed axis first, named in the modules'
+  sharding metadata; only what is not per seed (the stream's step) is replicated. The
+  optimizer keeps moments for the nnx.Params alone."""
+  from flax import nnx
+  from jaxsae.sae import ARCHITECTURES, SaeConfig
+  cfg = train.TrainConfig(num_latents=N, k=4, batch_size=128)
+  tx, _ = train.make_optimizer(1e-3, 5, 40, cfg)
+  for arch in ("topk", "batchtopk"):
+    abstract = nnx.state(nnx.eval_shape(lambda: train.TrainState(
+        ARCHITECTURES[arch], (0, 1, 2), D_IN, N, SaeConfig(k=4), tx)))
+    mesh = train.make_mesh("auto", 3, 128)
+    specs = jax.tree_util.tree_flatten_with_path(train.state_shardings(abstract, mesh))[0]
+    for path, sharding in specs:
+      where = jax.tree_util.keystr(path)
+      if where.startswith("['seeds']"):
+        assert sharding.spec[0] == "seed", where
+      else:
+        assert where.startswith("['step']") and sharding.spec == P(), where
+    mu = abstract["seeds"]["opt"]["opt_state"][1][0]["mu"]
+    assert set(mu.keys()) == {"W_enc", "b_enc", "W_dec", "b_dec"}  # no threshold, no counters
+
+
+def test_run_of_the_dict_based_trainer_is_refused_in_one_line(store_dir, tmp_path):
+  out = tmp_path / "old"
+  out.mkdir()
+  spec = train.resolve(config(store_dir, out), D_IN, 8192)
+  (out / "run.json").write_text(json.dumps({**spec, "store": store_dir}))  # no state_format
+  with pytest.raises(JaxsaeError, match="dict-based trainer .* cannot be resumed; train into "
+                                        "a new --out"):
+    train.run(config(store_dir, out))
+
+
 def test_sharded_over_8_devices_matches_one_device(store_dir, tmp_path):
   """4x2 and 2x4 meshes of 8 CPU devices give the one-device result, within float tolerance."""
   script = textwrap.dedent(f"""
@@ -225,10 +259,11 @@ def test_sharded_over_8_devices_matches_one_device(store_dir, tmp_path):
                   checkpoint_every=10, log_every=5, progress=False)
       for mesh in ("4x2", "2x4"):
         train.run(train.TrainConfig(out={str(tmp_path)!r} + "/" + mesh, mesh=mesh, **base))
-      try:
-        train.run(train.TrainConfig(out={str(tmp_path)!r} + "/bad", mesh="8x1", **base))
-      except JaxsaeError as e:
-        print("ERROR:", e)
+      for bad in (dict(mesh="8x1"), dict(mesh="4x2", seed_loop="map")):
+        try:
+          train.run(train.TrainConfig(out={str(tmp_path)!r} + "/bad", **bad, **base))
+        except JaxsaeError as e:
+          print("ERROR:", e)
   """)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
          "JAX_PLATFORMS": "cpu"}
@@ -236,6 +271,7 @@ def test_sharded_over_8_devices_matches_one_device(store_dir, tmp_path):
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "ERROR: mesh seed axis 8 does not divide the 4 seeds" in proc.stdout
+  assert "ERROR: --seed_loop=map runs the seeds one after another" in proc.stdout
   cfg = config(store_dir, tmp_path / "one", seeds=(0, 1, 2, 3), num_tokens=128 * 20)
   train.run(cfg)
   one = exported(tmp_path / "one", seeds=(0, 1, 2, 3))

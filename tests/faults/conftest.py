@@ -121,14 +121,15 @@ def same_params(a, b) -> bool:
 
 
 def metrics(out) -> list[dict]:
-  """metrics.jsonl without its timing field (the one thing a resumed run may change), and
+  """metrics.jsonl without its timing fields (the one thing a resumed run may change), and
   without the partial last line a kill can leave (the next run drops it)."""
   import json
   out_lines = []
   with open(os.path.join(str(out), "metrics.jsonl")) as f:
     for line in f:
       try:
-        out_lines.append({k: v for k, v in json.loads(line).items() if k != "tokens_per_s"})
+        out_lines.append({k: v for k, v in json.loads(line).items()
+                          if not k.startswith("tokens_per_s")})
       except json.JSONDecodeError:
         break
   return out_lines
