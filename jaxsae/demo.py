@@ -62,7 +62,7 @@ def _complete_store(path: str) -> bool:
 def _fvu_curve(run_dir: str) -> list[tuple[int, float]]:
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  return [(r["tokens"], sum(r["fvu"]) / len(r["fvu"])) for r in rows]
+  return [(r["tokens_per_seed"], sum(r["fvu"]) / len(r["fvu"])) for r in rows]
 
 
 def check(cfg: DemoConfig) -> None:
