@@ -445,13 +445,3 @@ def _prefetched(make, start: int, num: int | None, depth: int) -> Iterator[Any]:
       yield item
   finally:
     stop.set()
-
-
-def open_store(directory: str, **kwargs) -> Store:
-  return Store(directory, **kwargs)
-
-
-def write_store(*args, **kwargs) -> Store:
-  """store_writer.write_store, until test_train.py imports it from there: remove then."""
-  from jaxsae import store_writer  # lazily: the writer imports this module
-  return store_writer.write_store(*args, **kwargs)

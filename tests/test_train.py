@@ -17,6 +17,7 @@ import pytest
 from conftest import planted_sparse
 
 from jaxsae import store as store_lib
+from jaxsae import store_writer
 from jaxsae import train
 from jaxsae.errors import JaxsaeError
 from jaxsae.sae import io
@@ -33,7 +34,7 @@ def planted(n_rows=8192, d=D_IN, n_feat=32, k=3, seed=0):
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("store") / "acts")
-  store_lib.write_store(path, planted(), rows_per_shard=1024)
+  store_writer.write_store(path, planted(), rows_per_shard=1024)
   return path
 
 
@@ -195,7 +196,7 @@ def test_bad_input_is_one_clear_error(store_dir, tmp_path):
   with pytest.raises(JaxsaeError, match="--num_latents=64 there, 32 now"):
     train.run(config(store_dir, out, num_latents=32))
   other = str(tmp_path / "other_store")
-  store_lib.write_store(other, np.ones((512, 8), np.float32))
+  store_writer.write_store(other, np.ones((512, 8), np.float32))
   with pytest.raises(JaxsaeError, match="d_in=8 but the run .* d_in=16"):
     train.run(config(other, out))
 
