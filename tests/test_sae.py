@@ -269,3 +269,46 @@ def test_two_stage_top_k_equals_lax_top_k(n, k, group):
   np.testing.assert_array_equal(vals, ref_vals)
   np.testing.assert_array_equal(jnp.take_along_axis(x, idx, -1), vals)
   assert (np.sort(np.asarray(idx), -1)[..., 1:] != np.sort(np.asarray(idx), -1)[..., :-1]).all()
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_topk_dense_and_scatter_backward_are_equal(monkeypatch, seeds):
+  """The two backward paths of the TopK kernels (dense products at small shapes, scatter-adds
+  of the k rows at large ones): same loss, same gradients to float tolerance, and the same
+  parameters after a few Adam steps, alone and under the seed vmap."""
+  cfg = SaeConfig(k=4)
+  x = jax.random.normal(jax.random.key(3), (64, D_IN)) + 0.3
+
+  def run(dense_max):
+    monkeypatch.setattr(common, "DENSE_BACKWARD_MAX", dense_max)
+    graphdef, state = nnx.split(nnx.vmap(lambda r: ARCHITECTURES["topk"](D_IN, N, cfg, rngs=r))(
+        nnx.Rngs(jax.vmap(jax.random.key)(jnp.arange(seeds)))))
+    tx = optax.adam(1e-2)
+
+    def loss(s, x):
+      return nnx.merge(graphdef, s).loss(x, jnp.zeros(N, bool), 1.0)
+
+    @jax.jit
+    def step(s, opt, x):
+      (l, out), g = jax.vmap(jax.value_and_grad(loss, has_aux=True), (0, None))(s, x)
+      updates, opt = jax.vmap(tx.update)(g, opt)
+      return optax.apply_updates(s, updates), opt, l, g, out["fired"]
+
+    opt = jax.vmap(tx.init)(state)
+    scatters = str(jax.make_jaxpr(step)(state, opt, x)).count("scatter-add")
+    first = None
+    for i in range(5):
+      state, opt, l, g, fired = step(state, opt, x + 0.1 * i)
+      first = first or (l, g, fired)
+    return first, state, scatters
+
+  assert common.dense_backward(64, N)
+  (l_d, g_d, f_d), s_d, scatters_d = run(1 << 30)
+  (l_s, g_s, f_s), s_s, scatters_s = run(0)
+  assert scatters_d == 0 < scatters_s  # two different programs
+  np.testing.assert_allclose(l_d, l_s, rtol=1e-6)
+  np.testing.assert_array_equal(f_d, f_s)
+  for a, b in zip(jax.tree.leaves(g_d), jax.tree.leaves(g_s)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(s_d), jax.tree.leaves(s_s)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -142,17 +142,69 @@ def remove_parallel_grad(grad: jax.Array, w: jax.Array) -> jax.Array:
   return grad - parallel[:, None] * w
 
 
-def sparse_decode(acts: jax.Array, idx: jax.Array, w_dec: jax.Array, cfg: SaeConfig) -> jax.Array:
+# The k-sparse products' gradients (W_enc's and W_dec's: B * k rows' worth of outer products)
+# are either scatter-adds of those rows or dense [B, n] matrices holding the k values per
+# token, multiplied out. The scatter does B * k * d_in work, the product B * n * d_in, but
+# XLA's CPU scatters write one element at a time, so the product wins while the [B, n]
+# matrices are small (bench/bench_kernels.py measures the crossover; both paths are tested
+# equal). Chosen from the shapes alone, the same way on every platform.
+DENSE_BACKWARD_MAX = 1 << 22
+
+
+def dense_backward(batch: int, num_latents: int) -> bool:
+  """Whether the TopK kernels take their dense-product backward at this shape."""
+  return batch * num_latents <= DENSE_BACKWARD_MAX
+
+
+def scatter_rows(coef: jax.Array, idx: jax.Array, n: int) -> jax.Array:
+  """[B, n] holding coef[b, j] at (b, idx[b, j]) and zeros elsewhere (idx distinct per row)."""
+  rows = jnp.arange(idx.shape[0])[:, None]
+  return jnp.zeros((idx.shape[0], n), coef.dtype).at[rows, idx].set(coef, unique_indices=True)
+
+
+def sparse_decode(acts: jax.Array, idx: jax.Array, w_dec: jax.Array, cfg: SaeConfig,
+                  dense: bool = False) -> jax.Array:
   """sum_j acts[b, j] * W_dec[idx[b, j]]: a decode from k rows instead of a mostly-zero matmul.
 
-  The gather's transpose is a scatter-add, so W_dec's gradient lands on the selected rows only,
-  as with sparsify's embedding-bag decoder. (A sorted segment sum, as the encoder's backward
-  uses, is faster for one seed on an H100 but 2x slower under the seed vmap, where the rows
-  it gathers carry the seed axis: BENCHMARKS.md.)
+  `dense=False`: the gather's transpose is a scatter-add, so W_dec's gradient lands on the
+  selected rows only, as with sparsify's embedding-bag decoder. (A sorted segment sum, as the
+  encoder's backward uses, is faster for one seed on an H100 but 2x slower under the seed
+  vmap, where the rows it gathers carry the seed axis: BENCHMARKS.md.) `dense=True`: the same
+  forward as k row gathers XLA fuses into one loop, and the backward as dense products
+  (`_dense_decode`), for shapes where `dense_backward` holds.
   """
+  if dense:
+    return _dense_decode(acts, idx, w_dec, cfg)
   dt = jnp.dtype(cfg.compute_dtype)
   rows = w_dec.astype(dt)[idx]  # [B, k, d_in]
   return jnp.einsum("bk,bkd->bd", acts.astype(dt), rows, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dense_decode(acts: jax.Array, idx: jax.Array, w_dec: jax.Array, cfg: SaeConfig):
+  dt = jnp.dtype(cfg.compute_dtype)
+  w = w_dec.astype(dt)
+  # One fused loop of row gathers; the einsum over W_dec[idx] first writes [B, k, d_in] out.
+  out = jnp.zeros((idx.shape[0], w.shape[-1]), jnp.float32)
+  for j in range(idx.shape[-1]):
+    out = out + (acts[:, j, None].astype(dt) * w[idx[:, j]]).astype(jnp.float32)
+  return out
+
+
+def _dense_decode_fwd(acts, idx, w_dec, cfg):
+  return _dense_decode(acts, idx, w_dec, cfg), (acts, idx, w_dec)
+
+
+def _dense_decode_bwd(cfg, res, ct):
+  acts, idx, w_dec = res
+  n = w_dec.shape[0]
+  # d acts[b, j] = <ct[b], W_dec[idx[b, j]]>: one [B, d] @ [d, n] product, then the k taken.
+  d_acts = jnp.take_along_axis(matmul(ct, w_dec.T, cfg), idx, axis=-1)
+  d_w = matmul(scatter_rows(acts, idx, n).T, ct, cfg)
+  return d_acts.astype(acts.dtype), None, d_w.astype(w_dec.dtype)
+
+
+_dense_decode.defvjp(_dense_decode_fwd, _dense_decode_bwd)
 
 
 def sorted_row_sum(coef: jax.Array, idx: jax.Array, rows: jax.Array, n: int) -> jax.Array:
@@ -201,7 +253,13 @@ def topk_encoder(x: jax.Array, w_enc: jax.Array, b: jax.Array, cfg: SaeConfig):
   is a segment sum, as in sparsify's fused encoder. Autodiff of the dense form cannot know
   that the cotangent is k-sparse and spends a second (and, for x, a third) full matmul on it.
   """
-  return top_k(jax.nn.relu(matmul(x, w_enc, cfg) + b), cfg.k)
+  vals, idx = top_k(jax.nn.relu(matmul(x, w_enc, cfg) + b), cfg.k)
+  if dense_backward(x.shape[0], w_enc.shape[1]):
+    # The dense decode slices idx by column; without the barrier XLA merges those slices into
+    # the sort that top_k lowers to, and a full [B, n] sort runs instead of its TopK kernel
+    # (10x slower on CPU).
+    vals, idx = jax.lax.optimization_barrier((vals, idx))
+  return vals, idx
 
 
 def _topk_encoder_fwd(x, w_enc, b, cfg):
@@ -213,6 +271,11 @@ def _topk_encoder_bwd(cfg, res, cts):
   x, w_enc, vals, idx = res
   g = jnp.where(vals > 0, cts[0], 0.0)  # ReLU: a selected zero passes no gradient
   n = w_enc.shape[1]
+  dx = sparse_decode(g, idx, w_enc.T, cfg)  # dead code unless someone differentiates x
+  if dense_backward(x.shape[0], n):
+    dense = scatter_rows(g, idx, n)  # [B, n]
+    dw, db = matmul(x.T, dense, cfg), dense.sum(0)
+    return dx.astype(x.dtype), dw.astype(w_enc.dtype), db.astype(w_enc.dtype)
   # Summed by XLA beside the row sum, an unsorted scalar scatter-add for the bias became
   # contended atomics (H100: 21 ms); a plain segment sum over the same sorted order is cheap.
   flat = idx.reshape(-1)
@@ -221,7 +284,6 @@ def _topk_encoder_bwd(cfg, res, cts):
                            indices_are_sorted=True)
   # The barrier keeps XLA from fusing the transpose into the scatter (strided column writes).
   dw = jax.lax.optimization_barrier(sorted_row_sum(g, idx, x, n)).T
-  dx = sparse_decode(g, idx, w_enc.T, cfg)  # dead code unless someone differentiates x
   return dx.astype(x.dtype), dw.astype(w_enc.dtype), db.astype(w_enc.dtype)
 
 
