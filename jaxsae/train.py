@@ -2,11 +2,13 @@
 
   jaxsae train --store=DIR --arch=topk --num_latents=N --k=K --seeds=0,1,2,3 --out=RUN
 
-Read top to bottom: config, mesh, state, the jitted step, the loop, export. Parameters carry a
-leading seed axis [S, ...]: one jitted step runs every seed's loss, gradient and optax update
-under `vmap` (so gradient clipping and Adam are per seed: no seed's gradient rescales another's),
-on a Mesh with axes ("seed", "data") that spreads seeds over one axis and the batch over the
-other. Defaults follow the recipe of the paper's SAEs (EleutherAI sparsify, December 2024).
+Read top to bottom: config, mesh, state, the jitted step, the loop, export. The S seeds are one
+Flax ensemble (`TrainState`: `nnx.vmap` over per-seed rngs), so every variable carries a leading
+seed axis [S, ...]; one functional jitted step merges the modules, runs every seed's loss,
+gradient and optax update under `vmap` (so gradient clipping and Adam are per seed: no seed's
+gradient rescales another's) and splits them again, on a Mesh with axes ("seed", "data") that
+spreads seeds over one axis and the batch over the other. Defaults follow the recipe of the
+paper's SAEs (EleutherAI sparsify, December 2024).
 
 Outputs under RUN/: run.json (what the run is; a rerun must agree), checkpoints/ (orbax; rerunning
 the same command resumes from the newest complete one), metrics.jsonl, and at the end
@@ -34,8 +36,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxsae import store as store_lib
 from jaxsae import files
+from jaxsae import store as store_lib
 from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
 from jaxsae.sae import ARCHITECTURES, SAE, SaeConfig, Statistic, common, io
