@@ -67,7 +67,11 @@ class ExtractConfig:
   keep_special_tokens: bool = field(False, "Store BOS/EOS/pad positions too (left out by default).")
   device: str = field("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
   model_dtype: str = field("float32", "torch dtype the model runs in: float32, bfloat16 or "
-                           "float16.")
+                           "float16. bfloat16 is faster on a CPU with AMX but its rows are ~2% "
+                           "off float32's, far beyond the stored dtype's rounding (BENCHMARKS.md).")
+  threads: int = field(0, "torch CPU threads (torch.set_num_threads); 0 keeps torch's default, "
+                       "one per core. On cores other processes also use, 1 is often faster: "
+                       "a thread that is descheduled stalls the others at every op.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +267,8 @@ def run(cfg: ExtractConfig) -> dict | None:
     raise JaxsaeError(f"--model_dtype={cfg.model_dtype}: use float32, bfloat16 or float16")
   if cfg.batch_size < 1:
     raise JaxsaeError(f"--batch_size={cfg.batch_size} must be positive")
+  if cfg.threads < 0:
+    raise JaxsaeError(f"--threads={cfg.threads} must be 0 (torch's default) or positive")
   if cfg.ctx_len < 2 or cfg.num_tokens < cfg.ctx_len:
     raise JaxsaeError(f"--num_tokens={cfg.num_tokens} must be at least one window "
                       f"(--ctx_len={cfg.ctx_len} >= 2)")
@@ -319,7 +325,13 @@ def run(cfg: ExtractConfig) -> dict | None:
           f"d_in={d_in}, forward stops once they are captured; "
           f"{len(todo)} of {num_shards} shards to write", flush=True)
     if todo:
-      stats = extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, device)
+      threads = torch.get_num_threads()
+      if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+      try:
+        stats = extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, device)
+      finally:
+        torch.set_num_threads(threads)
       print(f"{stats['tokens'] / stats['seconds']:,.0f} tokens/s; "
             f"{100 * stats['model_seconds'] / stats['seconds']:.0f}% of the time in the model")
   finally:

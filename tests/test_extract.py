@@ -88,6 +88,28 @@ def test_worker_split_gives_the_same_store(tiny_model_dir, text_dir, tmp_path):
   assert store.Store(str(tmp_path / "two")).dtype == store.np_dtype("bfloat16")
 
 
+def test_threads_flag_sets_torch_threads_for_the_run_only(tiny_model_dir, text_dir, tmp_path,
+                                                          monkeypatch):
+  seen = []
+  forward = extract.Hooked.__call__
+
+  def counting(self, ids):
+    seen.append(torch.get_num_threads())
+    return forward(self, ids)
+
+  before = torch.get_num_threads()
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "default"))
+  monkeypatch.setattr(extract.Hooked, "__call__", counting)
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "one", threads=1))
+  assert set(seen[1:]) == {1}  # seen[0] is the width probe, run before the shards
+  assert torch.get_num_threads() == before
+  a, b = store.Store(str(tmp_path / "default")), store.Store(str(tmp_path / "one"))
+  np.testing.assert_allclose(b.batch(0, a.num_tokens), a.batch(0, a.num_tokens), rtol=1e-5,
+                             atol=1e-6)
+  with pytest.raises(JaxsaeError, match="--threads=-1"):
+    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "bad", threads=-1))
+
+
 def test_bad_model_and_site(tiny_model_dir, text_dir, tmp_path):
   with pytest.raises(JaxsaeError, match="no such file"):
     extract.run(_cfg("/nonexistent/model", text_dir, tmp_path / "a"))
