@@ -47,6 +47,9 @@ _SIDES = flags.DEFINE_list("sides", ["jaxsae", "sparsify"], "Which trainers to r
 _OUT = flags.DEFINE_string("out", "", "Also write the results here as JSON.")
 _DENSE = flags.DEFINE_bool("dense_encoder", False, "jaxsae with plain autodiff of the dense "
                            "encoder instead of its fused k-sparse backward (for comparison).")
+_BACKWARD = flags.DEFINE_enum("backward", "auto", ["auto", "dense", "scatter"], "jaxsae's TopK "
+                              "kernel backward: chosen by shape (auto), or forced (see "
+                              "jaxsae/sae/common.py DENSE_BACKWARD_MAX).")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.4, "Device peak dense matrix TFLOP/s at the "
                            "compute dtype (H100 SXM bf16: 989.4), for the roofline fraction.")
 
@@ -89,6 +92,8 @@ def run_jaxsae(xs, held, num_seeds: int) -> dict:
   if _DENSE.value:
     common.topk_encoder = lambda x, w, b, c: jax.lax.top_k(
         jax.nn.relu(common.matmul(x, w, c) + b), c.k)
+  if _BACKWARD.value != "auto":
+    common.DENSE_BACKWARD_MAX = 1 << 62 if _BACKWARD.value == "dense" else 0
   steps = len(xs)
   d_in, n = xs.shape[-1], _N.value
   cfg = train.TrainConfig(arch="topk", num_latents=n, k=_K.value, batch_size=_B.value)
@@ -129,6 +134,7 @@ def run_jaxsae(xs, held, num_seeds: int) -> dict:
   tflops = num_seeds * 2 * _B.value * d_in * n / step_s / 1e12
   return {"tok_s_per_seed": timed / seconds, "fvu": float(np.mean(fvus)),
           "device": str(jax.devices()[0].device_kind), "compute_dtype": spec["compute_dtype"],
+          "backward": "dense" if common.dense_backward(_B.value, n) else "scatter",
           "step_s": step_s, "encoder_tflops": tflops, "roofline": tflops / _PEAK.value}
 
 
