@@ -151,7 +151,7 @@ def compare(model, tok, device):
                     "site": sites[0][0], "tokens_per_round": int(wins.size),
                     "rows_compared": int(keep.sum()), "stored_dtype": _DTYPE.value,
                     "rounds": _ROUNDS.value, "variants": rows}, indent=1))
-  print(f"\n| variant | tokens/s | ratio | max / median relative error vs float32 |")
+  print("\n| variant | tokens/s | ratio | max / median relative error vs float32 |")
   print("| --- | ---: | ---: | ---: |")
   for r in rows:
     print(f"| {r['variant']} | {r['tok_s']:,.0f} | {r['ratio']:.2f}x | "

@@ -3,7 +3,7 @@
   python bench/bench_kernels.py --d_in=576 --k=32 --shapes=256x1024,1024x2048,4096x4096
 
 For each batch x latents shape, one seed's whole training step (`train.make_step`: loss,
-gradient, clip, Adam) with `common.DENSE_BACKWARD_MAX` forcing each path, timed interleaved in
+gradient, clip, Adam) with `SaeConfig.topk_backward` forcing each path, timed interleaved in
 one process (dense, scatter, dense, ...; --rounds of --steps steps each), so that a busy
 machine slows both alike. Prints one JSON row per shape: median ms per step of each path and
 their ratio; `common.DENSE_BACKWARD_MAX` should sit between the last shape where dense wins and
@@ -32,13 +32,11 @@ def step_fn(batch: int, n: int, dense: bool):
   import jax
   from flax import nnx
   from jaxsae import train
-  from jaxsae.sae import ARCHITECTURES, SaeConfig, common
-
-  common.DENSE_BACKWARD_MAX = 1 << 62 if dense else 0  # read when the step is traced
+  from jaxsae.sae import ARCHITECTURES, SaeConfig
   cfg = train.TrainConfig(num_latents=n, k=_K.value, batch_size=batch)
   tx, _ = train.make_optimizer(1e-3, 10, 1000, cfg)
   make = lambda: train.TrainState(ARCHITECTURES["topk"], (0,), _D_IN.value, n,
-                                  SaeConfig(k=_K.value), tx)
+                                  SaeConfig(k=_K.value, topk_backward="dense" if dense else "scatter"), tx)
   graphdef, _ = nnx.split(nnx.eval_shape(make))
   step = jax.jit(train.make_step(graphdef, cfg, 0, "map"), donate_argnums=0)
   state = jax.jit(lambda: nnx.state(make()))()

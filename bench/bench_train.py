@@ -48,8 +48,8 @@ _OUT = flags.DEFINE_string("out", "", "Also write the results here as JSON.")
 _DENSE = flags.DEFINE_bool("dense_encoder", False, "jaxsae with plain autodiff of the dense "
                            "encoder instead of its fused k-sparse backward (for comparison).")
 _BACKWARD = flags.DEFINE_enum("backward", "auto", ["auto", "dense", "scatter"], "jaxsae's TopK "
-                              "kernel backward: chosen by shape (auto), or forced (see "
-                              "jaxsae/sae/common.py DENSE_BACKWARD_MAX).")
+                              "kernel backward (jaxsae train --topk_backward): chosen by shape "
+                              "(auto), or forced.")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.4, "Device peak dense matrix TFLOP/s at the "
                            "compute dtype (H100 SXM bf16: 989.4), for the roofline fraction.")
 
@@ -92,13 +92,12 @@ def run_jaxsae(xs, held, num_seeds: int) -> dict:
   if _DENSE.value:
     common.topk_encoder = lambda x, w, b, c: jax.lax.top_k(
         jax.nn.relu(common.matmul(x, w, c) + b), c.k)
-  if _BACKWARD.value != "auto":
-    common.DENSE_BACKWARD_MAX = 1 << 62 if _BACKWARD.value == "dense" else 0
   steps = len(xs)
   d_in, n = xs.shape[-1], _N.value
   cfg = train.TrainConfig(arch="topk", num_latents=n, k=_K.value, batch_size=_B.value)
   spec = train.resolve(cfg, d_in, steps * _B.value)
-  sae_cfg = SaeConfig(k=_K.value, compute_dtype=spec["compute_dtype"])
+  sae_cfg = SaeConfig(k=_K.value, compute_dtype=spec["compute_dtype"],
+                      topk_backward=_BACKWARD.value)
   tx, _ = train.make_optimizer(spec["lr"], cfg.lr_warmup_steps, steps, cfg)
   mesh = train.make_mesh("auto", num_seeds, _B.value)
   seeds = list(range(num_seeds))
@@ -134,7 +133,7 @@ def run_jaxsae(xs, held, num_seeds: int) -> dict:
   tflops = num_seeds * 2 * _B.value * d_in * n / step_s / 1e12
   return {"tok_s_per_seed": timed / seconds, "fvu": float(np.mean(fvus)),
           "device": str(jax.devices()[0].device_kind), "compute_dtype": spec["compute_dtype"],
-          "backward": "dense" if common.dense_backward(_B.value, n) else "scatter",
+          "backward": "dense" if common.dense_backward(_B.value, n, sae_cfg) else "scatter",
           "step_s": step_s, "encoder_tflops": tflops, "roofline": tflops / _PEAK.value}
 
 

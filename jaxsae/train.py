@@ -101,6 +101,11 @@ class TrainConfig:
   mesh: str = field("auto", "Device mesh SEEDSxDATA, e.g. 4x2; auto spreads seeds first.")
   seed_loop: str = field("auto", "vmap (all seeds as one batched program) or map (one seed after "
                          "another inside the step); auto: map on a single CPU device, else vmap.")
+  topk_backward: str = field("auto", "TopK's kernel backward: dense (matrix products over "
+                             "[batch, num_latents]) or scatter (scatter-adds of the k rows); "
+                             "auto: dense while batch x num_latents <= 2^22, where it is faster "
+                             "(bench/bench_kernels.py). The same numbers to float tolerance; "
+                             "scatter reproduces jaxsae 0.1's bit for bit.")
   compute_dtype: str = field("auto", "dtype of the matrix products (float32|bfloat16); "
                              "parameters and optimizer state stay float32. auto: float32 on "
                              "CPU, else bfloat16.")
@@ -152,6 +157,8 @@ def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> dict[str, Any
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   if dtype not in ("float32", "bfloat16"):
     raise JaxsaeError(f"--compute_dtype={cfg.compute_dtype}: use float32, bfloat16 or auto")
+  if cfg.topk_backward not in ("auto", "dense", "scatter"):
+    raise JaxsaeError(f"--topk_backward={cfg.topk_backward}: use auto, dense or scatter")
   if cfg.seed_loop not in ("auto", "vmap", "map"):
     raise JaxsaeError(f"--seed_loop={cfg.seed_loop}: use auto, vmap or map")
   normalize = cfg.normalize if cfg.normalize is not None else cfg.arch in NORMALIZED_BY_DEFAULT
@@ -621,7 +628,7 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
   sae_cfg = SaeConfig(
       k=cfg.k, auxk_alpha=cfg.auxk_alpha, l1_coeff=cfg.l1_coeff, l0_coeff=cfg.l0_coeff,
       jumprelu_bandwidth=cfg.jumprelu_bandwidth, jumprelu_threshold=cfg.jumprelu_threshold,
-      compute_dtype=spec["compute_dtype"])
+      compute_dtype=spec["compute_dtype"], topk_backward=cfg.topk_backward)
   tx, schedule = make_optimizer(spec["lr"], cfg.lr_warmup_steps, num_steps, cfg)
 
   # State: built directly into its sharding, or restored from the newest checkpoint. Past

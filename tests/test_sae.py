@@ -272,15 +272,14 @@ def test_two_stage_top_k_equals_lax_top_k(n, k, group):
 
 
 @pytest.mark.parametrize("seeds", [1, 3])
-def test_topk_dense_and_scatter_backward_are_equal(monkeypatch, seeds):
+def test_topk_dense_and_scatter_backward_are_equal(seeds):
   """The two backward paths of the TopK kernels (dense products at small shapes, scatter-adds
   of the k rows at large ones): same loss, same gradients to float tolerance, and the same
   parameters after a few Adam steps, alone and under the seed vmap."""
-  cfg = SaeConfig(k=4)
   x = jax.random.normal(jax.random.key(3), (64, D_IN)) + 0.3
 
-  def run(dense_max):
-    monkeypatch.setattr(common, "DENSE_BACKWARD_MAX", dense_max)
+  def run(backward):
+    cfg = SaeConfig(k=4, topk_backward=backward)
     graphdef, state = nnx.split(nnx.vmap(lambda r: ARCHITECTURES["topk"](D_IN, N, cfg, rngs=r))(
         nnx.Rngs(jax.vmap(jax.random.key)(jnp.arange(seeds)))))
     tx = optax.adam(1e-2)
@@ -302,9 +301,9 @@ def test_topk_dense_and_scatter_backward_are_equal(monkeypatch, seeds):
       first = first or (l, g, fired)
     return first, state, scatters
 
-  assert common.dense_backward(64, N)
-  (l_d, g_d, f_d), s_d, scatters_d = run(1 << 30)
-  (l_s, g_s, f_s), s_s, scatters_s = run(0)
+  assert common.dense_backward(64, N, SaeConfig())  # what "auto" takes at this shape
+  (l_d, g_d, f_d), s_d, scatters_d = run("dense")
+  (l_s, g_s, f_s), s_s, scatters_s = run("scatter")
   assert scatters_d == 0 < scatters_s  # two different programs
   np.testing.assert_allclose(l_d, l_s, rtol=1e-6)
   np.testing.assert_array_equal(f_d, f_s)

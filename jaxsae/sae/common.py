@@ -33,6 +33,9 @@ class SaeConfig:
   jumprelu_threshold: float = 1e-3
   threshold_decay: float = 0.99
   compute_dtype: str = "float32"
+  # The TopK kernels' backward: "dense" products or "scatter"-adds of the k rows; "auto" picks
+  # by shape (`dense_backward`). Both give the same numbers to float tolerance.
+  topk_backward: str = "auto"
 
 
 class Statistic(nnx.Variable):
@@ -151,8 +154,10 @@ def remove_parallel_grad(grad: jax.Array, w: jax.Array) -> jax.Array:
 DENSE_BACKWARD_MAX = 1 << 22
 
 
-def dense_backward(batch: int, num_latents: int) -> bool:
+def dense_backward(batch: int, num_latents: int, cfg: SaeConfig) -> bool:
   """Whether the TopK kernels take their dense-product backward at this shape."""
+  if cfg.topk_backward != "auto":
+    return cfg.topk_backward == "dense"
   return batch * num_latents <= DENSE_BACKWARD_MAX
 
 
@@ -254,7 +259,7 @@ def topk_encoder(x: jax.Array, w_enc: jax.Array, b: jax.Array, cfg: SaeConfig):
   that the cotangent is k-sparse and spends a second (and, for x, a third) full matmul on it.
   """
   vals, idx = top_k(jax.nn.relu(matmul(x, w_enc, cfg) + b), cfg.k)
-  if dense_backward(x.shape[0], w_enc.shape[1]):
+  if dense_backward(x.shape[0], w_enc.shape[1], cfg):
     # The dense decode slices idx by column; without the barrier XLA merges those slices into
     # the sort that top_k lowers to, and a full [B, n] sort runs instead of its TopK kernel
     # (10x slower on CPU).
@@ -272,7 +277,7 @@ def _topk_encoder_bwd(cfg, res, cts):
   g = jnp.where(vals > 0, cts[0], 0.0)  # ReLU: a selected zero passes no gradient
   n = w_enc.shape[1]
   dx = sparse_decode(g, idx, w_enc.T, cfg)  # dead code unless someone differentiates x
-  if dense_backward(x.shape[0], n):
+  if dense_backward(x.shape[0], n, cfg):
     dense = scatter_rows(g, idx, n)  # [B, n]
     dw, db = matmul(x.T, dense, cfg), dense.sum(0)
     return dx.astype(x.dtype), dw.astype(w_enc.dtype), db.astype(w_enc.dtype)

@@ -68,7 +68,7 @@ class TopK(common.SAE):
       # encoder's input a constant, so no gradient ever flows back through the [B, n] product.
       b = self.b_enc[...] - common.matmul(b_dec[None], w_enc, cfg)[0]
       vals, idx = common.topk_encoder(x, w_enc, b, cfg)
-    dense = not cfg.auxk_alpha and common.dense_backward(x.shape[0], w_enc.shape[-1])
+    dense = not cfg.auxk_alpha and common.dense_backward(x.shape[0], w_enc.shape[-1], cfg)
     x_hat = common.sparse_decode(vals, idx, w_dec, cfg, dense) + b_dec
     var = common.total_variance(x)
     e = x - x_hat
