@@ -326,13 +326,14 @@ def over_seeds(fn: Callable, members, loop: str, unroll: bool):
   and 2.94 s. A lax.map's while loop copies each seed's state into and out of its carry,
   which small steps feel; unrolled, XLA interleaves the seeds' large steps and their
   [B, n] intermediates crowd each other out. `unroll` is set where the TopK kernels take their
-  dense backward, the same small shapes. One seed needs no loop at all.
+  dense backward, the same small shapes. (Even one seed at 4096 x 4096 ran slower without
+  the loop than inside it: 0.53 s against 0.47 s.)
   """
   if loop == "vmap":
     return jax.vmap(fn)(members)
-  num_seeds = jax.tree.leaves(members)[0].shape[0]
-  if not unroll and num_seeds > 1:
+  if not unroll:
     return jax.lax.map(fn, members)
+  num_seeds = jax.tree.leaves(members)[0].shape[0]
   outs = [fn(jax.tree.map(lambda a: a[i], members)) for i in range(num_seeds)]
   return jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
