@@ -1,0 +1,76 @@
+"""Where one seed's TopK training step spends its time, part by part, on this machine.
+
+  python bench/bench_step_parts.py --batch_size=256 --num_latents=1024
+
+Each part is jitted alone and timed over 10 calls, the parts interleaved round by round
+(median of --rounds): the whole step (`train.make_step`), loss and gradient, the forward alone,
+the encoder product, the product with XLA's top-k, and clip + Adam (optax) on the parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+_B = flags.DEFINE_integer("batch_size", 256, "Tokens per batch.")
+_N = flags.DEFINE_integer("num_latents", 1024, "Latents.")
+_D_IN = flags.DEFINE_integer("d_in", 576, "Input width.")
+_K = flags.DEFINE_integer("k", 32, "Active latents per token.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
+
+
+def main(_):
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  from jaxsae import train
+  from jaxsae.sae import ARCHITECTURES, SaeConfig
+
+  b, n, d, k = _B.value, _N.value, _D_IN.value, _K.value
+  cfg = train.TrainConfig(num_latents=n, k=k, batch_size=b)
+  tx, _ = train.make_optimizer(1e-3, 10, 1000, cfg)
+  make = lambda: train.TrainState(ARCHITECTURES["topk"], (0,), d, n, SaeConfig(k=k), tx)
+  graphdef, _ = nnx.split(nnx.eval_shape(make))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(b, d)).astype(np.float32))
+  state = jax.jit(lambda: nnx.state(make()))()
+  sae_def, saes = nnx.split(nnx.merge(graphdef, state).seeds.sae)
+  one = jax.tree.map(lambda a: a[0], saes)
+  loss = lambda s, x: nnx.merge(sae_def, s).loss(x, jnp.zeros(n, bool), 1.0)[0]
+  w = one["W_enc"][...]
+  params = {name: v[...] for name, v in one.items()}
+  opt = tx.init(params)
+
+  def adam(p, o, g):
+    updates, o = tx.update(g, o, p)
+    return optax.apply_updates(p, updates), o
+
+  parts = {
+      "step": (jax.jit(train.make_step(graphdef, cfg, 0, "map")), (state, x)),
+      "loss_and_grad": (jax.jit(jax.value_and_grad(loss)), (one, x)),
+      "forward": (jax.jit(loss), (one, x)),
+      "encoder_product": (jax.jit(lambda x, w: x @ w), (x, w)),
+      "product_and_top_k": (jax.jit(lambda x, w: jax.lax.top_k(jax.nn.relu(x @ w), k)), (x, w)),
+      "clip_and_adam": (jax.jit(adam), (params, opt, jax.tree.map(lambda a: a * 1e-3, params))),
+  }
+  times = {name: [] for name in parts}
+  for f, args in parts.values():
+    jax.block_until_ready(f(*args))
+  for _ in range(_ROUNDS.value):
+    for name, (f, args) in parts.items():
+      t = time.perf_counter()
+      for _ in range(10):
+        out = f(*args)
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t) / 10 * 1e3)
+  print(json.dumps({"batch_size": b, "num_latents": n, "d_in": d, "k": k,
+                    **{f"{name}_ms": round(float(np.median(t)), 2)
+                       for name, t in times.items()}}))
+
+
+if __name__ == "__main__":
+  app.run(main)
