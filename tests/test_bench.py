@@ -57,3 +57,17 @@ def test_bench_train_missing_peer_says_how_to_install():
 def test_bench_match_smoke():
   out = _run("bench_match.py", "--sizes=256", "--instances=planted", "--d_in=32")
   assert "256" in out and "sparse" in out
+
+
+def test_bench_kernels_smoke():
+  out = _run("bench_kernels.py", "--d_in=16", "--k=4", "--shapes=64x128", "--rounds=1",
+             "--steps=2")
+  row = json.loads(out.strip().splitlines()[-1])
+  assert row["batch_x_latents"] == 64 * 128 and row["dense_ms"] > 0 and row["scatter_ms"] > 0
+
+
+def test_bench_step_parts_smoke():
+  out = _run("bench_step_parts.py", "--d_in=16", "--k=4", "--batch_size=64",
+             "--num_latents=128", "--rounds=1")
+  row = json.loads(out.strip().splitlines()[-1])
+  assert row["step_ms"] > 0 and row["clip_and_adam_ms"] > 0
