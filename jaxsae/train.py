@@ -689,8 +689,8 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
     stop_if_bad(t.state, spec, mngr)
     save(mngr, t.state, t.skipped)
 
-  def export_to(directory: str, t: Tick) -> None:
-    export(directory, to_host(exported(graphdef, t.state)), sae, spec, t.step, input_scale,
+  def export_to(directory: str, step: int, state: nnx.State) -> None:
+    export(directory, to_host(exported(graphdef, state)), sae, spec, step, input_scale,
            cfg.store)
 
   keep = frozenset(spec["keep_steps"])
@@ -698,8 +698,8 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
       clock.tick,
       Hook(log, every=cfg.log_every, at=frozenset({num_steps})),
       Hook(checkpoint, every=cfg.checkpoint_every, at=keep | {num_steps}),
-      Hook(lambda t: export_to(os.path.join(cfg.out, f"tokens{t.step * cfg.batch_size}"), t),
-           at=keep),
+      Hook(lambda t: export_to(os.path.join(cfg.out, f"tokens{t.step * cfg.batch_size}"),
+                               t.step, t.state), at=keep),
   ]
   skipped = 0 if fresh else saved_metadata(mngr, start).get(SKIPPED_KEY, 0)
   failed = True
@@ -722,7 +722,7 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
         raise KeyboardInterrupt
     with _writing_checkpoints(mngr):
       mngr.wait_until_finished()
-    export_to(cfg.out, Tick(num_steps, state, metrics, skipped))
+    export_to(cfg.out, num_steps, state)
     if jax.process_index() == 0:
       print(f"jaxsae train: {len(seeds)} seeds x {num_steps * cfg.batch_size:,} tokens; SAEs in "
             f"{os.path.join(cfg.out, 'seed{' + ','.join(map(str, seeds)) + '}')}/, metrics in "

@@ -136,6 +136,15 @@ def test_kill_and_resume_equals_uninterrupted(store_dir, reference, tmp_path):
   assert steps == list(range(5, 41, 5))  # the lines past checkpoint 20 were logged once
 
 
+def test_killed_after_the_last_checkpoint_exports_on_rerun(store_dir, reference, tmp_path):
+  out = tmp_path / "run"
+  with pytest.raises(KeyboardInterrupt):
+    train.run(config(store_dir, out), interrupt_at=40)  # the final checkpoint, not the export
+  assert not os.path.exists(out / "seed0")
+  train.run(config(store_dir, out))  # no step left to take: it only exports
+  assert_same(exported(out), exported(reference))
+
+
 # The failed restore of the broken checkpoint leaves an orbax/tensorstore callback that fires
 # after its event loop closed; harmless, and not ours.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
