@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsae.sae import common
-from jaxsae.sae.common import SaeConfig
 from jaxsae.sae import topk
+from jaxsae.sae.common import SaeConfig
 
 
 def batch_topk(pre: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -38,17 +38,13 @@ class BatchTopK(common.SAE):
     # 0 marks "not yet estimated": the first batch sets it outright instead of decaying from 0.
     self.threshold = common.variable(jnp.zeros((), jnp.float32), common.Statistic)
 
-  def pre_acts(self, x: jax.Array) -> jax.Array:
-    return jax.nn.relu(common.matmul(self.encoder_input(x), self.W_enc[...], self.cfg)
-                       + self.b_enc[...])
-
   def encode(self, x: jax.Array) -> jax.Array:
-    pre = self.pre_acts(x)
+    pre = jax.nn.relu(self.pre_acts(x))
     return jnp.where(pre > self.threshold[...], pre, 0.0)
 
   def loss(self, x: jax.Array, dead_mask: jax.Array, penalty_scale: jax.Array):
     del penalty_scale
-    pre = self.pre_acts(x)
+    pre = jax.nn.relu(self.pre_acts(x))
     z, cut = batch_topk(pre, self.cfg.k)
     z = jnp.where(z > 0, z, 0.0)
     x_hat = self.decode(z)

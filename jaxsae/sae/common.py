@@ -83,6 +83,10 @@ class SAE(nnx.Module):
   def encoder_input(self, x: jax.Array) -> jax.Array:
     return x - self.b_dec[...] if self.subtracts_b_dec else x
 
+  def pre_acts(self, x: jax.Array) -> jax.Array:
+    """The encoder's pre-activations [B, n], before the architecture's firing rule."""
+    return matmul(self.encoder_input(x), self.W_enc[...], self.cfg) + self.b_enc[...]
+
   def decode(self, z: jax.Array, frozen: bool = False) -> jax.Array:
     """x_hat = z W_dec + b_dec, the decoder of every architecture; `frozen` passes no gradient
     to the decoder (Gated's auxiliary loss)."""
@@ -96,7 +100,7 @@ class SAE(nnx.Module):
 
   def export(self) -> dict[str, jax.Array]:
     """The tensors readers expect (sparsify's names, W_enc as [d_in, n]) and their extras."""
-    return {name: v[...] for name, v in nnx.state(self).items() if name != "cfg"}
+    return {name: v[...] for name, v in nnx.state(self).items()}
 
   @classmethod
   def from_weights(cls, weights: dict[str, Any], cfg: SaeConfig, **kwargs) -> SAE:
@@ -293,6 +297,12 @@ def _topk_encoder_bwd(cfg, res, cts):
 
 
 topk_encoder.defvjp(_topk_encoder_fwd, _topk_encoder_bwd)
+
+
+def random_unit_rows(key: jax.Array, num_latents: int, d_in: int) -> jax.Array:
+  """[num_latents, d_in] random directions: the decoder the ReLU, Gated and JumpReLU recipes
+  start from."""
+  return unit_norm_rows(jax.random.normal(key, (num_latents, d_in), jnp.float32))
 
 
 def kaiming_uniform(key: jax.Array, d_in: int, num_latents: int) -> jax.Array:

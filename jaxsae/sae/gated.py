@@ -27,8 +27,7 @@ from jaxsae.sae.common import SaeConfig
 class Gated(common.SAE):
 
   def __init__(self, d_in: int, num_latents: int, cfg: SaeConfig, *, rngs: nnx.Rngs):
-    w_dec = common.unit_norm_rows(jax.random.normal(rngs.params(), (num_latents, d_in),
-                                                    jnp.float32))
+    w_dec = common.random_unit_rows(rngs.params(), num_latents, d_in)
     self.init_dictionary(w_dec.T, w_dec, cfg)
     self.r_mag = common.variable(jnp.zeros(num_latents, jnp.float32))
     self.b_mag = common.variable(jnp.zeros(num_latents, jnp.float32))

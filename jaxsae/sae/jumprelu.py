@@ -74,15 +74,11 @@ def _scale(d_in: int) -> float:
 class JumpReLU(common.SAE):
 
   def __init__(self, d_in: int, num_latents: int, cfg: SaeConfig, *, rngs: nnx.Rngs):
-    w_dec = common.unit_norm_rows(jax.random.normal(rngs.params(), (num_latents, d_in),
-                                                    jnp.float32))
+    w_dec = common.random_unit_rows(rngs.params(), num_latents, d_in)
     self.init_dictionary(w_dec.T, w_dec, cfg)
     theta = cfg.jumprelu_threshold * _scale(d_in)
     # Trained in log space, as in the paper, so the threshold stays positive.
     self.log_threshold = common.variable(jnp.full(num_latents, math.log(theta), jnp.float32))
-
-  def pre_acts(self, x: jax.Array) -> jax.Array:
-    return common.matmul(self.encoder_input(x), self.W_enc[...], self.cfg) + self.b_enc[...]
 
   def encode(self, x: jax.Array) -> jax.Array:
     pre = self.pre_acts(x)

@@ -34,16 +34,14 @@ class ReluL1(common.SAE):
   unit_norm_decoder = False
 
   def __init__(self, d_in: int, num_latents: int, cfg: SaeConfig, *, rngs: nnx.Rngs):
-    w_dec = common.unit_norm_rows(jax.random.normal(rngs.params(), (num_latents, d_in),
-                                                    jnp.float32))
+    w_dec = common.random_unit_rows(rngs.params(), num_latents, d_in)
     if not self.unit_norm_decoder:
       w_dec = w_dec * INIT_DECODER_NORM
     self.init_dictionary(w_dec.T, w_dec, cfg)
     self.subtracts_b_dec = self.unit_norm_decoder
 
   def encode(self, x: jax.Array) -> jax.Array:
-    return jax.nn.relu(common.matmul(self.encoder_input(x), self.W_enc[...], self.cfg)
-                       + self.b_enc[...])
+    return jax.nn.relu(self.pre_acts(x))
 
   def loss(self, x: jax.Array, dead_mask: jax.Array, penalty_scale: jax.Array):
     del dead_mask

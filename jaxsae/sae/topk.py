@@ -41,14 +41,9 @@ class TopK(common.SAE):
   def __init__(self, d_in: int, num_latents: int, cfg: SaeConfig, *, rngs: nnx.Rngs):
     self.init_dictionary(*init_weights(rngs.params(), d_in, num_latents), cfg)
 
-  def pre_acts(self, x: jax.Array) -> jax.Array:
-    """ReLU pre-activations [B, n]."""
-    return jax.nn.relu(common.matmul(self.encoder_input(x), self.W_enc[...], self.cfg)
-                       + self.b_enc[...])
-
   def encode_topk(self, x: jax.Array):
     """(values [B, k], indices [B, k], ReLU pre-activations [B, n])."""
-    pre = self.pre_acts(x)
+    pre = jax.nn.relu(self.pre_acts(x))
     vals, idx = common.top_k(pre, self.cfg.k)
     return vals, idx, pre
 
