@@ -1,7 +1,9 @@
 """The optimal bijection between two SAEs' latents, exactly, at any size, with a certificate.
 
 Given unit rows a [n, d] and b [n, d], find the permutation sigma maximising
-sum_i cos(a_i, b_sigma(i)). Two exact paths:
+sum_i cos(a_i, b_sigma(i)). SAEs of different widths (a [n_a, d], b [n_b, d]) get the
+maximum-total one-to-one matching instead: every latent of the narrower side has a partner, and
+n_a - n_b latents of the wider one have none (dense path only). Two exact paths:
 
 * dense: the full cosine matrix from a blocked jitted kernel, solved by scipy's
   `linear_sum_assignment`, the reference. scipy copies the matrix to float64, so the
@@ -47,10 +49,10 @@ NEAR_VIOLATION = 0.02
 @dataclasses.dataclass(frozen=True)
 class Assignment:
   """An optimal bijection rows -> columns and what proves it."""
-  cols: np.ndarray  # [n] int: the partner column of each row
-  cos: np.ndarray  # [n] float32: the cosine with that partner
+  cols: np.ndarray  # [n] int: the partner column of each row; -1 for none (more rows than cols)
+  cos: np.ndarray  # [n] float32: the cosine with that partner; NaN where there is none
   best: np.ndarray  # [n] float32: each row's best cosine over all columns (no bijection)
-  objective: float  # sum of `cos`
+  objective: float  # sum of `cos` over the matched rows
   dual_bound: float | None  # an upper bound on every bijection's total; None for dense
   gap: float | None  # dual_bound - objective
   method: str  # "dense" or "sparse"
@@ -70,9 +72,13 @@ def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
   if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
     raise JaxsaeError(f"cannot compare latents of shapes {list(a.shape)} and {list(b.shape)}; "
                       "both SAEs need [n_latents, d_in] weights of the same d_in")
+
+
+def _check_square(a: np.ndarray, b: np.ndarray) -> None:
   if a.shape[0] != b.shape[0]:
-    raise JaxsaeError(f"a bijection needs equal latent counts, got {a.shape[0]} and "
-                      f"{b.shape[0]}; match SAEs of the same width")
+    raise JaxsaeError(f"the sparse solver needs equal latent counts, got {a.shape[0]} and "
+                      f"{b.shape[0]}; SAEs of different widths are matched by the dense "
+                      "solver (--assignment=auto or dense)")
 
 
 def _blocks(n: int, block_size: int):
@@ -162,28 +168,33 @@ def paired_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def solve_dense(sim: np.ndarray) -> np.ndarray:
-  """scipy's exact maximum-total assignment of a square matrix: the partner of every row."""
+  """scipy's exact maximum-total assignment of a [n_a, n_b] matrix: the partner of every row,
+  -1 for the n_a - n_b rows left without one when there are more rows than columns (scipy
+  matches min(n_a, n_b) pairs, maximising their total)."""
   from scipy.optimize import linear_sum_assignment
-  if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
-    raise JaxsaeError(f"the assignment needs a square similarity matrix, got {list(sim.shape)}; "
-                      "match SAEs with the same number of latents")
+  if sim.ndim != 2:
+    raise JaxsaeError(f"the assignment needs a similarity matrix, got shape {list(sim.shape)}")
   rows, cols = linear_sum_assignment(sim, maximize=True)
-  out = np.empty(sim.shape[0], np.int64)
+  out = np.full(sim.shape[0], -1, np.int64)
   out[rows] = cols
   return out
 
 
 def assign_dense(a: np.ndarray, b: np.ndarray, block_size: int = 1024) -> Assignment:
-  """The exact bijection via the full matrix and scipy (the reference path)."""
+  """The exact bijection via the full matrix and scipy (the reference path); for unequal
+  widths the maximum-total one-to-one matching (rows without a partner: -1, cosine NaN)."""
   t0 = time.perf_counter()
   _check_pair(a, b)
   sim = cosine_matrix(a, b, block_size)
   cols = solve_dense(sim)
-  cos = sim[np.arange(len(cols)), cols]
+  has = cols >= 0
+  cos = np.full(len(cols), np.nan, np.float32)
+  cos[has] = sim[np.flatnonzero(has), cols[has]]
   best = sim.max(axis=1)
   del sim
-  return Assignment(cols=cols, cos=cos, best=best, objective=float(cos.sum(dtype=np.float64)),
-                    dual_bound=None, gap=None, method="dense", num_candidates=len(cols) ** 2,
+  return Assignment(cols=cols, cos=cos, best=best,
+                    objective=float(cos[has].sum(dtype=np.float64)), dual_bound=None, gap=None,
+                    method="dense", num_candidates=a.shape[0] * b.shape[0],
                     seconds=time.perf_counter() - t0)
 
 
@@ -448,6 +459,7 @@ def assign_sparse(a: np.ndarray, b: np.ndarray, k: int = 32, col_k: int = 0,
   """
   t0 = time.perf_counter()
   _check_pair(a, b)
+  _check_square(a, b)
   n = a.shape[0]
   rows, cols, vals, best = candidates(a, b, k, col_k, block_size, precision, progress)
   # No entry off a row's top-k list exceeds the list's smallest exact cosine by more than
@@ -497,13 +509,19 @@ def assign_sparse(a: np.ndarray, b: np.ndarray, k: int = 32, col_k: int = 0,
 def assign(a: np.ndarray, b: np.ndarray, *, method: str = "auto", dense_max: int = 4096,
            k: int = 32, block_size: int = 1024, precision: str = "bfloat16",
            progress=None) -> Assignment:
-  """The optimal bijection of unit rows a to unit rows b: dense up to `dense_max`, else sparse."""
+  """The optimal bijection of unit rows a to unit rows b: dense up to `dense_max`, else sparse.
+
+  Unequal widths always go dense (the sparse solver and its certificate assume a perfect
+  matching): ~12 n_a n_b bytes, 6 GB for 16,384 against 32,768 latents.
+  """
   _check_pair(a, b)
   if method == "auto":
-    method = "dense" if a.shape[0] <= dense_max else "sparse"
+    square = a.shape[0] == b.shape[0]
+    method = "dense" if a.shape[0] <= dense_max or not square else "sparse"
   if method == "dense":
     return assign_dense(a, b, block_size)
   if method == "sparse":
+    _check_square(a, b)
     return assign_sparse(a, b, k=k, block_size=block_size, precision=precision,
                          progress=progress)
   raise JaxsaeError(f"--assignment={method!r}: use auto, dense or sparse")

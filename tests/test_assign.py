@@ -83,12 +83,30 @@ def test_ties():
   assert is_permutation(cols, 5)
 
 
-def test_non_square_refused():
+@pytest.mark.parametrize("n_a,n_b", [(5, 9), (9, 5), (16, 24), (1, 3)])
+def test_unequal_widths_match_every_latent_of_the_narrower_side(n_a, n_b):
+  rng = np.random.default_rng(n_a * 7 + n_b)
+  a, b = unit(rng, n_a, 6), unit(rng, n_b, 6)
+  for method in ("auto", "dense"):
+    res = assign.assign(a, b, method=method, dense_max=2)  # auto goes dense all the same
+    assert res.method == "dense"
+    assert res.objective == pytest.approx(scipy_objective(a, b), abs=1e-5)
+    has = res.cols >= 0
+    assert has.sum() == min(n_a, n_b)  # one partner each for the narrower side
+    assert len(set(res.cols[has])) == has.sum()  # one-to-one
+    np.testing.assert_allclose(res.cos[has], np.sum(a[has] * b[res.cols[has]], axis=1),
+                               atol=1e-5)
+    assert np.isnan(res.cos[~has]).all()
+  rows = assign.solve_dense((a @ b.T).astype(np.float32))
+  assert (rows == -1).sum() == max(n_a - n_b, 0)
+
+
+def test_unequal_widths_refused_by_the_sparse_solver_and_other_d_in():
   rng = np.random.default_rng(2)
-  with pytest.raises(JaxsaeError, match="equal latent counts"):
-    assign.assign(unit(rng, 5, 4), unit(rng, 6, 4))
-  with pytest.raises(JaxsaeError, match="square"):
-    assign.solve_dense(np.zeros((3, 4), np.float32))
+  with pytest.raises(JaxsaeError, match="sparse solver needs equal latent counts"):
+    assign.assign(unit(rng, 5, 4), unit(rng, 6, 4), method="sparse")
+  with pytest.raises(JaxsaeError, match="sparse solver needs equal latent counts"):
+    assign.assign_sparse(unit(rng, 5, 4), unit(rng, 6, 4))
   with pytest.raises(JaxsaeError, match="d_in"):
     assign.assign(unit(rng, 5, 4), unit(rng, 5, 3))
 
