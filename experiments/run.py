@@ -11,6 +11,13 @@ Studies (Paulo & Belrose 2025, arXiv 2501.16615):
   frequency  sharing against firing frequency, from the base run
   threshold  sharing against the cosine threshold (0.5 to 0.9), from the base run
 
+And the questions it left open (analyses in experiments/open_questions.py):
+  census        nine seeds in one program: in how many of them each latent is found
+  trajectory    sharing and PW-MCC along one run (snapshots) and over runs of each length
+  init_vs_data  pairs differing in initialisation only, data order only, or both
+  arch_l0       every architecture at equal sparsity (--target_l0 for the penalty ones)
+  matryoshka    Matryoshka BatchTopK against flat TopK and BatchTopK, overall and per group
+
 Every point is S seeds trained at once (`jaxsae train`), all S(S-1)/2 pairs matched
 (`jaxsae match`); error bars are the standard deviation over pairs. Each stage reuses what a
 previous run finished, so a rerun after an interruption continues. Results go to
@@ -22,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -33,8 +41,11 @@ from jaxsae import extract  # noqa: E402
 from jaxsae import match  # noqa: E402
 from jaxsae import train  # noqa: E402
 
-_STUDY = flags.DEFINE_enum("study", "size", ["size", "k", "arch", "length", "frequency",
-                                             "threshold"], "Which study to run.")
+import open_questions as oq  # noqa: E402  (beside this file)
+
+PAPER_STUDIES = ["size", "k", "arch", "length", "frequency", "threshold"]
+OPEN_STUDIES = ["census", "trajectory", "init_vs_data", "arch_l0", "matryoshka"]
+_STUDY = flags.DEFINE_enum("study", "size", PAPER_STUDIES + OPEN_STUDIES, "Which study to run.")
 _OUT = flags.DEFINE_string("out", "out/experiments", "Where runs, matches and figures go.")
 _STORE = flags.DEFINE_string("store", "", "Activation store; extracted here (with the flags "
                              "below) when empty or missing.")
@@ -59,6 +70,18 @@ _WARMUP = flags.DEFINE_integer("lr_warmup_steps", 100, "Learning-rate warmup ste
 _LR = flags.DEFINE_float("lr", None, "Adam learning rate; default the paper's "
                          "2e-4 / sqrt(num_latents / 2^14).")
 _MESH = flags.DEFINE_string("mesh", "auto", "Device mesh for training.")
+_CENSUS_SEEDS = flags.DEFINE_integer("census_seeds", 9, "Seeds of the census run (the paper's "
+                                     "nine); its snapshots are the trajectory study's.")
+_SNAPSHOTS = flags.DEFINE_list("snapshots", [], "Token counts of the census run's snapshots and "
+                               "of the trajectory's full-schedule runs; default num_tokens / 32, "
+                               "/ 16, / 8, / 4, / 2.")
+_GRID = flags.DEFINE_integer("grid", 3, "init_vs_data trains G initialisations x G data orders.")
+_L0S = flags.DEFINE_list("l0s", ["16", "32"], "Target L0s of the arch_l0 study.")
+_L0_ARCHS = flags.DEFINE_list("l0_archs", ["topk", "batchtopk", "relu_l1", "gated", "jumprelu"],
+                              "Architectures of the arch_l0 study (k = L0 for topk and "
+                              "batchtopk; --target_l0 for the others).")
+_ARCH_TOKENS = flags.DEFINE_integer("arch_tokens", None, "Training tokens per seed of the "
+                                    "arch_l0 and matryoshka studies; default --num_tokens.")
 
 # The paper's numbers (Pythia-160M layer-6 MLP, k = 32, 8B Pile tokens, both-above rule at 0.7
 # unless noted), as read from its analysis code's outputs: what jaxsae's curves sit beside.
@@ -85,21 +108,32 @@ def train_and_match(name: str, store: str, keep_at_tokens=(), **overrides) -> st
   """Trains one point's seeds (or resumes) and matches all pairs; returns the run directory."""
   # The frequency and threshold studies read the same base run: train it once.
   study = _STUDY.value if name != "base" or keep_at_tokens else "shared"
-  run_dir = os.path.join(_OUT.value, study, name)
+  return trained(study, name, store, keep_at_tokens=tuple(keep_at_tokens), **overrides)
+
+
+def trained(group: str, name: str, store: str, **overrides) -> str:
+  """OUT/group/name trained (or resumed) with the base settings and `overrides`."""
+  run_dir = os.path.join(_OUT.value, group, name)
   cfg = dict(store=store, out=run_dir, arch="topk", num_latents=_NUM_LATENTS.value, k=_K.value,
              num_seeds=_SEEDS.value, num_tokens=_TOKENS.value, batch_size=_BATCH.value,
              lr=_LR.value, lr_warmup_steps=_WARMUP.value, mesh=_MESH.value,
-             keep_at_tokens=tuple(keep_at_tokens), checkpoint_every=500)
+             checkpoint_every=500)
   cfg.update(overrides)
-  if not os.path.exists(os.path.join(run_dir, f"seed{_SEEDS.value - 1}", "sae.safetensors")):
+  seeds = cfg.get("seeds") or range(cfg["num_seeds"])
+  data = cfg.get("data_seeds")
+  members = ([f"seed{s}_data{d}" for s, d in zip(seeds, data)] if data
+             else [f"seed{s}" for s in seeds])
+  if not all(os.path.exists(os.path.join(run_dir, m, "sae.safetensors")) for m in members):
+    if data:
+      cfg.pop("num_seeds")
     train.run(train.TrainConfig(**cfg))
   return run_dir
 
 
-def matched(run_dir: str, out: str) -> dict:
+def matched(run_dir: str, out: str, **kwargs) -> dict:
   path = os.path.join(out, match.SUMMARY_FILE)
   if not os.path.exists(path):
-    match.run(match.MatchConfig(inputs=(run_dir,), out=out))
+    match.run(match.MatchConfig(inputs=(run_dir,), out=out, **kwargs))
   with open(path) as f:
     return json.load(f)
 
@@ -122,12 +156,14 @@ def sweep(store: str) -> list[dict]:
       run_dir = train_and_match(f"{key}{v}", store, **{key: v})
       rows.append({"x": v, **point(matched(run_dir, run_dir + "-match"), rule)})
   elif study == "length":
+    # Each length is a run that completes its own schedule (warmup, then decay to 0), not a
+    # snapshot taken while the learning rate was still high; the trajectory study draws both.
     lengths = [int(t) for t in _LENGTHS.value] or [
         (_TOKENS.value // f) // _BATCH.value * _BATCH.value for f in (8, 4, 2)]
-    run_dir = train_and_match("base", store, keep_at_tokens=lengths)
     for t in lengths:
-      rows.append({"x": t, **point(matched(os.path.join(run_dir, f"tokens{t}"),
-                                           f"{run_dir}-match-tokens{t}"), rule)})
+      run_dir = trained("length", f"tokens{t}", store, num_tokens=t)
+      rows.append({"x": t, **point(matched(run_dir, run_dir + "-match"), rule)})
+    run_dir = train_and_match("base", store)
     rows.append({"x": _TOKENS.value, **point(matched(run_dir, run_dir + "-match"), rule)})
   else:
     run_dir = train_and_match("base", store)
@@ -201,11 +237,129 @@ def plot(rows: list[dict], path: str) -> None:
   fig.savefig(path)
 
 
+# ---------------------------------------------------------------------------------------------
+# The questions the paper left open: each returns its results and draws its figure.
+
+
+def snapshot_tokens() -> list[int]:
+  return [int(t) for t in _SNAPSHOTS.value] or [
+      (_TOKENS.value // f) // _BATCH.value * _BATCH.value for f in (32, 16, 8, 4, 2)]
+
+
+def census_run(store: str) -> str:
+  """The census's S seeds in one program, with the trajectory's snapshots on the way."""
+  return trained("nine", "base", store, num_seeds=_CENSUS_SEEDS.value,
+                 keep_at_tokens=tuple(snapshot_tokens()))
+
+
+def study_census(store: str, png: str) -> dict:
+  run_dir = census_run(store)
+  summary = matched(run_dir, run_dir + "-match")
+  _, table, _ = oq.load_match(run_dir + "-match")
+  res = {rule: oq.census(summary, table, rule) for rule in ("both_above", "agree")}
+  oq.plot_census(res["both_above"], {**summary["seeds"], "rule": summary["definition"]}, png,
+                 f"jaxsae ({_CENSUS_SEEDS.value} seeds)")
+  rows = [{"x": r["count"], "mean": r["mean"], "std": r["std"]}
+          for r in res["both_above"]["found_in"]]
+  return {"rows": rows, "census": res, "paper": oq.PAPER_CENSUS,
+          "decoder_mcc": oq.mcc(summary), "seeds_from_seed0": summary["seeds"]}
+
+
+def _trajectory_point(summary: dict, tokens: int) -> dict:
+  return {"tokens": tokens, "shared": oq.rule_point(summary, "both_above"),
+          "decoder_mcc": oq.mcc(summary, "decoder_mcc"),
+          "encoder_mcc": oq.mcc(summary, "encoder_mcc")}
+
+
+def study_trajectory(store: str, png: str) -> dict:
+  run_dir = census_run(store)
+  snaps = []
+  for t in snapshot_tokens():
+    # Frequencies are not needed here, and would cost a pass over the store per snapshot.
+    s = matched(os.path.join(run_dir, f"tokens{t}"), f"{run_dir}-match-tokens{t}",
+                freq_tokens=0)
+    snaps.append(_trajectory_point(s, t))
+  final = _trajectory_point(matched(run_dir, run_dir + "-match"), _TOKENS.value)
+  full = []
+  for t in snapshot_tokens():
+    sub = trained("length", f"tokens{t}", store, num_tokens=t)
+    full.append(_trajectory_point(matched(sub, sub + "-match"), t))
+  oq.plot_trajectory(snaps + [final], full + [final], png)
+  rows = [{"x": r["tokens"], "mean": r["shared"]["mean"], "std": r["shared"]["std"],
+           "kind": "snapshot"} for r in snaps + [final]]
+  rows += [{"x": r["tokens"], "mean": r["shared"]["mean"], "std": r["shared"]["std"],
+            "kind": "full_schedule"} for r in full]
+  return {"rows": rows, "snapshots": snaps + [final], "full_schedule": full + [final],
+          "snapshot_seeds": _CENSUS_SEEDS.value}
+
+
+def study_init_vs_data(store: str, png: str) -> dict:
+  g = _GRID.value
+  # Member (I, D): initialisation seed I, data-order seed D, all in one program.
+  seeds = tuple(i for d in range(g) for i in range(g))
+  data = tuple(d for d in range(g) for _ in range(g))
+  run_dir = trained("init_vs_data", f"grid{g}", store, seeds=seeds, data_seeds=data)
+  summary = matched(run_dir, run_dir + "-match")
+  kinds = oq.pair_kinds(summary)
+  oq.plot_kinds(kinds, png)
+  rows = [{"x": k, "mean": v["both_above"]["mean"], "std": v["both_above"]["std"],
+           "pairs": v["pairs"]} for k, v in kinds.items()]
+  return {"rows": rows, "kinds": kinds, "grid": g}
+
+
+def _at_l0(arch: str, l0: int) -> dict:
+  tokens = _ARCH_TOKENS.value or _TOKENS.value
+  if arch in ("topk", "batchtopk", "matryoshka"):
+    return dict(arch=arch, k=l0, num_tokens=tokens)
+  return dict(arch=arch, target_l0=l0, num_tokens=tokens)
+
+
+def _arch_row(store: str, arch: str, l0: int) -> dict:
+  run_dir = trained("l0", f"{arch}_l0{l0}", store, **_at_l0(arch, l0))
+  summary = matched(run_dir, run_dir + "-match")
+  _, _, freqs = oq.load_match(run_dir + "-match")
+  return {"arch": arch, "l0_target": l0, "l0": oq.l0s(freqs),
+          "both_above": oq.rule_point(summary, "both_above"),
+          "decoder": oq.rule_point(summary, "decoder"),
+          "decoder_mcc": oq.mcc(summary), "match": run_dir + "-match"}
+
+
+def study_arch_l0(store: str, png: str) -> dict:
+  rows = [_arch_row(store, a, int(l0)) for l0 in _L0S.value for a in _L0_ARCHS.value]
+  oq.plot_arch_l0(rows, png)
+  return {"rows": [{"x": f"{r['arch']}@{r['l0_target']}", "mean": r["both_above"]["mean"],
+                    "std": r["both_above"]["std"]} for r in rows], "points": rows}
+
+
+def study_matryoshka(store: str, png: str) -> dict:
+  overall = [_arch_row(store, a, _K.value) for a in ("topk", "batchtopk", "matryoshka")]
+  m_dir = overall[-1]["match"]
+  summary, table, _ = oq.load_match(m_dir)
+  with open(os.path.join(summary["saes"][0]["path"], "cfg.json")) as f:
+    bounds = oq.group_bounds(json.load(f)["matryoshka_prefixes"])
+  groups = {"matryoshka": oq.nested(table, summary, bounds)}
+  for row in overall[:-1]:
+    s, t, fr = oq.load_match(row["match"])
+    groups[f"{row['arch']} (by frequency)"] = oq.nested(t, s, bounds, by_frequency=True,
+                                                        freqs=fr)
+  oq.plot_nested(overall, groups, png)
+  return {"rows": [{"x": r["arch"], "mean": r["both_above"]["mean"],
+                    "std": r["both_above"]["std"]} for r in overall],
+          "overall": overall, "groups": groups, "bounds": bounds}
+
+
+OPEN = {"census": study_census, "trajectory": study_trajectory,
+        "init_vs_data": study_init_vs_data, "arch_l0": study_arch_l0,
+        "matryoshka": study_matryoshka}
+
+
 def main(_):
   if not flags.FLAGS["verbosity"].present:
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
   store = store_dir()
+  if _STUDY.value in OPEN:
+    return main_open(store)
   rows = sweep(store)
   out = os.path.join(_OUT.value, _STUDY.value)
   os.makedirs(out, exist_ok=True)
@@ -220,6 +374,23 @@ def main(_):
     print(f"{r['x']!s:>12}  {r['mean'] if r['mean'] is None else round(r['mean'], 3)!s:>6} "
           f"+- {r['std'] if r['std'] is None else round(r['std'], 3)}")
   print(f"wrote {out}/results.json and {out}/{_STUDY.value}.png")
+
+
+def main_open(store: str) -> None:
+  study = _STUDY.value
+  out = os.path.join(_OUT.value, study)
+  os.makedirs(out, exist_ok=True)
+  t0 = time.time()
+  png = os.path.join(out, f"{study}.png")
+  res = OPEN[study](store, png)
+  res.update(study=study, store=store, seconds=round(time.time() - t0, 1),
+             settings={h.name: h.value for h in (_MODEL, _SITE, _NUM_LATENTS, _K, _SEEDS,
+                                                 _TOKENS, _BATCH, _WARMUP, _LR, _ARCH_TOKENS)})
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(res, f, indent=1)
+  for r in res["rows"]:
+    print(f"{r['x']!s:>16}  {round(r['mean'], 3)!s:>6} +- {round(r['std'], 3)}")
+  print(f"wrote {out}/results.json and {png}")
 
 
 if __name__ == "__main__":
