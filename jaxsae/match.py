@@ -14,8 +14,19 @@ rules for some figures, so all are reported side by side:
   decoder     decoder partner cosine >= threshold
   max_cos     each latent's best encoder and best decoder cosine >= threshold, no bijection
 
+Also per pair the mean matched cosine, PW-MCC (Song et al. 2025, arXiv 2505.20254): the mean
+cosine of the optimal decoder (and encoder) bijection, no threshold.
+
+SAEs of different widths can be matched: the optimal one-to-one matching gives every latent of
+the narrower SAE a partner, and leaves the rest of the wider one without (partner -1). Such a
+pair is listed wider first (`a` the wider), so latents.csv, one row per latent of `a`, holds a
+row for every latent of both sides: the wider's directly, the narrower's as partners.
+`shared_of_a` and `shared_of_b` say which side a fraction is of (n_shared / n_a, n_shared / n_b);
+`fraction_shared` keeps its meaning, the fraction of a's latents.
+
 Writes DIR/latents.csv (one row per latent of `a` per pair), DIR/frequencies.npy ([S, n]
-firing frequencies, when an activation store is known) and DIR/match.json (the summary).
+firing frequencies, when an activation store is known; frequencies.npz, one array `sae{i}` per
+SAE in match.json's order, when widths differ) and DIR/match.json (the summary).
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ RULES = ("agree", "both_above", "decoder", "max_cos")
 LATENTS_FILE = "latents.csv"
 SUMMARY_FILE = "match.json"
 FREQ_FILE = "frequencies.npy"
+FREQ_RAGGED_FILE = "frequencies.npz"  # SAEs of different widths: one array per SAE
 DEFAULT_FREQ_TOKENS = 262_144
 
 
@@ -132,7 +144,7 @@ def token_sample(store, num_tokens: int, batch_size: int = 1024,
 def frequencies(saes: Sequence[saes_lib.SAE], store, num_tokens: int, batch_size: int = 1024,
                 site: str | None = None, progress: bool = True) -> tuple[np.ndarray, int]:
   """Fraction of `num_tokens` store tokens (`token_sample`) on which each latent of each SAE
-  fires: [S, n], and the number of tokens.
+  fires: [S, n] (a list of [n_s] arrays when the widths differ), and the number of tokens.
 
   All seeds of one architecture go through one jitted step per batch (a `lax.map` over the
   seed axis keeps memory at one [batch, n] activation block).
@@ -142,12 +154,12 @@ def frequencies(saes: Sequence[saes_lib.SAE], store, num_tokens: int, batch_size
   from tqdm import tqdm
 
   num_tokens = min(num_tokens, store.num_tokens)
-  # SAEs whose modules have one graph (architecture, k, b_dec rule) share one program.
+  # SAEs whose modules have one graph (architecture, k, b_dec rule) and width share one program.
   groups: dict = {}
   for i, s in enumerate(saes):
     graphdef, state = saes_lib.encoder(s)
-    groups.setdefault(graphdef, []).append((i, state, np.float32(s.input_scale)))
-  graphdefs = tuple(groups)  # static: each group's firing rule is part of the program
+    groups.setdefault((graphdef, s.n_latents), []).append((i, state, np.float32(s.input_scale)))
+  graphdefs = tuple(g for g, _ in groups)  # static: each group's firing rule is in the program
   stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[(st, sc) for _, st, sc in members])
              for members in groups.values()]
 
@@ -159,15 +171,18 @@ def frequencies(saes: Sequence[saes_lib.SAE], store, num_tokens: int, batch_size
     return [jax.lax.map(lambda a, g=g: fires(g, *a), group)
             for g, group in zip(graphdefs, stacked)]
 
-  totals = np.zeros((len(saes), saes[0].n_latents), np.int64)
+  totals = [np.zeros(s.n_latents, np.int64) for s in saes]
   bar = tqdm(total=num_tokens, desc="frequencies", unit="tok", disable=not progress)
   for x, _, take in token_sample(store, num_tokens, batch_size, site):
     counts = count(graphdefs, stacked, x, np.arange(batch_size) < take)
     for members, c in zip(groups.values(), counts):
-      totals[[i for i, _, _ in members]] += np.asarray(c)
+      for (i, _, _), row in zip(members, np.asarray(c)):
+        totals[i] += row
     bar.update(take)
   bar.close()
-  return totals / num_tokens, num_tokens
+  freqs = [t / num_tokens for t in totals]
+  same = len({len(f) for f in freqs}) == 1
+  return (np.stack(freqs) if same else freqs), num_tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +191,11 @@ def frequencies(saes: Sequence[saes_lib.SAE], store, num_tokens: int, batch_size
 
 def match_pair(a: saes_lib.SAE, b: saes_lib.SAE, cfg: MatchConfig,
                progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
-  """Matches the latents of `a` to those of `b`: the pair's summary and per-latent columns."""
+  """Matches the latents of `a` to those of `b`: the pair's summary and per-latent columns.
+
+  For unequal widths a latent of `a` may have no partner (-1, cosine NaN): it is an orphan
+  under every rule but max_cos, which needs no partner.
+  """
   from tqdm import tqdm
   kw = dict(method=cfg.assignment, dense_max=cfg.dense_max, k=cfg.candidates,
             block_size=cfg.block_size, precision=cfg.precision)
@@ -193,21 +212,25 @@ def match_pair(a: saes_lib.SAE, b: saes_lib.SAE, cfg: MatchConfig,
       "latent": np.arange(a.n_latents),
       "enc_partner": enc.cols, "enc_cos": enc.cos, "enc_best": enc.best,
       "dec_partner": dec.cols, "dec_cos": dec.cos, "dec_best": dec.best,
-      "agree": enc.cols == dec.cols,
+      "agree": (enc.cols == dec.cols) & (enc.cols >= 0),
   }
   masks = rule_masks(enc.cols, enc.cos, dec.cols, dec.cos, enc.best, dec.best, cfg.threshold)
   for rule, m in masks.items():
     cols[f"shared_{rule}"] = m
-  n = a.n_latents
+  n_a, n_b = a.n_latents, b.n_latents
   shared = cols["shared"] = masks[cfg.definition]
   summary = {
-      "a": a.name, "b": b.name, "n_latents": n,
+      "a": a.name, "b": b.name, "n_latents": n_a, "n_a": n_a, "n_b": n_b,
       "n_shared": int(shared.sum()), "fraction_shared": float(shared.mean()),
+      # Which side a fraction is of: each shared latent of a has its own partner in b.
+      "shared_of_a": float(shared.sum() / n_a), "shared_of_b": float(shared.sum() / n_b),
       "fraction_agree": float(cols["agree"].mean()),
       "rules": {r: {"n_shared": int(m.sum()), "fraction_shared": float(m.mean())}
                 for r, m in masks.items()},
   }
   for side, res in (("encoder", enc), ("decoder", dec)):
+    # PW-MCC: the mean cosine of the optimal matching, over its min(n_a, n_b) pairs.
+    summary[f"{side}_mcc"] = res.objective / min(n_a, n_b)
     summary[f"{side}_objective"] = res.objective
     summary[f"{side}_dual_bound"] = res.dual_bound
     summary[f"{side}_gap"] = res.gap
@@ -248,6 +271,42 @@ def seed_statistics(shared_with_base: np.ndarray, subsets: int, seed: int = 0) -
   }
 
 
+def load(inputs: Sequence[str]) -> list[saes_lib.SAE]:
+  """Every SAE named by `inputs`, all of one d_in; widths may differ (saes.load_all would refuse
+  them)."""
+  paths = saes_lib.discover(inputs)
+  if len(paths) < 2:
+    raise JaxsaeError(f"only one SAE found ({paths[0]}); matching needs two or more seeds")
+  saes = [saes_lib.load_sae(p, n) for p, n in zip(paths, saes_lib._unique_names(paths))]
+  ref = saes[0]
+  for s in saes[1:]:
+    if s.d_in != ref.d_in:
+      raise JaxsaeError(
+          f"{s.path} has {s.n_latents} latents of d_in={s.d_in}, but {ref.path} has "
+          f"{ref.n_latents} of d_in={ref.d_in}; only SAEs of the same shape of input (d_in) "
+          "can be matched")
+  return saes
+
+
+def oriented_pairs(saes: Sequence[saes_lib.SAE]) -> list[tuple[int, int]]:
+  """Every pair (i, j), i before j, but the wider SAE first when the widths differ, so that
+  the per-latent rows of `a` cover every latent left without a partner."""
+  return [(j, i) if saes[j].n_latents > saes[i].n_latents else (i, j)
+          for i, j in itertools.combinations(range(len(saes)), 2)]
+
+
+def flags_of(base: int, pair: tuple[int, int], shared: np.ndarray, dec_partner: np.ndarray,
+             n_base: int) -> np.ndarray:
+  """Shared flags of the latents of SAE `base` in `pair`, from the flags of a's latents: as
+  they are when base is a, else carried to the decoder partners (exact for the rules with one
+  partner, agree and decoder)."""
+  if pair[0] == base:
+    return shared
+  out = np.zeros(n_base, bool)
+  out[dec_partner[shared & (dec_partner >= 0)]] = True
+  return out
+
+
 def _write_latents(path: str, rows: list[dict[str, np.ndarray]]) -> None:
   import pandas as pd
   tmp = path + ".tmp"
@@ -263,7 +322,7 @@ def run(cfg: MatchConfig) -> dict:
 
   _check(cfg)
   t0 = time.time()
-  saes = saes_lib.load_all(cfg.inputs)
+  saes = load(cfg.inputs)
   names = [s.name for s in saes]
   n = saes[0].n_latents
 
@@ -286,19 +345,24 @@ def run(cfg: MatchConfig) -> dict:
   # match.json marks a complete result: an old one must not vouch for files rewritten now.
   if os.path.exists(os.path.join(cfg.out, SUMMARY_FILE)):
     os.remove(os.path.join(cfg.out, SUMMARY_FILE))
-  pairs, tables, shared = [], [], {}
-  todo = list(itertools.combinations(range(len(saes)), 2))
-  for i, j in tqdm(todo, desc="pairs", unit="pair"):
+  pairs, tables, with_base = [], [], {}
+  for i, j in tqdm(oriented_pairs(saes), desc="pairs", unit="pair"):
     summary, cols = match_pair(saes[i], saes[j], cfg)
     pairs.append(summary)
-    shared[(i, j)] = cols[f"shared_{cfg.definition}"]
-    table = {"a": np.full(n, names[i]), "b": np.full(n, names[j]), **cols}
+    if 0 in (i, j):
+      with_base[i + j] = flags_of(0, (i, j), cols[f"shared_{cfg.definition}"],
+                                  cols["dec_partner"], n)
+    n_a = saes[i].n_latents
+    table = {"a": np.full(n_a, names[i]), "b": np.full(n_a, names[j]), **cols}
     if freqs is not None:
+      partner = cols["dec_partner"]
       table["frequency"] = freqs[i]
-      table["partner_frequency"] = freqs[j][cols["dec_partner"]]
+      table["partner_frequency"] = np.where(partner >= 0, freqs[j][partner], np.nan)
     tables.append(table)
 
   fr = [p["fraction_shared"] for p in pairs]
+  mcc = {f"{side}_mcc_{k}": v for side in ("decoder", "encoder")
+         for k, v in _stats([p[f"{side}_mcc"] for p in pairs]).items()}
   result = {
       "threshold": cfg.threshold,
       "definition": cfg.definition,
@@ -308,25 +372,30 @@ def run(cfg: MatchConfig) -> dict:
       "fraction_shared_max": float(np.max(fr)),
       "fraction_agree_mean": float(np.mean([p["fraction_agree"] for p in pairs])),
       "rules": {r: _stats([p["rules"][r]["fraction_shared"] for p in pairs]) for r in RULES},
+      **mcc,
       "n_latents": n,
       "d_in": saes[0].d_in,
       "saes": [{"name": s.name, "path": os.path.abspath(s.path), "layout": s.layout,
-                "arch": s.arch, "k": s.k} for s in saes],
+                "arch": s.arch, "k": s.k, "n_latents": s.n_latents} for s in saes],
       "store": os.path.abspath(store_path) if store_path and "://" not in store_path
                else store_path,
       "freq_tokens": freq_tokens if freqs is not None else 0,
-      "seeds": seed_statistics(np.stack([shared[(0, j)] for j in range(1, len(saes))]),
+      "seeds": seed_statistics(np.stack([with_base[j] for j in range(1, len(saes))]),
                                cfg.subsets, cfg.seed),
       "pairs": pairs,
       "config": dataclasses.asdict(cfg),
       "seconds": round(time.time() - t0, 2),
   }
   _write_latents(os.path.join(cfg.out, LATENTS_FILE), tables)
-  if freqs is not None:
+  if isinstance(freqs, np.ndarray):
     np.save(os.path.join(cfg.out, FREQ_FILE), freqs)
+  elif freqs is not None:
+    np.savez(os.path.join(cfg.out, FREQ_RAGGED_FILE), **{f"sae{i}": f for i, f in enumerate(freqs)})
   # Last: match.json says the match is complete.
   files.atomic_write_json(os.path.join(cfg.out, SUMMARY_FILE), result)
-  print(f"jaxsae match: {len(pairs)} pairs of {len(saes)} SAEs x {n} latents: "
+  widths = "/".join(str(w) for w in sorted({s.n_latents for s in saes}))
+  print(f"jaxsae match: {len(pairs)} pairs of {len(saes)} SAEs x {widths} latents: "
         f"{result['fraction_shared_mean']:.3f} shared ({cfg.definition}, threshold "
-        f"{cfg.threshold}); wrote {cfg.out}/{SUMMARY_FILE}")
+        f"{cfg.threshold}), decoder PW-MCC {result['decoder_mcc_mean']:.3f}; wrote "
+        f"{cfg.out}/{SUMMARY_FILE}")
   return result

@@ -215,6 +215,73 @@ def test_sparse_path_in_match_equals_dense(tmp_path):
     assert sparse[f"{side}_gap"] <= 1e-6 * sparse[f"{side}_objective"]
 
 
+def test_pw_mcc_is_the_assignment_objective_over_the_latents(tmp_path):
+  from scipy.optimize import linear_sum_assignment
+  rng = np.random.default_rng(9)
+  a, b, _, _ = planted_pair(rng, m=50, encoder_only=10)
+  res = match.run(cfg(tmp_path, [write(tmp_path / "a", a), write(tmp_path / "b", b)]))
+  (pair,) = res["pairs"]
+  for side, key in (("decoder", "W_dec"), ("encoder", "W_enc")):
+    ua = a[key] / np.linalg.norm(a[key], axis=1, keepdims=True)
+    ub = b[key] / np.linalg.norm(b[key], axis=1, keepdims=True)
+    sim = ua.astype(np.float64) @ ub.T.astype(np.float64)
+    r, c = linear_sum_assignment(sim, maximize=True)
+    assert pair[f"{side}_mcc"] == pytest.approx(sim[r, c].sum() / N, abs=1e-6)
+    assert res[f"{side}_mcc_mean"] == pytest.approx(pair[f"{side}_mcc"])
+    assert res[f"{side}_mcc_std"] == 0.0
+  # Noisy copies of 50 decoder rows pull the decoder's mean above the random pairs' level.
+  assert pair["decoder_mcc"] > pair["encoder_mcc"] - 0.1 > 0
+
+
+def rectangular(rng, n_small=16, n_extra=8):
+  """(small, wide, perm): `wide` holds small's rows at perm (encoder and decoder, exactly),
+  and n_extra random latents."""
+  small = random_weights(rng, n=n_small)
+  wide = random_weights(rng, n=n_small + n_extra)
+  perm = rng.permutation(n_small + n_extra)[:n_small]
+  for key in ("W_enc", "b_enc", "W_dec"):
+    wide[key][perm] = small[key]
+  wide["b_dec"] = small["b_dec"]
+  return small, wide, perm
+
+
+def test_unequal_widths_every_latent_of_the_narrower_shared(tmp_path):
+  rng = np.random.default_rng(10)
+  small, wide, perm = rectangular(rng)
+  acts = rand(rng, 300, D) * 2
+  store_writer.write_store(str(tmp_path / "store"), acts, ids=np.arange(300), rows_per_shard=128)
+  # ReLU: a latent fires on its own pre-activation, not against the others as in TopK.
+  inputs = [write(tmp_path / "small", small, arch="relu", k=None),
+            write(tmp_path / "wide", wide, arch="relu", k=None)]
+  res = match.run(cfg(tmp_path, inputs, store=str(tmp_path / "store"), freq_tokens=300,
+                      freq_batch=128))
+  (pair,) = res["pairs"]
+  # Listed wider first, so every latent without a partner has its row.
+  assert (pair["a"], pair["b"], pair["n_a"], pair["n_b"]) == ("wide", "small", 24, 16)
+  assert pair["n_shared"] == 16
+  assert pair["shared_of_b"] == 1.0 and pair["shared_of_a"] == pytest.approx(16 / 24)
+  assert pair["fraction_shared"] == pair["shared_of_a"]  # fraction_shared is of a, as ever
+  assert pair["decoder_mcc"] == pytest.approx(1.0, abs=1e-6)  # over the 16 matched pairs
+  assert [s["n_latents"] for s in res["saes"]] == [16, 24]
+  table = pd.read_csv(tmp_path / "out" / match.LATENTS_FILE)
+  assert len(table) == 24 and (table.a == "wide").all()
+  matched = table[table.dec_partner >= 0]
+  assert sorted(matched.latent) == sorted(perm)
+  assert (perm[matched.dec_partner] == matched.latent).all() and matched.shared.all()
+  unmatched = table[table.dec_partner < 0]
+  assert len(unmatched) == 8 and (unmatched.enc_partner == -1).all()
+  assert unmatched.dec_cos.isna().all() and not unmatched.shared.any()
+  assert unmatched.partner_frequency.isna().all()
+  # The base seed (small) is found in both SAEs with every latent.
+  assert res["seeds"]["found_in_counts"] == {"1": 0, "2": 16}
+  freqs = np.load(tmp_path / "out" / match.FREQ_RAGGED_FILE)
+  assert freqs["sae0"].shape == (16,) and freqs["sae1"].shape == (24,)
+  np.testing.assert_allclose(freqs["sae1"][perm], freqs["sae0"])  # the same rows fire alike
+  np.testing.assert_allclose(table.frequency, freqs["sae1"], atol=1e-6)
+  with pytest.raises(JaxsaeError, match="dense solver"):
+    match.run(cfg(tmp_path, inputs, assignment="sparse"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one clear message each.
 
@@ -231,7 +298,6 @@ def test_bad_inputs(tmp_path):
   no_weights.mkdir()
   (no_weights / "cfg.json").write_text("{}")
   cases = [
-      ([good, wide], {}, "latents of d_in"),
       ([good, other_d], {}, "same shape"),
       ([good, nan], {}, "NaN"),
       ([good, str(tmp_path / "missing")], {}, "does not exist"),
