@@ -1,17 +1,23 @@
 """SAE files from any trainer, read into one canonical form for matching.
 
-Two layouts on disk:
+Three layouts on disk:
 
   sparsify (EleutherAI; jaxsae's own export)   cfg.json + sae.safetensors
       encoder.weight [n, d_in], encoder.bias [n], W_dec [n, d_in], b_dec [d_in]
   SAELens                                      cfg.json + sae_weights.safetensors
       W_enc [d_in, n], b_enc [n], W_dec [n, d_in], b_dec [d_in] (+ threshold)
+  dictionary_learning (saprmarks)              config.json + ae.pt (a torch state dict)
+      per dict_class, e.g. AutoEncoderTopK: encoder.weight [n, d_in], encoder.bias [n],
+      decoder.weight [d_in, n], b_dec [d_in], k []; JumpReluAutoEncoder: W_enc [d_in, n], ...
 
-Both become an `SAE` whose encoder AND decoder are `[n_latents, d_in]`: one row per latent.
+All become an `SAE` whose encoder AND decoder are `[n_latents, d_in]`: one row per latent.
 Normalising a SAELens `W_enc` along its stored last axis would normalise across latents instead
 of within one, a mistake made in the paper's own notebook; canonicalising on load rules it out.
 
-A jaxsae training run is a directory of `seed{N}/` SAE directories and `run.json`.
+A jaxsae training run is a directory of `seed{N}/` SAE directories and `run.json`; any other
+directory of SAE folders (a downloaded release, dictionary_learning's `trainer_{N}/`) expands to
+each of them. `hf://OWNER/REPO[/SUBFOLDER][@REVISION]` names SAEs on the Hugging Face Hub
+(`jaxsae.hub`), read from its local cache.
 """
 
 from __future__ import annotations
@@ -24,16 +30,23 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jaxsae import hub
 from jaxsae.errors import JaxsaeError
 
 SPARSIFY_FILE = "sae.safetensors"
 SAELENS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
+DL_FILE = "ae.pt"  # dictionary_learning's weights
+DL_CFG_FILE = "config.json"  # and its settings, {"trainer": {"dict_class": ..., ...}, ...}
+LAYOUTS = {"sparsify": (CFG_FILE, SPARSIFY_FILE), "saelens": (CFG_FILE, SAELENS_FILE),
+           "dictionary_learning": (DL_CFG_FILE, DL_FILE)}
 # Architectures whose firing rule `encode` knows. SAELens calls plain ReLU SAEs "standard".
 ARCHS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
-# jaxsae's trainer calls its ReLU SAEs relu_l1 (with or without unit-norm decoder).
+# jaxsae's trainer calls its ReLU SAEs relu_l1 (with or without unit-norm decoder); its
+# Matryoshka SAEs encode as BatchTopK (one threshold over all latents) once trained.
 _ARCH_ALIASES = {"standard": "relu", "vanilla": "relu", "batch_topk": "batchtopk",
-                 "jump_relu": "jumprelu", "relu_l1": "relu", "relu_l1_unitnorm": "relu"}
+                 "jump_relu": "jumprelu", "relu_l1": "relu", "relu_l1_unitnorm": "relu",
+                 "matryoshka": "batchtopk"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +54,7 @@ class SAE:
   """One SAE in canonical layout: every weight matrix is [n_latents, d_in]."""
   name: str
   path: str
-  layout: str  # "sparsify" or "saelens"
+  layout: str  # a key of LAYOUTS
   arch: str  # one of ARCHS
   W_enc: np.ndarray  # [n, d_in]
   b_enc: np.ndarray  # [n]
@@ -105,32 +118,48 @@ def _need(tensors: dict, keys: Sequence[str], path: str) -> None:
                       "it is not a complete SAE: re-export it")
 
 
+def layout_of(path: str) -> str | None:
+  """The layout of the SAE directory `path` (a key of LAYOUTS), or None if it holds none."""
+  for layout, files in LAYOUTS.items():
+    if all(os.path.isfile(os.path.join(path, f)) for f in files):
+      return layout
+  return None
+
+
 def is_sae_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, CFG_FILE)) and (
-      os.path.isfile(os.path.join(path, SPARSIFY_FILE))
-      or os.path.isfile(os.path.join(path, SAELENS_FILE)))
+  return layout_of(path) is not None
 
 
 def load_sae(path: str, name: str | None = None) -> SAE:
-  """Reads one SAE directory of either layout, canonicalises and validates it."""
+  """Reads one SAE directory of any layout (or `hf://` spec), canonicalises and validates it."""
   path = str(path).rstrip("/")
+  if hub.is_hub(path):
+    name = name or path
+    path = hub.resolve(path)
   name = name or os.path.basename(path)
-  cfg_path = os.path.join(path, CFG_FILE)
   if not os.path.isdir(path):
-    raise JaxsaeError(f"{path} does not exist; pass a jaxsae run directory or SAE directories")
-  if not os.path.isfile(cfg_path):
-    raise JaxsaeError(f"{path} has no {CFG_FILE}; an SAE directory holds {CFG_FILE} and "
-                      f"{SPARSIFY_FILE} (sparsify) or {SAELENS_FILE} (SAELens)")
+    raise JaxsaeError(f"{path} does not exist; pass a jaxsae run directory, SAE directories "
+                      "or hf://OWNER/REPO[/SUBFOLDER]")
+  layout = layout_of(path)
+  if layout == "dictionary_learning":
+    cfg_path = os.path.join(path, DL_CFG_FILE)
+    parse = _from_dictionary_learning
+  else:
+    cfg_path = os.path.join(path, CFG_FILE)
+    if os.path.isfile(os.path.join(path, DL_FILE)) and not os.path.isfile(cfg_path):
+      raise JaxsaeError(f"{path} has {DL_FILE} but no {DL_CFG_FILE}; copy the {DL_CFG_FILE} "
+                        "dictionary_learning wrote beside it (it names the dict_class)")
+    if not os.path.isfile(cfg_path):
+      raise JaxsaeError(f"{path} has no {CFG_FILE}; an SAE directory holds {CFG_FILE} and "
+                        f"{SPARSIFY_FILE} (sparsify) or {SAELENS_FILE} (SAELens), or "
+                        f"{DL_CFG_FILE} and {DL_FILE} (dictionary_learning)")
+    if layout is None:
+      raise JaxsaeError(f"{path} has {CFG_FILE} but neither {SPARSIFY_FILE} nor "
+                        f"{SAELENS_FILE}; copy the weights file next to it")
+    parse = _from_sparsify if layout == "sparsify" else _from_saelens
   cfg = _read_json(cfg_path)
   if not isinstance(cfg, dict) or not isinstance(cfg.get("jaxsae") or {}, dict):
     raise JaxsaeError(f"{cfg_path} is not a JSON object of settings; re-export the SAE")
-  if os.path.isfile(os.path.join(path, SPARSIFY_FILE)):
-    parse = _from_sparsify
-  elif os.path.isfile(os.path.join(path, SAELENS_FILE)):
-    parse = _from_saelens
-  else:
-    raise JaxsaeError(f"{path} has {CFG_FILE} but neither {SPARSIFY_FILE} nor {SAELENS_FILE}; "
-                      "copy the weights file next to it")
   try:
     sae = parse(path, name, cfg)
     validate(sae)
@@ -181,6 +210,102 @@ def _from_saelens(path: str, name: str, cfg: dict) -> SAE:
              site=cfg.get("hook_name"))
 
 
+# dictionary_learning's classes, each as (arch, the state-dict keys its encode reads). Weights
+# map to canonical names below; `encode` of each class is mirrored by the jaxsae module of `arch`:
+#   AutoEncoder           ReLU(encoder(x - bias))                      (the 2023 recipe)
+#   AutoEncoderNew        ReLU(encoder(x))                             (the April 2024 update)
+#   AutoEncoderTopK       TopK_k(ReLU(encoder(x - b_dec)))
+#   BatchTopKSAE          ReLU(encoder(x - b_dec)) kept where > threshold (its inference rule)
+#   JumpReluAutoEncoder   ReLU(pre * 1[pre > threshold]), pre = x W_enc + b_enc (no b_dec)
+#   GatedAutoEncoder      1[W(x - decoder_bias) + gate_bias > 0] *
+#                         ReLU(exp(r_mag) W(x - decoder_bias) + mag_bias)
+_DL_CLASSES = {
+    "AutoEncoder": ("relu", ("encoder.weight", "encoder.bias", "decoder.weight", "bias")),
+    "AutoEncoderNew": ("relu", ("encoder.weight", "encoder.bias", "decoder.weight",
+                                "decoder.bias")),
+    "AutoEncoderTopK": ("topk", ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec")),
+    "BatchTopKSAE": ("batchtopk", ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec",
+                                   "threshold")),
+    "JumpReluAutoEncoder": ("jumprelu", ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")),
+    "GatedAutoEncoder": ("gated", ("encoder.weight", "gate_bias", "decoder.weight",
+                                   "decoder_bias", "r_mag", "mag_bias")),
+}
+
+
+def _read_state_dict(path: str) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError:
+    raise JaxsaeError(f"reading {path} needs PyTorch (`pip install torch`): dictionary_learning "
+                      "saves its SAEs with torch.save")
+  try:
+    # weights_only: an ae.pt is a pickle, and a pickle from the Hub must not run code.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises its own types for truncated, foreign or unsafe pickles
+    raise JaxsaeError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]}); it "
+                      "is truncated or not a torch state dict: re-save it with "
+                      "torch.save(ae.state_dict(), ...)")
+  if isinstance(state, dict) and isinstance(state.get("ae"), dict):
+    state = state["ae"]  # a training checkpoint {"ae": state_dict, "optimizer": ..., ...}
+  if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+    raise JaxsaeError(f"{path} holds a {type(state).__name__}, not a state dict of tensors; "
+                      "save the SAE with torch.save(ae.state_dict(), ...)")
+  # torch.compile'd modules prefix their keys; the weights are the same.
+  return {k.removeprefix("_orig_mod."): v.detach().float().numpy() for k, v in state.items()}
+
+
+def _from_dictionary_learning(path: str, name: str, cfg: dict) -> SAE:
+  cfg_file, file = os.path.join(path, DL_CFG_FILE), os.path.join(path, DL_FILE)
+  trainer = cfg.get("trainer")
+  if not isinstance(trainer, dict) or "dict_class" not in trainer:
+    raise JaxsaeError(f"{cfg_file} has no \"trainer\": {{\"dict_class\": ...}}; it is not the "
+                      "config.json dictionary_learning writes beside ae.pt")
+  dict_class = str(trainer["dict_class"])
+  if dict_class not in _DL_CLASSES:
+    raise JaxsaeError(f"{cfg_file}: dict_class {dict_class!r} is not one jaxsae reads; it reads "
+                      f"{', '.join(_DL_CLASSES)}")
+  arch, keys = _DL_CLASSES[dict_class]
+  t = _read_state_dict(file)
+  _need(t, keys, file)
+  extras, b_dec, subtract = {}, None, True
+  if arch == "jumprelu":
+    w_enc, b_enc, w_dec, b_dec = t["W_enc"].T, t["b_enc"], t["W_dec"], t["b_dec"]
+    # ReLU(pre * 1[pre > theta]) fires where pre > max(theta, 0): jaxsae's rule with theta >= 0.
+    extras["threshold"] = np.maximum(t["threshold"], 0.0)
+    subtract = False  # JumpReluAutoEncoder.apply_b_dec_to_input, never saved, is False
+  elif arch == "gated":
+    w_enc, b_enc, w_dec = t["encoder.weight"], t["gate_bias"], t["decoder.weight"].T
+    b_dec = t["decoder_bias"]
+    extras = {"r_mag": t["r_mag"], "b_mag": t["mag_bias"]}
+  else:
+    w_enc, b_enc, w_dec = t["encoder.weight"], t["encoder.bias"], t["decoder.weight"].T
+    b_dec = {"AutoEncoder": "bias", "AutoEncoderNew": "decoder.bias"}.get(dict_class, "b_dec")
+    b_dec = t[b_dec]
+    subtract = dict_class != "AutoEncoderNew"  # it encodes x itself
+    if arch == "batchtopk":
+      extras["threshold"] = t["threshold"].reshape(())
+  k = None
+  if arch == "topk":
+    k_file = int(t["k"].reshape(())) if "k" in t else None
+    k_cfg = trainer.get("k")
+    if k_file is not None and k_cfg is not None and int(k_cfg) != k_file:
+      raise JaxsaeError(f"{path}: {DL_FILE} has k={k_file} but {DL_CFG_FILE} k={k_cfg}; they "
+                        "come from different SAEs")
+    k = k_file if k_file is not None else k_cfg
+  elif "k" in t:
+    k = int(t["k"].reshape(()))
+  n, d = np.shape(w_dec) if np.ndim(w_dec) == 2 else (None, None)
+  for key, want in (("dict_size", n), ("activation_dim", d)):
+    if trainer.get(key) not in (None, want):
+      raise JaxsaeError(f"{path}: {DL_CFG_FILE} says {key}={trainer[key]}, the weights in "
+                        f"{DL_FILE} have {want}; they come from different SAEs")
+  return SAE(name=name, path=path, layout="dictionary_learning", arch=_arch(arch),
+             W_enc=np.ascontiguousarray(w_enc), b_enc=b_enc, W_dec=np.ascontiguousarray(w_dec),
+             b_dec=b_dec, k=None if k is None else int(k),
+             extras={key: np.asarray(v, np.float32) for key, v in extras.items()}, cfg=cfg,
+             subtract_b_dec=subtract, site=trainer.get("submodule_name"))
+
+
 def validate(sae: SAE) -> None:
   """Raises a JaxsaeError naming the file for inconsistent shapes or non-finite weights."""
   n, d = sae.W_dec.shape if sae.W_dec.ndim == 2 else (None, None)
@@ -217,40 +342,79 @@ def _seed_of(dirname: str) -> int | None:
   return int(m.group(1)) if m else None
 
 
-def discover(inputs: Sequence[str]) -> list[str]:
-  """SAE directories for `inputs`: run directories expand to their seeds, in seed order."""
-  if not inputs:
-    raise JaxsaeError("no inputs; pass a jaxsae run directory or two or more SAE directories")
-  out = []
-  for inp in inputs:
-    inp = str(inp).rstrip("/")
-    if not os.path.isdir(inp):
-      raise JaxsaeError(f"{inp} does not exist; pass a jaxsae run directory or SAE directories")
-    if is_sae_dir(inp):
-      out.append(inp)
-      continue
-    seeds = sorted((s, d) for d in os.listdir(inp)
-                   if (s := _seed_of(d)) is not None and os.path.isdir(os.path.join(inp, d)))
-    if not seeds:
-      raise JaxsaeError(f"{inp} is neither an SAE directory ({CFG_FILE} + {SPARSIFY_FILE} or "
-                        f"{SAELENS_FILE}) nor a run directory with seed*/ subdirectories")
+def _natural(path: str) -> tuple:
+  """Sort key in which layers.2 comes before layers.10."""
+  return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", path))
+
+
+def _sae_dirs_under(root: str) -> list[str]:
+  """Every SAE directory below `root` (not looking inside one), in natural order."""
+  found = []
+  for here, dirs, _ in os.walk(root):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]  # e.g. hf download's .cache/
+    if here != root and is_sae_dir(here):
+      found.append(here)
+      dirs[:] = []
+  return sorted(found, key=lambda p: _natural(os.path.relpath(p, root)))
+
+
+def _expand(inp: str, shown: str) -> list[str]:
+  """The SAE directories of one local input: itself, its seeds, or the SAE folders below it."""
+  if is_sae_dir(inp):
+    return [inp]
+  seeds = sorted((s, d) for d in os.listdir(inp)
+                 if (s := _seed_of(d)) is not None and os.path.isdir(os.path.join(inp, d)))
+  if seeds:
+    out = []
     for _, d in seeds:
       sub = os.path.join(inp, d)
       if not is_sae_dir(sub):
         raise JaxsaeError(f"{sub} lacks {CFG_FILE} or {SPARSIFY_FILE}; the run's export is "
                           "incomplete: rerun `jaxsae train` with the same --out to finish it")
       out.append(sub)
+    return out
+  found = _sae_dirs_under(inp)
+  if not found:
+    raise JaxsaeError(
+        f"{shown} is neither an SAE directory ({CFG_FILE} + {SPARSIFY_FILE} or {SAELENS_FILE}, "
+        f"or {DL_CFG_FILE} + {DL_FILE}) nor a directory of them (a run's seed*/ subdirectories, "
+        "a release's one folder per SAE)")
+  return found
+
+
+def discover(inputs: Sequence[str]) -> list[str]:
+  """SAE directories for `inputs`: run directories expand to their seeds, in seed order, other
+  directories and hf:// repos to the SAE folders below them, in natural order."""
+  if not inputs:
+    raise JaxsaeError("no inputs; pass a jaxsae run directory or two or more SAE directories")
+  out = []
+  for inp in inputs:
+    inp = str(inp).rstrip("/")
+    if hub.is_hub(inp):
+      out.extend(_expand(hub.resolve(inp), inp))
+      continue
+    if not os.path.isdir(inp):
+      raise JaxsaeError(f"{inp} does not exist; pass a jaxsae run directory, SAE directories or "
+                        "hf://OWNER/REPO[/SUBFOLDER]")
+    out.extend(_expand(inp, inp))
   if len(set(map(os.path.realpath, out))) != len(out):
     raise JaxsaeError(f"the same SAE is given twice among {', '.join(out)}; list each once")
   return out
 
 
 def _unique_names(paths: Sequence[str]) -> list[str]:
-  """Short display names: the seed directory, prefixed by its run when that is ambiguous."""
-  names = [os.path.basename(p) for p in paths]
-  if len(set(names)) == len(names):
-    return names
-  return [os.path.join(os.path.basename(os.path.dirname(p)), os.path.basename(p)) for p in paths]
+  """Short display names: the SAE's directory, prefixed by its parent when that is ambiguous,
+  and named in full (with the Hub commit) when even that is. An SAE from the Hub cache is named
+  by its repo and folder, not by the cache's snapshot path."""
+  shown = [(hub.label(p) or p).removeprefix(hub.PREFIX) for p in paths]
+  bare = [s.rsplit("@", 1)[0] if hub.label(p) else s for s, p in zip(shown, paths)]
+  for names in ([os.path.basename(b) for b in bare],
+                [os.path.join(os.path.basename(os.path.dirname(b)), os.path.basename(b))
+                 for b in bare],
+                bare, shown):
+    if len(set(names)) == len(names):
+      return names
+  return [f"{i}:{s}" for i, s in enumerate(shown)]
 
 
 def load_all(inputs: Sequence[str]) -> list[SAE]:
