@@ -26,7 +26,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -210,25 +210,39 @@ def _from_saelens(path: str, name: str, cfg: dict) -> SAE:
              site=cfg.get("hook_name"))
 
 
-# dictionary_learning's classes, each as (arch, the state-dict keys its encode reads). Weights
-# map to canonical names below; `encode` of each class is mirrored by the jaxsae module of `arch`:
-#   AutoEncoder           ReLU(encoder(x - bias))                      (the 2023 recipe)
-#   AutoEncoderNew        ReLU(encoder(x))                             (the April 2024 update)
-#   AutoEncoderTopK       TopK_k(ReLU(encoder(x - b_dec)))
-#   BatchTopKSAE          ReLU(encoder(x - b_dec)) kept where > threshold (its inference rule)
-#   JumpReluAutoEncoder   ReLU(pre * 1[pre > threshold]), pre = x W_enc + b_enc (no b_dec)
-#   GatedAutoEncoder      1[W(x - decoder_bias) + gate_bias > 0] *
-#                         ReLU(exp(r_mag) W(x - decoder_bias) + mag_bias)
+class _DlClass(NamedTuple):
+  """Where one dictionary_learning class keeps the canonical weights in its state dict."""
+  arch: str
+  linear: bool  # nn.Linear encoder/decoder (encoder.weight [n, d], decoder.weight [d, n]),
+  # else nn.Parameters W_enc [d, n], W_dec [n, d]
+  b_enc: str
+  b_dec: str
+  extras: dict[str, str]  # canonical name -> state-dict key
+  subtracts_b_dec: bool  # whether its encode sees x - b_dec
+
+
+# Each class's `encode` is mirrored by the jaxsae module of its arch:
+#   AutoEncoder             ReLU(encoder(x - bias))                    (the 2023 recipe)
+#   AutoEncoderNew          ReLU(encoder(x))                           (the April 2024 update)
+#   AutoEncoderTopK         TopK_k(ReLU(encoder(x - b_dec)))
+#   BatchTopKSAE            ReLU(encoder(x - b_dec)), kept where > threshold (its inference rule)
+#   MatryoshkaBatchTopKSAE  the same with W_enc/W_dec parameters; a loaded one has every group on
+#   JumpReluAutoEncoder     ReLU(pre * 1[pre > threshold]), pre = x W_enc + b_enc
+#                           (apply_b_dec_to_input, an attribute torch never saves, is False)
+#   GatedAutoEncoder        1[encoder(x - decoder_bias) + gate_bias > 0]
+#                           * ReLU(exp(r_mag) encoder(x - decoder_bias) + mag_bias)
 _DL_CLASSES = {
-    "AutoEncoder": ("relu", ("encoder.weight", "encoder.bias", "decoder.weight", "bias")),
-    "AutoEncoderNew": ("relu", ("encoder.weight", "encoder.bias", "decoder.weight",
-                                "decoder.bias")),
-    "AutoEncoderTopK": ("topk", ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec")),
-    "BatchTopKSAE": ("batchtopk", ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec",
-                                   "threshold")),
-    "JumpReluAutoEncoder": ("jumprelu", ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")),
-    "GatedAutoEncoder": ("gated", ("encoder.weight", "gate_bias", "decoder.weight",
-                                   "decoder_bias", "r_mag", "mag_bias")),
+    "AutoEncoder": _DlClass("relu", True, "encoder.bias", "bias", {}, True),
+    "AutoEncoderNew": _DlClass("relu", True, "encoder.bias", "decoder.bias", {}, False),
+    "AutoEncoderTopK": _DlClass("topk", True, "encoder.bias", "b_dec", {}, True),
+    "BatchTopKSAE": _DlClass("batchtopk", True, "encoder.bias", "b_dec",
+                             {"threshold": "threshold"}, True),
+    "MatryoshkaBatchTopKSAE": _DlClass("batchtopk", False, "b_enc", "b_dec",
+                                       {"threshold": "threshold"}, True),
+    "JumpReluAutoEncoder": _DlClass("jumprelu", False, "b_enc", "b_dec",
+                                    {"threshold": "threshold"}, False),
+    "GatedAutoEncoder": _DlClass("gated", True, "gate_bias", "decoder_bias",
+                                 {"r_mag": "r_mag", "b_mag": "mag_bias"}, True),
 }
 
 
@@ -264,28 +278,23 @@ def _from_dictionary_learning(path: str, name: str, cfg: dict) -> SAE:
   if dict_class not in _DL_CLASSES:
     raise JaxsaeError(f"{cfg_file}: dict_class {dict_class!r} is not one jaxsae reads; it reads "
                       f"{', '.join(_DL_CLASSES)}")
-  arch, keys = _DL_CLASSES[dict_class]
+  c = _DL_CLASSES[dict_class]
   t = _read_state_dict(file)
-  _need(t, keys, file)
-  extras, b_dec, subtract = {}, None, True
-  if arch == "jumprelu":
-    w_enc, b_enc, w_dec, b_dec = t["W_enc"].T, t["b_enc"], t["W_dec"], t["b_dec"]
-    # ReLU(pre * 1[pre > theta]) fires where pre > max(theta, 0): jaxsae's rule with theta >= 0.
-    extras["threshold"] = np.maximum(t["threshold"], 0.0)
-    subtract = False  # JumpReluAutoEncoder.apply_b_dec_to_input, never saved, is False
-  elif arch == "gated":
-    w_enc, b_enc, w_dec = t["encoder.weight"], t["gate_bias"], t["decoder.weight"].T
-    b_dec = t["decoder_bias"]
-    extras = {"r_mag": t["r_mag"], "b_mag": t["mag_bias"]}
+  weights = ("encoder.weight", "decoder.weight") if c.linear else ("W_enc", "W_dec")
+  _need(t, (*weights, c.b_enc, c.b_dec, *c.extras.values()), file)
+  w_enc, w_dec = t[weights[0]], t[weights[1]]
+  if c.linear:
+    w_dec = w_dec.T  # decoder.weight is [d_in, n]
   else:
-    w_enc, b_enc, w_dec = t["encoder.weight"], t["encoder.bias"], t["decoder.weight"].T
-    b_dec = {"AutoEncoder": "bias", "AutoEncoderNew": "decoder.bias"}.get(dict_class, "b_dec")
-    b_dec = t[b_dec]
-    subtract = dict_class != "AutoEncoderNew"  # it encodes x itself
-    if arch == "batchtopk":
-      extras["threshold"] = t["threshold"].reshape(())
+    w_enc = w_enc.T  # W_enc is [d_in, n]
+  extras = {name: t[key] for name, key in c.extras.items()}
+  if c.arch == "jumprelu":
+    # ReLU(pre * 1[pre > theta]) fires where pre > max(theta, 0): jaxsae's rule with theta >= 0.
+    extras["threshold"] = np.maximum(extras["threshold"], 0.0)
+  if c.arch == "batchtopk":
+    extras["threshold"] = extras["threshold"].reshape(())
   k = None
-  if arch == "topk":
+  if c.arch == "topk":
     k_file = int(t["k"].reshape(())) if "k" in t else None
     k_cfg = trainer.get("k")
     if k_file is not None and k_cfg is not None and int(k_cfg) != k_file:
@@ -294,16 +303,16 @@ def _from_dictionary_learning(path: str, name: str, cfg: dict) -> SAE:
     k = k_file if k_file is not None else k_cfg
   elif "k" in t:
     k = int(t["k"].reshape(()))
-  n, d = np.shape(w_dec) if np.ndim(w_dec) == 2 else (None, None)
+  n, d = np.shape(w_dec) if np.ndim(w_dec) == 2 else (None, None)  # else validate() says so
   for key, want in (("dict_size", n), ("activation_dim", d)):
-    if trainer.get(key) not in (None, want):
+    if want is not None and trainer.get(key) not in (None, want):
       raise JaxsaeError(f"{path}: {DL_CFG_FILE} says {key}={trainer[key]}, the weights in "
                         f"{DL_FILE} have {want}; they come from different SAEs")
-  return SAE(name=name, path=path, layout="dictionary_learning", arch=_arch(arch),
-             W_enc=np.ascontiguousarray(w_enc), b_enc=b_enc, W_dec=np.ascontiguousarray(w_dec),
-             b_dec=b_dec, k=None if k is None else int(k),
+  return SAE(name=name, path=path, layout="dictionary_learning", arch=_arch(c.arch),
+             W_enc=np.ascontiguousarray(w_enc), b_enc=t[c.b_enc],
+             W_dec=np.ascontiguousarray(w_dec), b_dec=t[c.b_dec], k=None if k is None else int(k),
              extras={key: np.asarray(v, np.float32) for key, v in extras.items()}, cfg=cfg,
-             subtract_b_dec=subtract, site=trainer.get("submodule_name"))
+             subtract_b_dec=c.subtracts_b_dec, site=trainer.get("submodule_name"))
 
 
 def validate(sae: SAE) -> None:

@@ -214,6 +214,10 @@ def dl_state(dict_class, rng, n=N, d=D, k=K):
     return {"k": torch.tensor(k, dtype=torch.int), "threshold": torch.tensor(thr),
             "decoder.weight": t(d, n), "encoder.weight": t(n, d), "encoder.bias": t(n),
             "b_dec": t(d)}
+  if dict_class == "MatryoshkaBatchTopKSAE":
+    return {"k": torch.tensor(k, dtype=torch.int), "threshold": torch.tensor(0.8),
+            "group_sizes": torch.tensor([n // 4, n // 4, n // 2]), "W_enc": t(d, n),
+            "b_enc": t(n), "W_dec": t(n, d), "b_dec": t(d)}
   if dict_class == "JumpReluAutoEncoder":
     thr = torch.from_numpy(np.abs(rand(rng, n)))
     thr[:3] = torch.tensor([-0.5, 0.0, 1e-4])  # a negative and a zero threshold, as trained
@@ -239,6 +243,9 @@ def dl_encode(dict_class, s, x):
   if dict_class == "BatchTopKSAE":  # use_threshold=True, its default at inference
     post = relu(lin(x - s["b_dec"], s["encoder.weight"], s["encoder.bias"]))
     return post * (post > s["threshold"])
+  if dict_class == "MatryoshkaBatchTopKSAE":  # every group active once loaded
+    post = relu((x - s["b_dec"]) @ s["W_enc"] + s["b_enc"])
+    return post * (post > s["threshold"])
   if dict_class == "JumpReluAutoEncoder":  # apply_b_dec_to_input = False
     pre = x @ s["W_enc"] + s["b_enc"]
     return relu(pre * (pre > s["threshold"]))
@@ -262,7 +269,8 @@ def write_dl(path, state, dict_class, trainer=None, d=D, n=N):
 
 
 DL_CLASSES = {"AutoEncoder": "relu", "AutoEncoderNew": "relu", "AutoEncoderTopK": "topk",
-              "BatchTopKSAE": "batchtopk", "JumpReluAutoEncoder": "jumprelu",
+              "BatchTopKSAE": "batchtopk", "MatryoshkaBatchTopKSAE": "batchtopk",
+              "JumpReluAutoEncoder": "jumprelu",
               "GatedAutoEncoder": "gated"}
 
 
