@@ -10,6 +10,7 @@ from jaxsae.sae.batchtopk import BatchTopK
 from jaxsae.sae.common import SAE, SaeConfig, Statistic
 from jaxsae.sae.gated import Gated
 from jaxsae.sae.jumprelu import JumpReLU
+from jaxsae.sae.matryoshka import Matryoshka
 from jaxsae.sae.relu_l1 import ReluL1, ReluL1UnitNorm
 from jaxsae.sae.topk import TopK
 
@@ -20,7 +21,8 @@ ARCHITECTURES: dict[str, type[SAE]] = {
     "gated": Gated,
     "jumprelu": JumpReLU,
     "batchtopk": BatchTopK,
+    "matryoshka": Matryoshka,
 }
 
 __all__ = ["ARCHITECTURES", "SAE", "SaeConfig", "Statistic", "BatchTopK", "Gated", "JumpReLU",
-           "ReluL1", "ReluL1UnitNorm", "TopK"]
+           "Matryoshka", "ReluL1", "ReluL1UnitNorm", "TopK"]

@@ -36,6 +36,9 @@ class SaeConfig:
   # The TopK kernels' backward: "dense" products or "scatter"-adds of the k rows; "auto" picks
   # by shape (`dense_backward`). Both give the same numbers to float tolerance.
   topk_backward: str = "auto"
+  # Matryoshka's prefix widths as --matryoshka_widths gives them; () for its default
+  # (`matryoshka.prefix_widths`).
+  matryoshka_widths: tuple[int, ...] = ()
 
 
 class Statistic(nnx.Variable):
@@ -97,6 +100,10 @@ class SAE(nnx.Module):
 
   def after_step(self, out: dict[str, jax.Array]) -> None:
     """Updates state that is not trained by gradient, from the step's `out` (none by default)."""
+
+  def export_cfg(self) -> dict[str, Any]:
+    """What the architecture adds to its exported cfg.json, under "jaxsae" (none by default)."""
+    return {}
 
   def export(self) -> dict[str, jax.Array]:
     """The tensors readers expect (sparsify's names, W_enc as [d_in, n]) and their extras."""
