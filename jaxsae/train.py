@@ -86,6 +86,10 @@ class TrainConfig:
   auxk_alpha: float = field(0.0, "Weight of the AuxK dead-latent loss (topk, batchtopk); 1/32 = "
                             "0.03125 turns it on as in Gao et al.; 0 = off as in the paper's runs.")
   dead_tokens: int = field(10_000_000, "A latent is dead after not firing for this many tokens.")
+  matryoshka_widths: tuple[int, ...] = field((), "matryoshka: widths of the nested prefixes "
+                                             "whose reconstruction losses are summed, strictly "
+                                             "increasing, num_latents last (appended if left "
+                                             "out); default the doubling n/16,n/8,n/4,n/2,n.")
   l1_coeff: float = field(5.0, "L1 coefficient (relu_l1, relu_l1_unitnorm, gated), for inputs "
                           "normalised to mean norm sqrt(d_in).")
   l0_coeff: float = field(1e-3, "L0 coefficient of jumprelu, in FVU per active latent per token.")
@@ -549,7 +553,7 @@ def export(directory: str, saes: dict[str, np.ndarray], sae: SAE, spec: dict, st
            "data_seed": spec["data_seed"], "input_scale": input_scale,
            "normalize_decoder": sae.unit_norm_decoder,
            "apply_b_dec_to_input": sae.subtracts_b_dec,
-           "activation": sae.sparsify_activation or "topk"}
+           "activation": sae.sparsify_activation or "topk", **sae.export_cfg()}
     io.save_sparsify(os.path.join(directory, f"seed{seed}"),
                      {name: v[i] for name, v in saes.items()}, cfg)
 
@@ -638,7 +642,8 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
   sae_cfg = SaeConfig(
       k=cfg.k, auxk_alpha=cfg.auxk_alpha, l1_coeff=cfg.l1_coeff, l0_coeff=cfg.l0_coeff,
       jumprelu_bandwidth=cfg.jumprelu_bandwidth, jumprelu_threshold=cfg.jumprelu_threshold,
-      compute_dtype=spec["compute_dtype"], topk_backward=cfg.topk_backward)
+      compute_dtype=spec["compute_dtype"], topk_backward=cfg.topk_backward,
+      matryoshka_widths=cfg.matryoshka_widths)
   tx, schedule = make_optimizer(spec["lr"], cfg.lr_warmup_steps, num_steps, cfg)
 
   # State: built directly into its sharding, or restored from the newest checkpoint. Past
