@@ -99,7 +99,8 @@ def resolve(spec_str: str) -> str:
   not_cached = (f"{spec} is not in the Hugging Face cache ({cache})"
                 + ("; HF_HUB_OFFLINE is set, so it cannot be downloaded: fetch it with "
                    f"{_fetch_hint(spec)} on a machine with network (into this cache), or unset "
-                   "HF_HUB_OFFLINE" if offline else f"; fetch it with {_fetch_hint(spec)}"))
+                   "HF_HUB_OFFLINE" if offline else
+                   f" and the Hub could not be reached; fetch it with {_fetch_hint(spec)}"))
   try:
     root = snapshot_download(spec.repo_id, revision=spec.revision, cache_dir=cache,
                              allow_patterns=_patterns(spec), local_files_only=offline)
@@ -113,8 +114,9 @@ def resolve(spec_str: str) -> str:
     # (IncompleteSnapshotError, a cached snapshot lacking files, is a LocalEntryNotFoundError)
     raise JaxsaeError(not_cached)
   except (OSError, hf_errors.HfHubHTTPError) as e:
-    raise JaxsaeError(f"{spec}: download failed ({type(e).__name__}: {e}); check the network "
-                      f"or fetch it with {_fetch_hint(spec)}")
+    first = (str(e).strip().splitlines() or [""])[0]  # the library's messages run to lines
+    raise JaxsaeError(f"{spec}: download failed ({type(e).__name__}: {first}); check the "
+                      f"network or fetch it with {_fetch_hint(spec)}")
   path = os.path.join(str(root), spec.subfolder) if spec.subfolder else str(root)
   if not os.path.isdir(path):
     # Offline, the library returns a cached snapshot of the revision whether or not it holds
@@ -123,8 +125,9 @@ def resolve(spec_str: str) -> str:
       raise JaxsaeError(not_cached)
     have = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if (
         os.path.isdir(root)) else []
-    raise JaxsaeError(f"{spec}: the repo has no SAE files under {spec.subfolder}/ (folders with "
-                      f"SAE files: {', '.join(have) or 'none'})")
+    where = f"under {spec.subfolder}/" if spec.subfolder else "at all"
+    raise JaxsaeError(f"{spec}: the repo has no SAE files {where} (its folders with SAE files: "
+                      f"{', '.join(have) or 'none'}); jaxsae reads {', '.join(SAE_FILES)}")
   return path
 
 

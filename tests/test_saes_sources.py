@@ -164,6 +164,41 @@ def test_hub_missing_from_cache_offline(tmp_path, hub_cache):
     assert hint in msg and "unset HF_HUB_OFFLINE" in msg
 
 
+def test_hub_online_call_and_missing_folder(tmp_path, monkeypatch):
+  """Online, only SAE files under the subfolder are asked for, at the revision, into the cache
+  of the environment; a folder the repo lacks is one error listing the folders it has."""
+  import huggingface_hub
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+  snap = tmp_path / "snap"
+  (snap / "layers.1").mkdir(parents=True)
+  calls = []
+
+  def fake(repo_id, **kw):
+    calls.append((repo_id, kw))
+    return str(snap)
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+  assert hub.resolve("hf://acme/r/layers.1@v3") == str(snap / "layers.1")
+  (repo_id, kw), = calls
+  assert repo_id == "acme/r" and kw["revision"] == "v3" and kw["cache_dir"] == str(cache)
+  assert kw["local_files_only"] is False
+  assert "layers.1/cfg.json" in kw["allow_patterns"]
+  assert "layers.1/*/ae.pt" in kw["allow_patterns"]
+  assert all(p.startswith("layers.1/") for p in kw["allow_patterns"])
+  with pytest.raises(JaxsaeError, match=r"no SAE files under layers.9/ \(its folders with SAE "
+                                        r"files: layers.1\)"):
+    hub.resolve("hf://acme/r/layers.9")
+
+  def offline_error(repo_id, **kw):
+    raise huggingface_hub.errors.LocalEntryNotFoundError("line one\nline two")
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", offline_error)
+  with pytest.raises(JaxsaeError, match=r"; fetch it with `hf download acme/r`$"):
+    hub.resolve("hf://acme/r")
+
+
 def test_hub_match_end_to_end(tmp_path, hub_cache):
   """`jaxsae match` on two hf:// SAEs, in a fresh process that only has the cache."""
   rng = np.random.default_rng(4)
