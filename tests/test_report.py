@@ -21,7 +21,7 @@ from jaxsae import store_writer
 from jaxsae.errors import JaxsaeError
 
 PLOTS = ("cosines.png", "frequency.png", "threshold.png", "rules.png", "overlap.png",
-         "seeds.png")
+         "seeds.png", "importance.png")
 CTX = 16
 
 
@@ -207,3 +207,90 @@ def test_cli(matched, tmp_path):
   done = subprocess.run([sys.executable, "-m", "jaxsae.cli", "report", str(tmp_path / "nope")],
                         capture_output=True, text=True, timeout=120)
   assert done.returncode == 1 and "jaxsae report: error:" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Importance: the FVU each latent's ablation adds.
+
+
+def numpy_codes(sae, x):
+  """The SAE's codes of x, by numpy: TopK or ReLU."""
+  pre = (x * sae.input_scale - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+  if sae.arch == "topk":
+    return topk_acts(sae, x * sae.input_scale)
+  return np.maximum(pre, 0)
+
+
+def numpy_fvu(sae, w_dec, x):
+  x = (x * sae.input_scale).astype(np.float64)
+  r = numpy_codes(sae, x / sae.input_scale).astype(np.float64) @ w_dec + sae.b_dec
+  return np.sum((x - r) ** 2) / np.sum((x - x.mean(0)) ** 2)
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_importance_is_the_fvu_that_ablating_one_latent_adds(tmp_path, arch):
+  from jaxsae import saes
+  rng = np.random.default_rng(11)
+  n, d = 24, 8
+  w = tm.random_weights(rng, n=n, d=d)
+  w["W_dec"] *= 0.3  # a reconstruction near the data, so removing a latent can hurt or help
+  w["W_enc"] *= 0.3
+  w["W_dec"][5] = 0  # a dead decoder row: importance exactly 0
+  path = tm.write(tmp_path / "sae", w, arch=arch, k=3 if arch == "topk" else None)
+  acts = (tm.rand(rng, 300, d) + 1.5).astype(np.float32)  # a mean far from 0
+  store_writer.write_store(str(tmp_path / "store"), acts, ids=np.arange(300), rows_per_shard=128)
+  store = store_lib.Store(str(tmp_path / "store"))
+  sae = saes.load_sae(path)
+  (imp,), (fvu,), tokens = report.importance([sae], store, 250, batch_size=64, progress=False)
+  assert tokens == 250 and imp.shape == (n,)
+  x = np.concatenate([b[:t] for b, _, t in match.token_sample(store, 250, 64)])
+  base = numpy_fvu(sae, sae.W_dec, x)
+  assert fvu == pytest.approx(base, rel=1e-5)
+  for i in range(n):
+    # Zeroed, re-encoded (TopK's selection does not read W_dec) and decoded.
+    zeroed = sae.W_dec.copy()
+    zeroed[i] = 0
+    assert imp[i] == pytest.approx(numpy_fvu(sae, zeroed, x) - base, rel=1e-4, abs=1e-6), i
+  assert imp[5] == 0 and (imp != 0).sum() > n // 2
+
+
+def test_report_importance_and_unequal_widths(tmp_path):
+  """A 16-latent SAE against a 24-latent one holding its rows: the report says which side a
+  fraction is of, draws the importance of both kinds, and renders."""
+  rng = np.random.default_rng(12)
+  small, wide, perm = tm.rectangular(rng)
+  ids = rng.integers(0, 5000, 640)
+  write_window_store(tmp_path / "store", tm.rand(rng, 640, tm.D) * 2, ids, {})
+  inputs = [tm.write(tmp_path / "small", small), tm.write(tmp_path / "wide", wide)]
+  match.run(match.MatchConfig(inputs=tuple(inputs), out=str(tmp_path / "m"),
+                              store=str(tmp_path / "store"), freq_tokens=640, freq_batch=128))
+  data = report.run(report.ReportConfig(inputs=(str(tmp_path / "m"),), out=str(tmp_path / "r"),
+                                        orphan_min_frequency=0.0))
+  for name in PLOTS + ("report.json", "report.html"):
+    assert (tmp_path / "r" / name).stat().st_size > 0, name
+  saved = json.loads((tmp_path / "r" / "report.json").read_text())
+  # The overlap says which side: all of small's latents, 16 of wide's 24.
+  names = saved["overlap"]["names"]
+  m = np.array(saved["overlap"]["matrix"])
+  assert m[names.index("small"), names.index("wide")] == 1.0
+  assert m[names.index("wide"), names.index("small")] == pytest.approx(16 / 24)
+  imp = saved["importance"]
+  assert len(imp["per_sae"]["small"]) == 16 and len(imp["per_sae"]["wide"]) == 24
+  # Shared latents are the same rows in both SAEs; TopK is chosen among more in the wider.
+  (pair,) = imp["pairs"]
+  assert (pair["a"], pair["n_shared"], pair["n_orphan"]) == ("wide", 16, 8)
+  assert imp["median_shared"] == pair["median_shared"]
+  assert imp["median_orphan"] == pair["median_orphan"]
+  top = imp["top_orphans"]
+  assert 0 < len(top) <= 4 and all(t["dec_partner"] == -1 for t in top)
+  assert [t["importance"] for t in top] == sorted((t["importance"] for t in top), reverse=True)
+  orphans = [i for i in range(24) if i not in set(perm)]
+  assert max(t["importance"] for t in top) == pytest.approx(
+      max(imp["per_sae"]["wide"][i] for i in orphans))
+  assert all(len(t["contexts"]) > 0 for t in top)
+  text = (tmp_path / "r" / "report.html").read_text()
+  assert "fraction of b" in text and "differ in width" in text and "PW-MCC" in text
+  assert "most important frequent orphans" in text
+  parser = _Imgs()
+  parser.feed(text)
+  assert len(parser.imgs) == len(PLOTS)
