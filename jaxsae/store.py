@@ -4,6 +4,7 @@ Layout of a store directory::
 
   spec.json                 what is being extracted (written first; a rerun must agree with it)
   shard_00000.bin           activations, raw little-endian, shape [rows, n_sites, d_in]
+  shard_00000.scales.bin    8-bit stores only: float32 [rows, n_sites], max |x| of each row
   shard_00000.tokens.npz    `ids` [windows, ctx_len] int32 and `pos` [rows] int32 (row -> flat
                             position in `ids`), so any row can be shown in its context
   shard_00000.json          the shard's ledger entry: rows and checksums (written last)
@@ -12,6 +13,10 @@ Layout of a store directory::
 
 A shard counts as written only when its ledger entry exists, and a store is finished only when
 its manifest does: this module reads finished stores (store_writer.py writes them).
+
+8-bit stores (int8, float8_e4m3fn) hold each row as codes and one float32 scale s = max |x| of
+that row and site: int8 q = round(x / s * 127), float8 x / s * 448 rounded to e4m3. Every read
+goes through `decode`, so a reader only ever sees float rows.
 
 The batch stream is a pure function of (data_seed, step): every epoch permutes the shard order,
 groups shards into buffers of `shuffle_shards`, and permutes rows within each buffer. So all SAE
@@ -39,7 +44,19 @@ DTYPES = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
     "float16": np.dtype(np.float16),
     "float32": np.dtype(np.float32),
+    "int8": np.dtype(np.int8),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
 }
+# The code a row's max |x| maps to. float8 is scaled too, although the demo's activations
+# (max |x| 42) fit its +-448: values past 464 become NaN (e4m3fn has no inf), and residual
+# streams of larger models reach thousands; a scale also keeps small rows out of its
+# subnormals (relative L2 error per row on the demo store: mean 2.5% scaled, 2.7% not).
+CODE_MAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
+# float32, not float16: 4 bytes on a 576-byte row (0.7%) for a scale that is exact and has
+# float32's range; a float16 scale would add up to 0.05% error to every element of its row
+# and overflow past 65504.
+SCALE_DTYPE = np.dtype("<f4")
+_CODE_MAX_OF = {np_dt: CODE_MAX[name] for name, np_dt in DTYPES.items() if name in CODE_MAX}
 
 
 class Batch(NamedTuple):
@@ -54,6 +71,39 @@ def np_dtype(name: str) -> np.dtype:
   if name not in DTYPES:
     raise JaxsaeError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
   return DTYPES[name]
+
+
+def row_scale(dtype: str) -> dict | None:
+  """What the manifest records about an 8-bit dtype's per-row scales; None for float dtypes."""
+  if dtype not in CODE_MAX:
+    return None
+  return {"dtype": "float32", "per": "row and site", "value": "max |x|",
+          "code_of_max": CODE_MAX[dtype]}
+
+
+def encode(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+  """Rows [..., d_in] as stored in `dtype`: (codes, scales [...] float32, None unless 8-bit)."""
+  dt = np_dtype(dtype)
+  if dtype not in CODE_MAX:
+    return np.asarray(x).astype(dt), None
+  x = np.asarray(x, np.float32)
+  s = np.abs(x).max(axis=-1)
+  with np.errstate(invalid="ignore", divide="ignore"):  # non-finite rows: the writer refuses
+    q = x * (CODE_MAX[dtype] / np.where(s > 0, s, 1))[..., None]
+    if dtype == "int8":
+      q = np.rint(q)
+    return q.astype(dt), s.astype(SCALE_DTYPE)
+
+
+def decode(codes: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+  """Float32 rows of stored `codes` [..., d_in] and their `scales` [...] (None if unscaled).
+
+  Every read of a store goes through here, so no reader sees 8-bit codes.
+  """
+  x = np.asarray(codes).astype(np.float32)
+  if scales is not None:
+    x *= (np.asarray(scales, np.float32) / np.float32(_CODE_MAX_OF[codes.dtype]))[..., None]
+  return x
 
 
 def shard_name(index: int) -> str:
@@ -93,18 +143,29 @@ def _check_manifest(m: Any, where: str) -> None:
     bad(f"sites={m['sites']!r} is not a list of module paths")
   if not isinstance(m["dtype"], str) or m["dtype"] not in DTYPES:
     bad(f"dtype={m['dtype']!r} is not one of {', '.join(DTYPES)}")
+  if m.get("row_scale") != row_scale(m["dtype"]):
+    bad(f"row_scale={m.get('row_scale')!r} is not what a {m['dtype']} store records "
+        f"({row_scale(m['dtype'])!r})")
   if not isinstance(m["shards"], list):
     bad("shards is not a list")
+
+  def file_name(v) -> bool:
+    return isinstance(v, str) and bool(v) and "/" not in v and "\\" not in v and \
+        not v.startswith(".")
+
   for i, sh in enumerate(m["shards"]):
     if not isinstance(sh, dict):
       bad(f"shard entry {i} is not an object")
     f = sh.get("file")
-    if not isinstance(f, str) or not f or "/" in f or "\\" in f or f.startswith("."):
+    if not file_name(f):
       bad(f"shard entry {i} has file={f!r}, not a file name in the store")
     if not count(sh.get("num_tokens")):
       bad(f"shard {f} has num_tokens={sh.get('num_tokens')!r}")
     if not isinstance(sh.get("sha256"), str):
       bad(f"shard {f} has no sha256")
+    if m["dtype"] in CODE_MAX and not (file_name(sh.get("scales_file")) and
+                                       isinstance(sh.get("scales_sha256"), str)):
+      bad(f"shard {f} of a {m['dtype']} store has no scales_file and scales_sha256")
   norms = m.get("mean_norm", {})
   if not isinstance(norms, dict) or not all(
       isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and np.isfinite(v)
@@ -137,7 +198,8 @@ class Store:
       self._check_spec(m)
     self.sites: list[str] = list(m["sites"])
     self.d_in: int = int(m["d_in"])
-    self.dtype: np.dtype = np_dtype(m["dtype"])
+    self.dtype: np.dtype = np_dtype(m["dtype"])  # as stored; reads are float (see `decode`)
+    self.scaled: bool = m["dtype"] in CODE_MAX
     self.shards: list[dict] = list(m["shards"])
     if expect_d_in is not None and expect_d_in != self.d_in:
       raise JaxsaeError(f"store {self.directory} has d_in={self.d_in}, expected {expect_d_in}")
@@ -200,45 +262,64 @@ class Store:
           f"from {k}={spec[k]!r} in {SPEC} (and {len(diff) - 1} more field(s)); it was copied "
           "from another store: put back this store's own, or re-extract")
 
-  def _row_bytes(self) -> int:
-    return len(self.sites) * self.d_in * self.dtype.itemsize
+  def _files(self, s: dict) -> list[tuple[str, str, np.dtype, tuple[int, ...]]]:
+    """(file, sha256 key, dtype, shape) of each file of shard entry `s`: codes, then scales."""
+    out = [(s["file"], "sha256", self.dtype, (s["num_tokens"], len(self.sites), self.d_in))]
+    if self.scaled:
+      out.append((s["scales_file"], "scales_sha256", SCALE_DTYPE,
+                  (s["num_tokens"], len(self.sites))))
+    return out
 
   def _check_size(self, i: int, s: dict) -> None:
-    p = files.as_path(self.directory) / s["file"]
-    if not p.exists():
-      raise JaxsaeError(f"shard {s['file']} listed in {self._where(MANIFEST)} is missing; "
-                        "rerun `jaxsae extract` with the same flags to rewrite it")
-    size = os.path.getsize(p) if not files.is_remote(self.directory) else p.stat().length
-    want = s["num_tokens"] * self._row_bytes()
-    if size != want:
-      raise JaxsaeError(f"shard {self._where(s['file'])} has {size} bytes, the manifest says "
-                        f"{want} ({s['num_tokens']} rows); it is truncated or foreign: delete it "
-                        f"and its .json and rerun `jaxsae extract`")
+    for name, _, dtype, shape in self._files(s):
+      p = files.as_path(self.directory) / name
+      if not p.exists():
+        raise JaxsaeError(f"shard {name} listed in {self._where(MANIFEST)} is missing; "
+                          "rerun `jaxsae extract` with the same flags to rewrite it")
+      size = os.path.getsize(p) if not files.is_remote(self.directory) else p.stat().length
+      want = int(np.prod(shape)) * dtype.itemsize
+      if size != want:
+        raise JaxsaeError(f"shard {self._where(name)} has {size} bytes, the manifest says "
+                          f"{want} ({s['num_tokens']} rows); it is truncated or foreign: delete "
+                          f"it and {s['file'][:-4]}.json and rerun `jaxsae extract`")
 
   def verify_shard(self, i: int) -> None:
-    """Hashes shard `i` (once) and raises if it differs from the manifest."""
+    """Hashes shard `i`'s files (once) and raises if one differs from the manifest."""
     if i in self._verified:
       return
     s = self.shards[i]
-    got = files.sha256_file(files.as_path(self.directory) / s["file"])
-    if got != s["sha256"]:
-      raise JaxsaeError(f"shard {self._where(s['file'])} fails its checksum (corrupted on disk); "
-                        f"delete it and its .json and rerun `jaxsae extract` to rewrite it")
+    for name, key, _, _ in self._files(s):
+      if files.sha256_file(files.as_path(self.directory) / name) != s[key]:
+        raise JaxsaeError(f"shard {self._where(name)} fails its checksum (corrupted on disk); "
+                          f"delete it and {s['file'][:-4]}.json and rerun `jaxsae extract` to "
+                          "rewrite it")
     self._verified.add(i)
 
-  def shard(self, i: int) -> np.ndarray:
-    """Shard `i` as an array [rows, n_sites, d_in], memory-mapped where the path is local."""
+  def stored(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Shard `i` as stored: codes [rows, n_sites, d_in] and scales [rows, n_sites] (None
+    unless 8-bit), memory-mapped where the path is local. Read rows with `rows` or `shard`."""
     with self._lock:
       if i not in self._maps:
-        s = self.shards[i]
-        shape = (s["num_tokens"], len(self.sites), self.d_in)
-        path = files.as_path(self.directory) / s["file"]
-        if files.is_remote(self.directory):
-          arr = np.frombuffer(path.read_bytes(), self.dtype).reshape(shape)
-        else:
-          arr = np.memmap(path, self.dtype, "r", shape=shape)
-        self._maps[i] = arr
+        arrays = []
+        for name, _, dtype, shape in self._files(self.shards[i]):
+          path = files.as_path(self.directory) / name
+          if files.is_remote(self.directory):
+            arrays.append(np.frombuffer(path.read_bytes(), dtype).reshape(shape))
+          else:
+            arrays.append(np.memmap(path, dtype, "r", shape=shape))
+        self._maps[i] = (arrays[0], arrays[1] if self.scaled else None)
       return self._maps[i]
+
+  def shard(self, i: int) -> np.ndarray:
+    """Shard `i` as rows [rows, n_sites, d_in]: the memory map itself for float dtypes (no
+    copy), decoded to float32 for 8-bit ones."""
+    codes, scales = self.stored(i)
+    return codes if scales is None else decode(codes, scales)
+
+  def _decoded(self, i: int, local: np.ndarray, j: int) -> np.ndarray:
+    """Rows `local` (sorted) of shard `i`, site `j`, as float32 [len(local), d_in]."""
+    codes, scales = self.stored(i)
+    return decode(codes[local, j], None if scales is None else scales[local, j])
 
   def site_index(self, site: str | None) -> int:
     if site is None:
@@ -258,7 +339,7 @@ class Store:
       sel = np.nonzero(shard_of == i)[0]
       local = indices[sel] - self.offsets[i]
       order = np.argsort(local)  # sorted reads are far kinder to a memory map
-      out[sel[order]] = self.shard(int(i))[local[order], j]
+      out[sel[order]] = self._decoded(int(i), local[order], j)
     return out
 
   def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:

@@ -36,6 +36,8 @@ def init_store(directory: str, spec: dict) -> None:
   """
   os.makedirs(directory, exist_ok=True)
   spec = {"format_version": store.FORMAT_VERSION, **spec}
+  if store.row_scale(spec["dtype"]) is not None:  # float stores keep their spec as it was
+    spec["row_scale"] = store.row_scale(spec["dtype"])
   path = os.path.join(directory, store.SPEC)
   if os.path.exists(path):
     with open(path) as f:
@@ -55,21 +57,37 @@ def init_store(directory: str, spec: dict) -> None:
 
 def write_shard(directory: str, index: int, acts: np.ndarray, ids: np.ndarray,
                 pos: np.ndarray) -> dict:
-  """Writes shard `index`: activations [rows, n_sites, d_in], window ids and row positions."""
+  """Writes shard `index`: activations [rows, n_sites, d_in], window ids and row positions.
+
+  `acts` are float rows (float32 from the model is best: an 8-bit store scales each row from
+  them); they are stored in the dtype of the store's spec, which no shard can differ from.
+  """
   if acts.ndim != 3 or pos.shape != (acts.shape[0],):
     raise ValueError(f"bad shard shapes: acts {acts.shape}, pos {pos.shape}")
-  if not np.isfinite(acts.astype(np.float32)).all():
-    bad = int(np.argwhere(~np.isfinite(acts.astype(np.float32)).all(axis=(1, 2)))[0, 0])
+  with open(os.path.join(directory, store.SPEC)) as f:
+    dtype = json.load(f)["dtype"]
+  codes, scales = store.encode(acts, dtype)
+  # Checked as read back, so that a float16 overflow or a NaN row scale is caught too.
+  with np.errstate(invalid="ignore"):  # 0 * an infinite scale: NaN, which is the point
+    finite = np.isfinite(store.decode(codes, scales)).all(axis=(1, 2))
+  if not finite.all():
+    bad = int(np.argmin(finite))
     raise JaxsaeError(
         f"non-finite activations in shard {index} at row {bad} (token id "
         f"{int(ids.reshape(-1)[pos[bad]])}); the model produced NaN/Inf: try --dtype=float32 or "
         "a model dtype with more range")
   name = store.shard_name(index)
   base = os.path.join(directory, name)
-  acts_bytes = np.ascontiguousarray(acts).tobytes()
+  acts_bytes = np.ascontiguousarray(codes).tobytes()
   buf = _npz_bytes(ids=ids.astype(np.int32), pos=pos.astype(np.int32))
   files.atomic_write_bytes(base + ".bin", acts_bytes)
   files.atomic_write_bytes(base + ".tokens.npz", buf)
+  scale_entry = {}
+  if scales is not None:
+    scale_bytes = np.ascontiguousarray(scales).tobytes()
+    files.atomic_write_bytes(base + ".scales.bin", scale_bytes)
+    scale_entry = {"scales_file": name + ".scales.bin",
+                   "scales_sha256": hashlib.sha256(scale_bytes).hexdigest()}
   entry = {
       "index": index,
       "file": name + ".bin",
@@ -78,6 +96,7 @@ def write_shard(directory: str, index: int, acts: np.ndarray, ids: np.ndarray,
       "sha256": hashlib.sha256(acts_bytes).hexdigest(),
       "tokens_file": name + ".tokens.npz",
       "tokens_sha256": hashlib.sha256(buf).hexdigest(),
+      **scale_entry,
   }
   files.atomic_write_json(base + ".json", entry)  # last: the shard now counts as written
   return entry
@@ -235,7 +254,7 @@ def write_store(directory: str, acts: np.ndarray, *, ids: np.ndarray | None = No
       "excluded_tokens": [], **spec})
   for i in range(num_shards):
     sl = slice(i * rows_per_shard, (i + 1) * rows_per_shard)
-    a = acts[sl].astype(store.np_dtype(dtype))
+    a = acts[sl]  # write_shard stores it in `dtype`
     write_shard(directory, i, a, ids[sl].reshape(-1, 1), np.arange(a.shape[0]))
   finalize(directory)
   return store.Store(directory)

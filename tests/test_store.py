@@ -186,3 +186,111 @@ def test_any_damaged_manifest_is_a_clear_error_or_a_valid_store(tmp_path_factory
       ledger.add("clear_error")
 
   check()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit stores: codes plus one float32 scale per row, decoded on every read.
+
+
+@pytest.fixture
+def wide(tmp_path):
+  """Rows with the spread of real activations: row norms over two decades, one outlier each."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(300, 2, 64)) * np.exp(rng.uniform(-2, 3, size=(300, 2, 1)))
+  x[:, :, 5] *= 8
+  x[7] = 0  # an all-zero row: scale 0, decoded to zeros
+  return x.astype(np.float32)
+
+
+def _store8(path, x, dtype):
+  return store_writer.write_store(str(path), x, rows_per_shard=128, dtype=dtype,
+                                  sites=("a", "b"))
+
+
+def test_int8_round_trip_is_within_half_a_step_of_each_rows_scale(tmp_path, wide):
+  s = _store8(tmp_path / "s", wide, "int8")
+  for j, site in enumerate(("a", "b")):
+    got = s.rows(np.arange(300), site=site)
+    assert got.dtype == np.float32
+    scale = np.abs(wide[:, j]).max(axis=1, keepdims=True)
+    err = np.abs(got - wide[:, j])
+    assert (err <= scale / 254 * (1 + 1e-5) + 1e-30).all()  # |x - x^| <= s / 254 per element
+    np.testing.assert_array_equal(got[7], 0)
+  assert (np.abs(s.shard(1)) <= np.abs(wide).max()).all() and s.shard(1).dtype == np.float32
+
+
+def test_float8_round_trip_keeps_each_element_within_its_e4m3_rounding(tmp_path, wide):
+  s = _store8(tmp_path / "s", wide * 1e3, "float8_e4m3fn")  # past e4m3's +-448 unscaled
+  got = s.rows(np.arange(300), site="b")
+  x = wide[:, 1] * 1e3
+  scale = np.abs(x).max(axis=1, keepdims=True)
+  # 3 mantissa bits: half a step is 1/16 of the value; below e4m3's normals (2^-6 of 448 / s),
+  # half a subnormal step (2^-10 of s / 448).
+  bound = np.maximum(np.abs(x) / 16, scale / 448 * 2.0**-10) * (1 + 1e-5)
+  assert np.isfinite(got).all() and (np.abs(got - x) <= bound).all()
+  rel = np.linalg.norm(got - x, axis=1)[x.any(1)] / np.linalg.norm(x, axis=1)[x.any(1)]
+  assert rel.max() < 0.05
+
+
+def test_8bit_stores_record_their_scales_and_old_stores_keep_their_spec(tmp_path, wide, st):
+  s = _store8(tmp_path / "i8", wide, "int8")
+  m = json.load(open(os.path.join(s.directory, store.MANIFEST)))
+  assert m["dtype"] == "int8"
+  assert m["row_scale"] == {"dtype": "float32", "per": "row and site", "value": "max |x|",
+                            "code_of_max": 127.0}
+  sh = m["shards"][0]
+  assert sh["scales_file"] == "shard_00000.scales.bin"
+  assert sh["scales_sha256"] == files.sha256_file(os.path.join(s.directory, sh["scales_file"]))
+  assert os.path.getsize(os.path.join(s.directory, sh["file"])) == 128 * 2 * 64  # one byte each
+  assert os.path.getsize(os.path.join(s.directory, sh["scales_file"])) == 128 * 2 * 4
+  old = json.load(open(os.path.join(st.directory, store.MANIFEST)))
+  assert "row_scale" not in old and "scales_file" not in old["shards"][0]
+  edit_manifest(s.directory, lambda m: m.pop("row_scale"))  # an 8-bit store must say how
+  with pytest.raises(JaxsaeError, match="row_scale=None"):
+    store.Store(s.directory)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
+def test_the_trainers_stream_reads_float32_rows_of_an_8bit_store(tmp_path, wide, dtype):
+  s = _store8(tmp_path / "s", wide, dtype)
+  ref = _store8(tmp_path / "f32", wide, "float32")
+  b = next(s.batches(64, data_seed=3, site="b", normalize=True))
+  assert b.x.dtype == np.float32 and b.x.shape == (64, 64)
+  want = next(ref.batches(64, data_seed=3, site="b", normalize=True)).x
+  np.testing.assert_allclose(b.x, want, rtol=0.07, atol=0.02 * np.abs(want).max())
+  assert abs(s.normalizer("b") / ref.normalizer("b") - 1) < 0.01
+
+
+def test_a_damaged_scale_file_is_caught_like_a_damaged_shard(tmp_path, wide):
+  s = _store8(tmp_path / "s", wide, "int8")
+  path = os.path.join(s.directory, "shard_00001.scales.bin")
+  data = open(path, "rb").read()
+  with open(path, "wb") as f:  # truncated: refused on open
+    f.write(data[:-4])
+  with pytest.raises(JaxsaeError, match="shard_00001.scales.bin has 1020 bytes.*truncated"):
+    store.Store(s.directory)
+  with open(path, "wb") as f:  # same size, one scale changed: refused by its checksum
+    f.write(data[:8] + np.float32(3.0).tobytes() + data[12:])
+  with pytest.raises(JaxsaeError, match="shard_00001.scales.bin fails its checksum"):
+    store.Store(s.directory).batch(0, 300)
+  os.remove(path)
+  with pytest.raises(JaxsaeError, match="shard_00001.scales.bin listed in .* is missing"):
+    store.Store(s.directory)
+
+
+def test_an_8bit_shard_refuses_non_finite_rows_and_leaves_no_files(tmp_path):
+  store_writer.init_store(str(tmp_path), {"sites": ["s"], "d_in": 4, "dtype": "int8",
+                                          "ctx_len": 1, "num_shards": 1})
+  acts = np.ones((10, 1, 4), np.float32)
+  acts[6, 0, 1] = np.inf
+  with pytest.raises(JaxsaeError, match="shard 0 at row 6"):
+    store_writer.write_shard(str(tmp_path), 0, acts, np.zeros((10, 1), np.int32), np.arange(10))
+  assert sorted(os.listdir(tmp_path)) == [store.SPEC]
+
+
+def test_encode_decode_are_the_one_codec(wide):
+  for dtype in store.DTYPES:
+    codes, scales = store.encode(wide, dtype)
+    assert codes.dtype == store.np_dtype(dtype) and (scales is None) == (dtype not in
+                                                                         store.CODE_MAX)
+    assert store.decode(codes, scales).dtype == np.float32
