@@ -119,7 +119,7 @@ def test_bad_model_and_site(tiny_model_dir, text_dir, tmp_path):
     extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "c",
                      sites=("model.layers.1.mlp", "model.layers.1.mlp.down_proj:input")))
   with pytest.raises(JaxsaeError, match="unknown dtype"):
-    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "d", dtype="int8"))
+    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "d", dtype="int4"))
 
 
 def test_out_dir_with_another_store_is_refused(tiny_model_dir, text_dir, tmp_path):
