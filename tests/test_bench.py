@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,3 +72,22 @@ def test_bench_step_parts_smoke():
              "--num_latents=128", "--rounds=1")
   row = json.loads(out.strip().splitlines()[-1])
   assert row["step_ms"] > 0 and row["clip_and_adam_ms"] > 0
+
+
+def test_bench_store_smoke(tmp_path):
+  out = _run("bench_store.py", "--rows=512", "--d_in=16", "--rows_per_shard=128",
+             "--batch_size=32", "--steps=2", "--rounds=1")
+  rows = {r["dtype"]: r for r in map(json.loads, out.strip().splitlines())}
+  assert list(rows) == ["float32", "bfloat16", "int8", "float8_e4m3fn"]
+  assert [rows[d]["bytes_per_token"] for d in rows] == [64, 32, 20, 20]  # 16 codes + 4 scale
+  assert rows["float32"]["rel_l2_err_max"] == 0 and rows["int8"]["rel_l2_err_max"] < 0.02
+  assert all(r["read_rows_per_s"] > 0 for r in rows.values())
+  # The second form: stores of the same tokens compared row by row with a float32 one.
+  from jaxsae import store_writer
+  x = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
+  for d in ("float32", "int8"):
+    store_writer.write_store(str(tmp_path / d), x, rows_per_shard=100, dtype=d)
+  out = _run("bench_store.py", f"--reference={tmp_path / 'float32'}",
+             f"--stores={tmp_path / 'int8'}")
+  row = json.loads(out.strip().splitlines()[-1])
+  assert row["dtype"] == "int8" and row["rows"] == 300 and 0 < row["rel_l2_err_mean"] < 0.02

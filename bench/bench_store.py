@@ -1,0 +1,120 @@
+"""What each store dtype costs: bytes per token, read speed, and error against float32.
+
+  python bench/bench_store.py --source=out/demo/store --rows=65536 --d_in=576
+  python bench/bench_store.py --reference=F32_STORE --stores=BF16,INT8,FP8  # stored-row error
+
+The first form writes the same rows (read from --source, or heavy-tailed random ones) as a
+store in each --dtypes, then reads each through `Store.batches` (the trainer's path: batch
+order, checksums on first use, decode, finite check) for --rounds interleaved rounds (float32,
+bfloat16, int8, ..., float32, ...), so that a busy machine slows every dtype alike. The
+stores are freshly written, so their files sit in the page cache: this is the decode and copy
+cost, not a disk's. One JSON row per dtype: bytes per token on disk (codes + scales; token
+ids apart), median rows/s, and the relative L2 error per row against the float32 rows written.
+
+The second form compares stores of the same tokens (e.g. `jaxsae extract` run at each --dtype)
+row by row against --reference: the error each dtype really stores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16", "int8", "float8_e4m3fn"],
+                            "Store dtypes to compare.")
+_SOURCE = flags.DEFINE_string("source", None, "A store to take rows from; random rows if unset.")
+_ROWS = flags.DEFINE_integer("rows", 65536, "Rows written per store.")
+_D_IN = flags.DEFINE_integer("d_in", 576, "Row width of random rows (a --source sets its own).")
+_ROWS_PER_SHARD = flags.DEFINE_integer("rows_per_shard", 16384, "Rows per shard.")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Rows per batch, as the trainer reads them.")
+_STEPS = flags.DEFINE_integer("steps", 64, "Batches per timed round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds per dtype.")
+_REFERENCE = flags.DEFINE_string("reference", None, "A float32 store to compare --stores with.")
+_STORES = flags.DEFINE_list("stores", [], "Stores of --reference's tokens, compared row by row.")
+
+
+def rel_err(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+  """Relative L2 error of each row of `x` against `ref` (rows of zeros left out)."""
+  norm = np.linalg.norm(ref, axis=1)
+  keep = norm > 0
+  return np.linalg.norm(x - ref, axis=1)[keep] / norm[keep]
+
+
+def store_bytes(st) -> int:
+  """Bytes of the store's activation files: codes plus, for 8-bit dtypes, scales."""
+  total = 0
+  for s in st.shards:
+    for name in (s["file"], s.get("scales_file")):
+      if name:
+        total += os.path.getsize(os.path.join(st.directory, name))
+  return total
+
+
+def source_rows() -> np.ndarray:
+  from jaxsae import store
+  if _SOURCE.value:
+    st = store.Store(_SOURCE.value)
+    return st.rows(np.arange(min(_ROWS.value, st.num_tokens)))
+  rng = np.random.default_rng(0)  # row norms spread over a decade, as real activations'
+  x = rng.normal(size=(_ROWS.value, _D_IN.value)) * np.exp(rng.normal(0, 0.5, (_ROWS.value, 1)))
+  return x.astype(np.float32)
+
+
+def compare() -> None:
+  from jaxsae import store
+  ref = store.Store(_REFERENCE.value)
+  if ref.manifest["dtype"] != "float32":
+    raise SystemExit(f"--reference={_REFERENCE.value} holds {ref.manifest['dtype']}, not float32")
+  want = ref.rows(np.arange(ref.num_tokens))
+  for path in _STORES.value:
+    st = store.Store(path, verify="sha256")
+    if st.num_tokens != ref.num_tokens or any(
+        not np.array_equal(st.tokens(i)[0], ref.tokens(i)[0]) for i in range(len(st.shards))):
+      raise SystemExit(f"{path} does not hold the tokens of {_REFERENCE.value}")
+    e = rel_err(st.rows(np.arange(st.num_tokens)), want)
+    print(json.dumps({"store": path, "dtype": st.manifest["dtype"], "rows": int(st.num_tokens),
+                      "bytes_per_token": store_bytes(st) / st.num_tokens,
+                      "rel_l2_err_mean": float(e.mean()), "rel_l2_err_max": float(e.max())}),
+          flush=True)
+
+
+def bench() -> None:
+  from jaxsae import store_writer
+  x = source_rows()
+  with tempfile.TemporaryDirectory() as tmp:
+    stores = {d: store_writer.write_store(os.path.join(tmp, d), x, dtype=d,
+                                          rows_per_shard=_ROWS_PER_SHARD.value)
+              for d in _DTYPES.value}
+    steps_per_epoch = len(x) // _BATCH.value
+    for st in stores.values():  # one untimed pass: checksums, memory maps, page cache
+      for _ in st.batches(_BATCH.value, num_steps=steps_per_epoch, prefetch=0):
+        pass
+    times = {d: [] for d in stores}
+    for r in range(_ROUNDS.value):
+      start = (r * _STEPS.value) % max(steps_per_epoch, 1)
+      for d, st in stores.items():
+        t = time.perf_counter()
+        for _ in st.batches(_BATCH.value, start_step=start, num_steps=_STEPS.value, prefetch=0):
+          pass
+        times[d].append(time.perf_counter() - t)
+    for d, st in stores.items():
+      e = rel_err(st.rows(np.arange(len(x))), x)
+      print(json.dumps({
+          "dtype": d, "d_in": x.shape[1], "rows": len(x),
+          "bytes_per_token": store_bytes(st) / len(x),
+          "read_rows_per_s": round(_STEPS.value * _BATCH.value / float(np.median(times[d]))),
+          "rel_l2_err_mean": float(e.mean()), "rel_l2_err_max": float(e.max())}), flush=True)
+
+
+def main(_):
+  compare() if _REFERENCE.value else bench()
+
+
+if __name__ == "__main__":
+  app.run(main)
