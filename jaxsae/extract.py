@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import os
+import re
 import time
 from typing import Iterator, Sequence
 
@@ -53,8 +54,11 @@ class ExtractConfig:
   text_column: str = field("text", "Column holding the text.")
   sites: tuple[str, ...] = field((DEFAULT_SITE,), "Module paths whose output is stored, e.g. "
                                  "model.layers.15.mlp (MLP output) or model.layers.15 (residual "
-                                 "stream); append ':input' for a module's input. 'middle' is the "
-                                 "middle layer's MLP output. All sites must have the same width.")
+                                 "stream); append ':input' for a module's input. Shorthand on any "
+                                 "family: mlp:N is layer N's MLP output, resid:N layer N's output "
+                                 "(the residual stream), N may be negative (resid:-1 is the last "
+                                 "layer); 'middle' is mlp:L//2 of L layers. All sites must have the "
+                                 "same width.")
   num_tokens: int = field(1_000_000, "Token positions to run through the model (rounded up to "
                           "whole windows); special-token positions are then left out of the store.")
   ctx_len: int = field(256, "Window length in tokens.")
@@ -74,6 +78,7 @@ class ExtractConfig:
   threads: int = field(0, "torch CPU threads (torch.set_num_threads); 0 keeps torch's default, "
                        "one per core. On cores other processes also use, 1 is often faster: "
                        "a thread that is descheduled stalls the others at every op.")
+  progress: bool = field(True, "Show a progress bar.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,21 +152,82 @@ class _Captured(Exception):
   """Raised from a hook once every site is captured: the layers above never run."""
 
 
+SHORTHAND_KINDS = ("mlp", "resid")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")  # a decoder layer's MLP child
+
+
+def decoder_layers(model) -> tuple[str, int]:
+  """(path, count) of the model's decoder layers: the ModuleList of num_hidden_layers blocks.
+
+  Found in the module tree (model.layers for llama and gemma2, gpt_neox.layers for Pythia,
+  transformer.h for GPT-2) rather than from a table of families; the shallowest list of that
+  length wins, so a vision tower or per-layer experts further down are never taken.
+  """
+  config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+      else model.config
+  n = getattr(config, "num_hidden_layers", None)
+  lists = [(name.count("."), name) for name, m in model.named_modules()
+           if isinstance(m, torch.nn.ModuleList) and name and (n is None or len(m) == n)]
+  if not lists:
+    raise JaxsaeError(f"could not find the decoder layers of {type(model).__name__} (no module "
+                      f"list of num_hidden_layers={n} blocks); pass full module paths as --sites")
+  path = min(lists)[1]
+  return path, len(model.get_submodule(path))
+
+
+def _shorthand(model, site: str) -> str | None:
+  """The module path (with its ':input' suffix, if any) of a layer-relative site, else None.
+
+  'middle' is mlp:L//2; 'mlp:N' is layer N's MLP, 'resid:N' layer N itself (its output is the
+  residual stream after the layer). N may be negative, counted from the last layer.
+  """
+  if site == DEFAULT_SITE:
+    site = f"mlp:{decoder_layers(model)[1] // 2}"
+  m = re.fullmatch(r"([^.:]+):(-?\d+)(:\w+)?", site)
+  if m is None and not (":" in site and site.partition(":")[0] in SHORTHAND_KINDS):
+    return None  # a module path, maybe with ':input' / ':output'
+  path, n = decoder_layers(model)
+  if m is None or m[1] not in SHORTHAND_KINDS:
+    kind = site.partition(":")[0]
+    raise JaxsaeError(f"site {site!r}: " + ("" if m is None else f"unknown kind {kind!r}; ") +
+                      f"layer shorthand is mlp:N or resid:N with N in {-n}..{n - 1} (then "
+                      "optionally :input), or 'middle'")
+  kind, index, where = m[1], m[2], m[3] or ""
+  i = int(index)
+  if not -n <= i < n:
+    raise JaxsaeError(f"site {site!r}: layer {i} is out of range; this model has {n} layers, "
+                      f"N in {-n}..{n - 1}")
+  layer = f"{path}.{i % n}"
+  if kind == "mlp":
+    children = dict(model.get_submodule(layer).named_children())
+    names = [c for c in _MLP_NAMES if c in children]
+    if not names:
+      raise JaxsaeError(f"site {site!r}: layer {layer} has no MLP among its modules "
+                        f"{sorted(children)}; pass a full module path")
+    layer = f"{layer}.{names[0]}"
+  return layer + where
+
+
 def resolve_sites(model, sites: Sequence[str]) -> list[tuple[str, str]]:
   """(module path, "input" | "output") per site, checked against the model's modules."""
   names = dict(model.named_modules())
   out = []
   for site in sites:
-    if site == DEFAULT_SITE:
-      site = f"model.layers.{model.config.num_hidden_layers // 2}.mlp"
+    site = _shorthand(model, site) or site
     path, _, where = site.partition(":")
     where = where or "output"
     if where not in ("input", "output"):
       raise JaxsaeError(f"site {site!r}: the suffix must be ':input' or ':output'")
     if path not in names:
-      near = [n for n in names if n.count(".") <= 3 and ("layers.0" in n or n.count(".") < 2)]
+      try:
+        first = decoder_layers(model)[0] + ".0"
+      except JaxsaeError:
+        first = "layers.0"
+      near = [n for n in names if n and (n.count(".") < 2 or n.startswith(first) and
+                                         n.count(".") <= first.count(".") + 1)]
       raise JaxsaeError(f"model has no module {path!r}; valid paths look like: "
-                        f"{', '.join(n for n in near if n)[:600]} (and the same for every layer)")
+                        f"{', '.join(near)[:600]} (and the same for every layer), or "
+                        "shorthand mlp:N, resid:N, middle")
     out.append((path, where))
   return out
 
@@ -170,7 +236,9 @@ class Hooked:
   """Captures site activations and stops the forward pass after the last one."""
 
   def __init__(self, model, sites: list[tuple[str, str]]):
-    self.model = model
+    # Eval mode whatever the caller left it in: dropout (GPT-2's config has 0.1 by default)
+    # would make every extraction a different random draw of the activations.
+    self.model = model.eval()
     self.sites = sites
     self.captured: dict[int, torch.Tensor] = {}
     self.handles = []
@@ -360,8 +428,8 @@ def extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, dev
   stream = windows(docs, tokenizer, cfg.ctx_len)
   wanted = set(todo)
   total = sum(min(wps, num_windows - i * wps) for i in todo) * cfg.ctx_len
-  bar = tqdm.tqdm(total=total, unit="tok", unit_scale=True,
-                  desc="extract", dynamic_ncols=True)
+  bar = tqdm.tqdm(total=total, unit="tok", unit_scale=True, desc="extract", dynamic_ncols=True,
+                  disable=not cfg.progress)
   # One shard is written on a thread while the next one runs through the model.
   writer = concurrent.futures.ThreadPoolExecutor(1)
   pending = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import numpy as np
 import pytest
@@ -16,6 +17,63 @@ from jaxsae import extract
 from jaxsae import store
 from jaxsae import store_writer
 from jaxsae.errors import JaxsaeError
+
+
+# Where each family keeps its decoder layers; the tests check that shorthand finds them.
+LAYERS = {"llama": "model.layers", "gpt_neox": "gpt_neox.layers", "gpt2": "transformer.h",
+          "gemma2": "model.layers"}
+
+
+def _family_config(family: str, tok, **kw):
+  """A tiny random config (d=32, 3 layers) of `family` for tokenizer `tok`."""
+  ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+  if family == "gpt_neox":
+    return transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=4, max_position_embeddings=128,
+                                      **ids, **kw)
+  if family == "gpt2":  # GPT-2's defaults keep dropout 0.1: extraction must run in eval mode
+    return transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=128, **ids, **kw)
+  if family == "gemma2":
+    return transformers.Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     max_position_embeddings=128, sliding_window=16,
+                                     pad_token_id=None, **ids, **kw)
+  raise ValueError(family)
+
+
+def _save_family(tiny_model_dir, d, family: str, **kw) -> str:
+  """Saves a random `family` model with the tiny llama's tokenizer to `d`; returns `d`."""
+  tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+  tok.save_pretrained(d)
+  torch.manual_seed(0)
+  transformers.AutoModelForCausalLM.from_config(_family_config(family, tok, **kw)
+                                                ).save_pretrained(d)
+  return str(d)
+
+
+@pytest.fixture(scope="module")
+def family_dir(tiny_model_dir, tmp_path_factory):
+  made = {"llama": tiny_model_dir}
+
+  def get(family: str) -> str:
+    if family not in made:
+      made[family] = _save_family(tiny_model_dir, tmp_path_factory.mktemp(family), family)
+    return made[family]
+  return get
+
+
+def _full_forward(model, ids: np.ndarray, paths: list[str]) -> tuple[list[torch.Tensor], tuple]:
+  """The outputs of modules `paths` and the hidden states of one ordinary, whole forward."""
+  outs = {}
+  handles = [model.get_submodule(p).register_forward_hook(
+      lambda m, i, o, p=p: outs.setdefault(p, o[0] if isinstance(o, tuple) else o))
+      for p in paths]
+  with torch.inference_mode():
+    hidden = model(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                   output_hidden_states=True).hidden_states
+  for h in handles:
+    h.remove()
+  return [outs[p] for p in paths], hidden
 
 
 def _cfg(model, text, out, **kw) -> extract.ExtractConfig:
@@ -74,6 +132,71 @@ def test_truncated_forward_equals_full_forward_and_skips_upper_layers(tiny_model
   torch.testing.assert_close(acts[:, :, 0], full["mlp"], rtol=0, atol=0)
   torch.testing.assert_close(acts[:, :, 1], out.hidden_states[3], rtol=0, atol=0)
   torch.testing.assert_close(acts[:, :, 2], full["in"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", list(LAYERS))
+def test_each_family_stores_its_full_forward(family, family_dir, text_dir, tmp_path, capsys):
+  """MLP and residual-stream sites by shorthand: the stored rows are an ordinary forward's."""
+  d = family_dir(family)
+  m = extract.run(_cfg(d, text_dir, tmp_path / "s", sites=("mlp:1", "resid:1", "resid:-1"),
+                       num_tokens=256, ctx_len=32, shard_tokens=128, progress=False))
+  assert "tok/s" not in capsys.readouterr().err  # --progress=false: no bar
+  model = transformers.AutoModelForCausalLM.from_pretrained(d)  # eval mode, as loaded
+  n = model.config.num_hidden_layers
+  paths = [f"{LAYERS[family]}.1.mlp", f"{LAYERS[family]}.1", f"{LAYERS[family]}.{n - 1}"]
+  assert m["sites"] == paths  # the manifest names the resolved modules, not the shorthand
+  assert extract.resolve_sites(model, ["middle"]) == [(f"{LAYERS[family]}.{n // 2}.mlp",
+                                                       "output")]
+  s = store.Store(str(tmp_path / "s"))
+  assert len(s.shards) == 2
+  for i in range(len(s.shards)):
+    ids, pos = s.tokens(i)
+    outs, hidden = _full_forward(model, ids, paths)
+    rows = np.asarray(s.shard(i))
+    for j, want in enumerate(outs):
+      np.testing.assert_allclose(rows[:, j], want.reshape(-1, 32).numpy()[pos], rtol=1e-5,
+                                 atol=1e-5, err_msg=paths[j])
+    # hidden_states[k + 1] is layer k's output (the last one has the final norm on top).
+    np.testing.assert_allclose(rows[:, 1], hidden[2].reshape(-1, 32).numpy()[pos], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_extraction_runs_in_eval_mode(tiny_model_dir, text_dir, tmp_path, monkeypatch, capsys):
+  """Heavy dropout in a model loaded (or handed over) in training mode changes nothing."""
+  d = _save_family(tiny_model_dir, tmp_path / "m", "gpt2", resid_pdrop=0.5, embd_pdrop=0.5,
+                   attn_pdrop=0.5)
+  load = transformers.AutoModelForCausalLM.from_pretrained
+  monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                      lambda *a, **k: load(*a, **k).train())
+  kw = dict(sites=("resid:1",), num_tokens=128, ctx_len=32, shard_tokens=128)
+  extract.run(_cfg(d, text_dir, tmp_path / "a", progress=True, **kw))
+  assert "tok/s" in capsys.readouterr().err  # the bar, on by default
+  extract.run(_cfg(d, text_dir, tmp_path / "b", progress=False, **kw))
+  a, b = store.Store(str(tmp_path / "a")), store.Store(str(tmp_path / "b"))
+  np.testing.assert_array_equal(a.shard(0), b.shard(0))
+  model = load(d).eval()
+  ids, pos = a.tokens(0)
+  (want,), _ = _full_forward(model, ids, ["transformer.h.1"])
+  np.testing.assert_allclose(a.shard(0)[:, 0], want.reshape(-1, 32).numpy()[pos], rtol=1e-5,
+                             atol=1e-5)
+  # A model handed to Hooked in training mode is put in eval mode too.
+  hooked = extract.Hooked(model.train(), extract.resolve_sites(model, ["resid:1"]))
+  torch.testing.assert_close(hooked(torch.from_numpy(ids.astype(np.int64)))[:, :, 0], want)
+  hooked.close()
+
+
+def test_bad_shorthand_names_the_valid_range(family_dir):
+  model = transformers.AutoModelForCausalLM.from_pretrained(family_dir("gpt2"))
+  assert extract.resolve_sites(model, ["mlp:-1:input", "resid:0"]) == [
+      ("transformer.h.2.mlp", "input"), ("transformer.h.0", "output")]
+  for site, msg in [("mlp:3", "layer 3 is out of range; this model has 3 layers, N in -3..2"),
+                    ("resid:-4", "layer -4 is out of range"),
+                    ("attn:1", "unknown kind 'attn'; layer shorthand is mlp:N or resid:N with "
+                               "N in -3..2"),
+                    ("resid:x", "layer shorthand is mlp:N"),
+                    ("mlp:1:middle", "suffix must be ':input' or ':output'")]:
+    with pytest.raises(JaxsaeError, match=re.escape(msg)):
+      extract.resolve_sites(model, [site])
 
 
 def test_worker_split_gives_the_same_store(tiny_model_dir, text_dir, tmp_path):
