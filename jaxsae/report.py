@@ -548,8 +548,10 @@ def plot_importance(table, per_sae: dict[str, np.ndarray], path: str) -> None:
                 f"+-{linthresh:.2g})")
   ax.set_ylabel("fraction of latents at or below")
   pairs = table.groupby(["a", "b"], sort=False).ngroups
-  ax.set_title(f"latents of a in each of {pairs} pair(s) (a: {table.a.iloc[0]}, "
-               f"b: {table.b.iloc[0]}{', ...' if pairs > 1 else ''})", fontsize=9)
+  first = f"{table.a.iloc[0]} against {table.b.iloc[0]}"
+  ax.set_title(f"the latents of a in {first}" if pairs == 1 else
+               f"pooled over {pairs} pairs, the latents of a in each (first: {first})",
+               fontsize=9)
   ax.set_ylim(0, 1.02)
   ax.legend(fontsize=8)
   _save(fig, path)
