@@ -346,9 +346,11 @@ def validate(sae: SAE) -> None:
     raise JaxsaeError(f"{where}: a gated SAE without `r_mag` and `b_mag` tensors; re-export it")
 
 
-def _seed_of(dirname: str) -> int | None:
-  m = re.fullmatch(r"seed[_-]?(\d+)", dirname)
-  return int(m.group(1)) if m else None
+def _seed_of(dirname: str) -> tuple[int, int] | None:
+  """(seed, data seed) of a run's member directory, seed{S} (data seed -1: the run's shared
+  stream) or seed{S}_data{D} (a run with per-seed data orders), to sort them by both."""
+  m = re.fullmatch(r"seed[_-]?(\d+)(?:_data(\d+))?", dirname)
+  return (int(m.group(1)), int(m.group(2) or -1)) if m else None
 
 
 def _natural(path: str) -> tuple:
