@@ -13,7 +13,8 @@ paper's SAEs (EleutherAI sparsify, December 2024).
 Outputs under RUN/: run.json (what the run is; a rerun must agree), checkpoints/ (orbax; rerunning
 the same command resumes from the newest complete one), metrics.jsonl, and at the end
 seed{N}/cfg.json + seed{N}/sae.safetensors for every seed (plus tokens{T}/seed{N}/ for each
---keep_at_tokens), in the layout EleutherAI's sparsify loads.
+--keep_at_tokens), in the layout EleutherAI's sparsify loads. With --data_seeds each seed reads
+its own batch order and exports to seed{N}_data{D}/.
 """
 
 from __future__ import annotations
@@ -53,7 +54,12 @@ NORMALIZED_BY_DEFAULT = ("relu_l1", "relu_l1_unitnorm", "gated", "jumprelu")
 STATE_FORMAT = "nnx-1"
 # What makes a run what it is: a rerun into the same --out must agree on these.
 IDENTITY = ("arch", "d_in", "num_latents", "k", "seeds", "batch_size", "data_seed", "site",
-            "normalize")
+            "normalize", "data_seeds", "target_l0")
+# What a run.json written before a field existed meant by its absence.
+IDENTITY_DEFAULTS = {"data_seeds": []}
+# Architectures whose sparsity a penalty coefficient sets (--target_l0 adapts it); TopK's and
+# BatchTopK's L0 is k.
+PENALIZED = ("relu_l1", "relu_l1_unitnorm", "gated", "jumprelu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +74,16 @@ class TrainConfig:
                                   "expansion factor).")
   k: int = field(32, "Active latents per token for topk (per token on average for batchtopk).")
   seeds: tuple[int, ...] = field((0, 1, 2, 3), "SAE seeds; each changes only the parameter "
-                                 "initialisation. All seeds see the identical batches.")
+                                 "initialisation. All seeds see the identical batches unless "
+                                 "--data_seeds is given.")
   num_seeds: int | None = field(None, "Shorthand for --seeds=0,1,...,num_seeds-1.")
   data_seed: int = field(0, "Seed of the batch order, shared by all SAE seeds.")
+  data_seeds: tuple[int, ...] = field((), "One batch-order seed per SAE seed (as many as "
+                                      "--seeds), so each member trains on its own stream; seeds "
+                                      "may then repeat (--seeds=0,0 --data_seeds=0,1: one "
+                                      "initialisation, two data orders). Exports go to "
+                                      "seed{S}_data{D}/. Default: one stream (--data_seed) for "
+                                      "all.")
   site: str | None = field(None, "Which of the store's sites to train on; default the first.")
   skip_non_finite: bool = field(False, "Skip store rows holding NaN/Inf (each gives its place in "
                                 "the batch to a finite row of the same batch) and count them in "
@@ -95,6 +108,18 @@ class TrainConfig:
   l0_coeff: float = field(1e-3, "L0 coefficient of jumprelu, in FVU per active latent per token.")
   penalty_warmup: float = field(0.05, "Fraction of the steps over which the L1/L0 coefficient "
                                 "warms up linearly from 0.")
+  target_l0: float | None = field(None, "Adapt each seed's L1/L0 coefficient during training so "
+                                  "its L0 (active latents per token) ends near this (relu_l1, "
+                                  "relu_l1_unitnorm, gated, jumprelu); the multiplier is logged "
+                                  "as penalty_mult. Default off: the fixed --l1_coeff/--l0_coeff.")
+  target_l0_gain: float = field(0.02, "With --target_l0: the controller's integral gain: per "
+                                "step, the coefficient's log moves by this times the step's "
+                                "log((L0 + 1) / (target + 1)).")
+  target_l0_prop: float = field(1.0, "With --target_l0: the controller's proportional gain: "
+                                "the coefficient's log also follows this times that error, "
+                                "which damps the overshoot of the slow response of L0.")
+  target_l0_freeze: float = field(0.2, "With --target_l0: fraction of the steps at the end "
+                                  "that train at the coefficient then reached, held fixed.")
   jumprelu_bandwidth: float = field(1e-3, "JumpReLU pseudo-derivative bandwidth (as published; "
                                     "scaled by sqrt(d_in) for jaxsae's normalisation).")
   jumprelu_threshold: float = field(1e-3, "JumpReLU initial threshold (as published; scaled by "
@@ -140,8 +165,14 @@ def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> dict[str, Any
   if cfg.arch not in ARCHITECTURES:
     raise JaxsaeError(f"--arch={cfg.arch} is unknown; use one of {', '.join(ARCHITECTURES)}")
   seeds = tuple(range(cfg.num_seeds)) if cfg.num_seeds is not None else tuple(cfg.seeds)
-  if not seeds or len(set(seeds)) != len(seeds):
-    raise JaxsaeError(f"--seeds={','.join(map(str, seeds))}: give one or more distinct seeds")
+  data_seeds = tuple(cfg.data_seeds)
+  if data_seeds and len(data_seeds) != len(seeds):
+    raise JaxsaeError(f"--data_seeds={','.join(map(str, data_seeds))} gives {len(data_seeds)} "
+                      f"data seeds for {len(seeds)} SAE seeds; give one per seed")
+  members = list(zip(seeds, data_seeds)) if data_seeds else seeds
+  if not seeds or len(set(members)) != len(members):
+    raise JaxsaeError(f"--seeds={','.join(map(str, seeds))}: give one or more distinct seeds"
+                      + (" (or distinct pairs of seed and data seed)" if data_seeds else ""))
   n = cfg.num_latents or 32 * d_in
   if n < 2:
     raise JaxsaeError(f"--num_latents={n} must be at least 2")
@@ -165,10 +196,23 @@ def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> dict[str, Any
     raise JaxsaeError(f"--topk_backward={cfg.topk_backward}: use auto, dense or scatter")
   if cfg.seed_loop not in ("auto", "vmap", "map"):
     raise JaxsaeError(f"--seed_loop={cfg.seed_loop}: use auto, vmap or map")
+  if cfg.target_l0 is not None:
+    if cfg.arch not in PENALIZED:
+      raise JaxsaeError(f"--target_l0 adapts an L1/L0 penalty, which --arch={cfg.arch} does not "
+                        f"have (its L0 is set by --k); use it with {', '.join(PENALIZED)}")
+    if not 0 < cfg.target_l0 < n:
+      raise JaxsaeError(f"--target_l0={cfg.target_l0} must be between 0 and num_latents ({n})")
+    if not 0 <= cfg.target_l0_freeze < 1 or not cfg.target_l0_gain > 0 or cfg.target_l0_prop < 0:
+      raise JaxsaeError(f"--target_l0_freeze={cfg.target_l0_freeze} must be in [0, 1), "
+                        f"--target_l0_gain={cfg.target_l0_gain} positive and "
+                        f"--target_l0_prop={cfg.target_l0_prop} not negative")
   normalize = cfg.normalize if cfg.normalize is not None else cfg.arch in NORMALIZED_BY_DEFAULT
   return {
       "arch": cfg.arch, "d_in": d_in, "num_latents": n, "k": cfg.k, "seeds": list(seeds),
       "batch_size": cfg.batch_size, "data_seed": cfg.data_seed, "site": cfg.site,
+      "data_seeds": list(data_seeds), "target_l0": cfg.target_l0,
+      **({"target_l0_gain": cfg.target_l0_gain, "target_l0_prop": cfg.target_l0_prop,
+          "target_l0_freeze": cfg.target_l0_freeze} if cfg.target_l0 is not None else {}),
       "normalize": normalize, "num_steps": num_steps, "compute_dtype": dtype,
       "lr": cfg.lr or 2e-4 / math.sqrt(n / 2**14),
       "keep_steps": sorted({t // cfg.batch_size for t in cfg.keep_at_tokens
@@ -191,9 +235,10 @@ def check_identity(out: str, spec: dict, store_dir: str) -> None:
     if old.get("d_in") != spec["d_in"]:
       raise JaxsaeError(f"store {store_dir} has d_in={spec['d_in']} but the run in {out} was "
                         f"trained on d_in={old.get('d_in')}; use the same store or a new --out")
-    diff = [k for k in IDENTITY if old.get(k) != spec[k]]
+    diff = [k for k in IDENTITY if old.get(k, IDENTITY_DEFAULTS.get(k)) != spec[k]]
     if diff:
-      said = "; ".join(f"--{k}={old.get(k)} there, {spec[k]} now" for k in diff)
+      said = "; ".join(f"--{k}={old.get(k, IDENTITY_DEFAULTS.get(k))} there, {spec[k]} now"
+                       for k in diff)
       raise JaxsaeError(f"{out} holds a different run ({said}); rerun with its flags to resume, "
                         "or choose a new --out")
   elif jax.process_index() == 0:
@@ -246,7 +291,7 @@ class Member(nnx.Module):
   """One seed's training state: its SAE, its optimizer and its bookkeeping."""
 
   def __init__(self, arch: type[SAE], d_in: int, n: int, sae_cfg: SaeConfig, tx, *,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, adapt_penalty: bool = False):
     self.sae = arch(d_in, n, sae_cfg, rngs=rngs)
     # Adam moments for the nnx.Params only: a Statistic (BatchTopK's threshold) gets none.
     self.opt = nnx.Optimizer(self.sae, tx, wrt=nnx.Param)
@@ -254,17 +299,24 @@ class Member(nnx.Module):
     self.since_fired = common.variable(jnp.zeros(n, jnp.int32), Statistic)
     # First step whose loss was non-finite, -1 while all is well.
     self.bad_step = common.variable(jnp.full((), -1, jnp.int32), Statistic)
+    if adapt_penalty:  # --target_l0 only, so a run without it holds the state it always did
+      # What this seed's L1/L0 coefficient is multiplied by, and the log L0 error of the last
+      # step (the controller's proportional part), set by `adapt_penalty`.
+      self.penalty_mult = common.variable(jnp.ones((), jnp.float32), Statistic)
+      self.l0_error = common.variable(jnp.zeros((), jnp.float32), Statistic)
 
 
 class TrainState(nnx.Module):
   """Everything a checkpoint holds: the ensemble of S members and the step of the shared stream."""
 
-  def __init__(self, arch: type[SAE], seeds, d_in: int, n: int, sae_cfg: SaeConfig, tx):
+  def __init__(self, arch: type[SAE], seeds, d_in: int, n: int, sae_cfg: SaeConfig, tx, *,
+               adapt_penalty: bool = False):
     # Flax's ensemble: `nnx.vmap` over per-seed streams puts a leading seed axis on every
     # variable and names it "seed" in its sharding metadata. nnx.Rngs(seed) draws its first
     # key as jax.random.split(key(seed))[0], so a seed starts where it would alone.
     rngs = nnx.Rngs(jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)))
-    build = nnx.vmap(lambda r: Member(arch, d_in, n, sae_cfg, tx, rngs=r),
+    build = nnx.vmap(lambda r: Member(arch, d_in, n, sae_cfg, tx, rngs=r,
+                                      adapt_penalty=adapt_penalty),
                      transform_metadata={nnx.PARTITION_NAME: "seed"})
     self.seeds = build(rngs)
     self.step = nnx.Variable(jnp.zeros((), jnp.int32))
@@ -302,12 +354,23 @@ def seed_loop(cfg: TrainConfig) -> str:
 # The jitted step: pure over the state's arrays; modules are merged and split inside.
 
 
-def update(m: Member, x: jax.Array, step: jax.Array, cfg: TrainConfig,
-           penalty_steps: int) -> dict[str, jax.Array]:
+class L0Target(NamedTuple):
+  """--target_l0's controller: it acts on steps [start, stop)."""
+  target: float
+  gain: float
+  prop: float
+  start: int  # the coefficient's warmup ends here: until then a high L0 is by design
+  stop: int  # from here on the coefficient is held, so the final weights train at one value
+
+
+def update(m: Member, x: jax.Array, step: jax.Array, cfg: TrainConfig, penalty_steps: int,
+           l0_target: L0Target | None = None) -> dict[str, jax.Array]:
   """One seed's training step on batch x, in place on `m`; returns its metrics."""
   sae = m.sae
   dead = m.since_fired[...] > cfg.dead_tokens
   penalty_scale = jnp.minimum(step / max(penalty_steps, 1), 1.0)
+  if l0_target is not None:
+    penalty_scale = penalty_scale * m.penalty_mult[...]
   (loss, out), grads = nnx.value_and_grad(
       lambda s: s.loss(x, dead, penalty_scale), has_aux=True)(sae)
   if sae.unit_norm_decoder:
@@ -318,7 +381,34 @@ def update(m: Member, x: jax.Array, step: jax.Array, cfg: TrainConfig,
   sae.after_step(out)
   since = m.since_fired[...]
   m.since_fired[...] = jnp.where(out["fired"], 0, jnp.minimum(since + x.shape[0], COUNTER_CAP))
-  return {"loss": loss, "fvu": out["fvu"], "l0": out["l0"], "aux": out["aux"]}
+  metrics = {"loss": loss, "fvu": out["fvu"], "l0": out["l0"], "aux": out["aux"]}
+  if l0_target is not None:
+    metrics["penalty_mult"] = m.penalty_mult[...]  # the value this step trained at
+    adapt_penalty(m, out["l0"], step, l0_target)
+  return metrics
+
+
+# The multiplier stays within e^+-LOG_MULT_MAX of the flag's coefficient; one step moves its log
+# by at most gain * LOG_ERROR_MAX, so a batch far off target (the first steps) cannot fling it.
+LOG_MULT_MAX = math.log(1e4)
+LOG_ERROR_MAX = 1.0
+
+
+def adapt_penalty(m: Member, l0: jax.Array, step: jax.Array, t: L0Target) -> None:
+  """PI control of the penalty coefficient in log space on the step's batch L0.
+
+  With e = log((L0 + 1) / (target + 1)), log(mult) = gain * sum(e) + prop * e, taken one step
+  at a time: too many active latents raise the coefficient, too few lower it, by the same
+  factor for the same ratio at any target (the +1 keeps a batch with L0 = 0 finite). The
+  integral finds the coefficient; the proportional part damps its overshoot, since the L0
+  follows a new coefficient only as fast as Adam moves the weights.
+  """
+  error = jnp.clip(jnp.log((l0 + 1.0) / (t.target + 1.0)), -LOG_ERROR_MAX, LOG_ERROR_MAX)
+  active = (step >= t.start) & (step < t.stop)
+  change = t.gain * error + t.prop * (error - m.l0_error[...])
+  log_mult = jnp.log(m.penalty_mult[...]) + jnp.where(active, change, 0.0)
+  m.penalty_mult[...] = jnp.exp(jnp.clip(log_mult, -LOG_MULT_MAX, LOG_MULT_MAX))
+  m.l0_error[...] = jnp.where(active, error, m.l0_error[...])
 
 
 def over_seeds(fn: Callable, members, loop: str, unroll: bool):
@@ -342,14 +432,16 @@ def over_seeds(fn: Callable, members, loop: str, unroll: bool):
   return jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
 
-def make_step(graphdef: nnx.GraphDef, cfg: TrainConfig, penalty_steps: int, loop: str):
-  """(state, x [B, d_in]) -> (state, per-seed metrics): every seed's update on the shared batch."""
+def make_step(graphdef: nnx.GraphDef, cfg: TrainConfig, penalty_steps: int, loop: str,
+              l0_target: L0Target | None = None):
+  """(state, x) -> (state, per-seed metrics): every seed's update, on the shared batch x
+  [B, d_in], or with per-seed data (--data_seeds) each on its own x[i] of x [S, B, d_in]."""
 
   def one_seed(member_def, member_state, x, step):
     m = nnx.merge(member_def, member_state)
     before = jax.tree.leaves(member_state)  # arrays are immutable: these stay the old values
     bad = m.bad_step[...]
-    metrics = update(m, x, step, cfg, penalty_steps)
+    metrics = update(m, x, step, cfg, penalty_steps, l0_target)
     # A non-finite loss freezes the seed where it was, so no NaN can reach a checkpoint; the
     # loop sees bad_step and stops the run.
     ok = jnp.isfinite(metrics["loss"]) & (bad < 0)
@@ -363,10 +455,14 @@ def make_step(graphdef: nnx.GraphDef, cfg: TrainConfig, penalty_steps: int, loop
     ts = nnx.merge(graphdef, state)
     member_def, members = nnx.split(ts.seeds)
     step = ts.step[...]
-    fn = lambda s: one_seed(member_def, s, x, step)
     sae = ts.seeds.sae
-    unroll = common.dense_backward(x.shape[0], sae.num_latents, sae.cfg)
-    members, metrics = over_seeds(fn, members, loop, unroll)
+    unroll = common.dense_backward(x.shape[-2], sae.num_latents, sae.cfg)
+    if x.ndim == 3:  # per-seed data: the seeds' loop carries each member with its own batch
+      fn = lambda mx: one_seed(member_def, mx[0], mx[1], step)
+      members, metrics = over_seeds(fn, (members, x), loop, unroll)
+    else:
+      fn = lambda s: one_seed(member_def, s, x, step)
+      members, metrics = over_seeds(fn, members, loop, unroll)
     nnx.update(ts.seeds, members)
     ts.step[...] = step + 1
     return nnx.state(ts), metrics
@@ -375,15 +471,58 @@ def make_step(graphdef: nnx.GraphDef, cfg: TrainConfig, penalty_steps: int, loop
 
 
 def init_b_dec(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> nnx.State:
-  """sparsify: b_dec starts at the mean of the first batch, so pre-activations start centred."""
+  """sparsify: b_dec starts at the mean of the first batch, so pre-activations start centred
+  (with per-seed data, each member's own first batch)."""
   ts = nnx.merge(graphdef, state)
   b_dec = ts.seeds.sae.b_dec
-  b_dec[...] = jnp.broadcast_to(x.mean(0), b_dec.shape)
+  b_dec[...] = jnp.broadcast_to(x.mean(-2), b_dec.shape)
   return nnx.state(ts)
 
 
 # ---------------------------------------------------------------------------------------------
 # Host-side helpers: checkpoints, metrics, export.
+
+
+def member_names(spec: dict) -> list[str]:
+  """Each member's export directory: seed{S}, or seed{S}_data{D} with per-seed data (where one
+  seed may train on several data orders)."""
+  if spec["data_seeds"]:
+    return [f"seed{s}_data{d}" for s, d in zip(spec["seeds"], spec["data_seeds"])]
+  return [f"seed{s}" for s in spec["seeds"]]
+
+
+def member_batches(store_dir: str, data_seeds, batch_size: int, sharding, *, start_step: int,
+                   num_steps: int, **kwargs):
+  """Per-seed data: each step's x [S, B, d_in] stacks member i's batch of data_seeds[i], the
+  very batch a lone run with --data_seed=data_seeds[i] reads at that step.
+
+  Each host reads only the members and rows its own devices hold. Every member's stream has
+  its own Store (and prefetch thread): a Store caches one buffer's row order at a time, which
+  streams of different data seeds would take from each other.
+  """
+  d_in = store_lib.Store(store_dir).d_in
+  shape = (len(data_seeds), batch_size, d_in)
+  held = list(sharding.addressable_devices_indices_map(shape).values())
+
+  def span(axis: int) -> tuple[int, int]:
+    ranges = [index[axis].indices(shape[axis])[:2] for index in held]
+    return min(a for a, _ in ranges), max(b for _, b in ranges)
+
+  (m0, m1), (lo, hi) = span(0), span(1)
+  streams = [store_lib.Store(store_dir).batches(batch_size, start_step=start_step,
+                                                num_steps=num_steps, data_seed=d, rows=(lo, hi),
+                                                **kwargs)
+             for d in data_seeds[m0:m1]]
+
+  def local(index):
+    s, r = index[0].indices(shape[0]), index[1].indices(batch_size)
+    return slice(s[0] - m0, s[1] - m0), slice(r[0] - lo, r[1] - lo)
+
+  for parts in zip(*streams):
+    x = np.stack([b.x for b in parts])
+    yield store_lib.Batch(jax.make_array_from_callback(shape, sharding, lambda i: x[local(i)]),
+                          parts[0].step, sum(b.skipped for b in parts),
+                          next((b.where for b in parts if b.where), ""))
 
 
 def to_host(tree):
@@ -505,8 +644,8 @@ def _logged_step(line: str) -> float:
 class MetricsWriter:
   """metrics.jsonl (one line per logged step, per-seed lists) and TensorBoard when available."""
 
-  def __init__(self, out: str, seeds, start_step: int):
-    self.seeds, self.path = list(seeds), os.path.join(out, "metrics.jsonl")
+  def __init__(self, out: str, names, start_step: int):
+    self.names, self.path = list(names), os.path.join(out, "metrics.jsonl")
     self.active = jax.process_index() == 0
     self.tb = None
     if not self.active:
@@ -530,8 +669,8 @@ class MetricsWriter:
     if self.tb is not None:
       for name, values in record.items():
         if isinstance(values, list):
-          for seed, v in zip(self.seeds, values):
-            self.tb.add_scalar(f"seed{seed}/{name}", v, record["step"])
+          for member, v in zip(self.names, values):
+            self.tb.add_scalar(f"{member}/{name}", v, record["step"])
       self.tb.add_scalar("lr", record["lr"], record["step"])
 
   def close(self) -> None:
@@ -540,21 +679,24 @@ class MetricsWriter:
 
 
 def export(directory: str, saes: dict[str, np.ndarray], sae: SAE, spec: dict, step: int,
-           input_scale: float, store_dir: str) -> None:
-  """Every seed to directory/seed{N}/ in sparsify's layout (process 0 writes).
+           input_scale: float, store_dir: str, extras: list[dict] | None = None) -> None:
+  """Every seed to directory/seed{N}/ (`member_names`) in sparsify's layout (process 0 writes).
 
-  `saes` holds the seeds' exported tensors [S, ...] (`exported`), `sae` the architecture.
+  `saes` holds the seeds' exported tensors [S, ...] (`exported`), `sae` the architecture,
+  `extras` what else each member's cfg records (--target_l0's coefficient).
   """
   if jax.process_index() != 0:
     return
-  for i, seed in enumerate(spec["seeds"]):
+  data_seeds = spec["data_seeds"] or [spec["data_seed"]] * len(spec["seeds"])
+  for i, (seed, member) in enumerate(zip(spec["seeds"], member_names(spec))):
     cfg = {"arch": spec["arch"], "seed": seed, "k": spec["k"], "step": step,
            "num_tokens": step * spec["batch_size"], "store": store_dir, "site": spec["site"],
-           "data_seed": spec["data_seed"], "input_scale": input_scale,
+           "data_seed": data_seeds[i], **(extras[i] if extras else {}),
+           "input_scale": input_scale,
            "normalize_decoder": sae.unit_norm_decoder,
            "apply_b_dec_to_input": sae.subtracts_b_dec,
            "activation": sae.sparsify_activation or "topk", **sae.export_cfg()}
-    io.save_sparsify(os.path.join(directory, f"seed{seed}"),
+    io.save_sparsify(os.path.join(directory, member),
                      {name: v[i] for name, v in saes.items()}, cfg)
 
 
@@ -565,8 +707,10 @@ def stop_if_bad(state: nnx.State, spec: dict, mngr) -> None:
     with _writing_checkpoints(mngr):
       mngr.wait_until_finished()
     last = mngr.latest_step()
+    who = f"seed {spec['seeds'][i]}" + (
+        f" (data seed {spec['data_seeds'][i]})" if spec["data_seeds"] else "")
     raise JaxsaeError(
-        f"seed {spec['seeds'][i]}: non-finite loss at step {int(bad[i])}; stopped without "
+        f"{who}: non-finite loss at step {int(bad[i])}; stopped without "
         f"saving it. The last good checkpoint is step {last}: lower --lr or check the store "
         "for extreme activations, then rerun to resume from there")
 
@@ -648,7 +792,9 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
 
   # State: built directly into its sharding, or restored from the newest checkpoint. Past
   # this point the loop holds only the state's arrays (nnx.State); modules live inside jit.
-  make_state = lambda: TrainState(ARCHITECTURES[cfg.arch], seeds, d_in, n, sae_cfg, tx)
+  adapt = spec["target_l0"] is not None
+  make_state = lambda: TrainState(ARCHITECTURES[cfg.arch], seeds, d_in, n, sae_cfg, tx,
+                                  adapt_penalty=adapt)
   graphdef, abstract = nnx.split(nnx.eval_shape(make_state))
   shardings = state_shardings(abstract, mesh)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -660,16 +806,26 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
     state = jax.jit(lambda: nnx.state(make_state()), out_shardings=shardings)()
   start = int(state["step"].get_value())
 
-  batch_sharding = NamedSharding(mesh, P("data", None))
-  step_fn = jax.jit(make_step(graphdef, cfg, round(cfg.penalty_warmup * num_steps), loop),
+  penalty_steps = round(cfg.penalty_warmup * num_steps)
+  l0_target = L0Target(cfg.target_l0, cfg.target_l0_gain, cfg.target_l0_prop, penalty_steps,
+                       num_steps - round(cfg.target_l0_freeze * num_steps)) if adapt else None
+  data_seeds, names = spec["data_seeds"], member_names(spec)
+  # Per-seed data: x [S, B, d_in], each member's batch on the devices of its seed.
+  batch_sharding = NamedSharding(mesh, P("seed", "data", None) if data_seeds else
+                                 P("data", None))
+  step_fn = jax.jit(make_step(graphdef, cfg, penalty_steps, loop, l0_target),
                     in_shardings=(shardings, batch_sharding),
                     out_shardings=(shardings, NamedSharding(mesh, P("seed"))),
                     donate_argnums=0)
-  batches = store.batches(cfg.batch_size, start_step=start, num_steps=num_steps - start,
-                          sharding=batch_sharding, data_seed=cfg.data_seed, site=cfg.site,
-                          normalize=spec["normalize"], skip_non_finite=cfg.skip_non_finite)
+  read = dict(start_step=start, num_steps=num_steps - start, site=cfg.site,
+              normalize=spec["normalize"], skip_non_finite=cfg.skip_non_finite)
+  if data_seeds:
+    batches = member_batches(cfg.store, data_seeds, cfg.batch_size, batch_sharding, **read)
+  else:
+    batches = store.batches(cfg.batch_size, sharding=batch_sharding, data_seed=cfg.data_seed,
+                            **read)
   sae = nnx.merge(graphdef, abstract).seeds.sae  # the architecture's static facts, for export
-  writer = MetricsWriter(cfg.out, seeds, start)
+  writer = MetricsWriter(cfg.out, names, start)
   bar = None
   if cfg.progress and jax.process_index() == 0:
     from tqdm import tqdm
@@ -683,7 +839,8 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
     rates = clock.rates(t.step)
     writer.write({"step": t.step, "tokens_per_seed": t.step * cfg.batch_size,
                   "non_finite_skipped": t.skipped, "lr": float(schedule(t.step - 1)), **rates,
-                  "seeds": seeds, **{k: v.tolist() for k, v in m.items()}})
+                  "seeds": seeds, **({"data_seeds": data_seeds} if data_seeds else {}),
+                  **{k: v.tolist() for k, v in m.items()}})
     if bar is not None:
       bar.set_postfix({"tok/s per seed": f"{rates['tokens_per_s_per_seed']:,.0f}",
                        "all seeds": f"{rates['tokens_per_s_all_seeds']:,.0f}",
@@ -695,8 +852,14 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
     save(mngr, t.state, t.skipped)
 
   def export_to(directory: str, step: int, state: nnx.State) -> None:
+    extras = None
+    if adapt:  # the coefficient each seed ended at, and what it was asked for
+      coeff = cfg.l0_coeff if cfg.arch == "jumprelu" else cfg.l1_coeff
+      mult = to_host(state["seeds"]["penalty_mult"].get_value())
+      extras = [{"target_l0": cfg.target_l0, "penalty_mult": float(v),
+                 "penalty_coeff": float(coeff * v)} for v in mult]
     export(directory, to_host(exported(graphdef, state)), sae, spec, step, input_scale,
-           cfg.store)
+           cfg.store, extras)
 
   keep = frozenset(spec["keep_steps"])
   hooks = [
@@ -729,8 +892,10 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
       mngr.wait_until_finished()
     export_to(cfg.out, num_steps, state)
     if jax.process_index() == 0:
+      where = ("{" + ",".join(names) + "}" if data_seeds else
+               "seed{" + ",".join(map(str, seeds)) + "}")
       print(f"jaxsae train: {len(seeds)} seeds x {num_steps * cfg.batch_size:,} tokens; SAEs in "
-            f"{os.path.join(cfg.out, 'seed{' + ','.join(map(str, seeds)) + '}')}/, metrics in "
+            f"{os.path.join(cfg.out, where)}/, metrics in "
             f"{os.path.join(cfg.out, 'metrics.jsonl')}"
             + (f"; skipped {skipped} rows with NaN/Inf" if skipped else ""))
     failed = False
