@@ -57,6 +57,9 @@ CODE_MAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
 # and overflow past 65504.
 SCALE_DTYPE = np.dtype("<f4")
 _CODE_MAX_OF = {np_dt: CODE_MAX[name] for name, np_dt in DTYPES.items() if name in CODE_MAX}
+# float8 decodes through a 256-entry table: ml_dtypes' float8 -> float32 cast is an
+# element-by-element loop, 5.6x slower than the table's np.take ([256, 576] rows: 4.2 ms, 0.75 ms).
+_FLOAT8_TABLE = np.arange(256, dtype=np.uint8).view(DTYPES["float8_e4m3fn"]).astype(np.float32)
 
 
 class Batch(NamedTuple):
@@ -100,7 +103,11 @@ def decode(codes: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
 
   Every read of a store goes through here, so no reader sees 8-bit codes.
   """
-  x = np.asarray(codes).astype(np.float32)
+  codes = np.asarray(codes)
+  if codes.dtype == DTYPES["float8_e4m3fn"]:
+    x = np.take(_FLOAT8_TABLE, codes.view(np.uint8))
+  else:
+    x = codes.astype(np.float32)
   if scales is not None:
     x *= (np.asarray(scales, np.float32) / np.float32(_CODE_MAX_OF[codes.dtype]))[..., None]
   return x

@@ -294,3 +294,10 @@ def test_encode_decode_are_the_one_codec(wide):
     assert codes.dtype == store.np_dtype(dtype) and (scales is None) == (dtype not in
                                                                          store.CODE_MAX)
     assert store.decode(codes, scales).dtype == np.float32
+
+
+def test_float8_table_decodes_every_code_as_ml_dtypes_casts_it():
+  codes = np.arange(256, dtype=np.uint8).view(store.np_dtype("float8_e4m3fn")).reshape(16, 16)
+  np.testing.assert_array_equal(store.decode(codes, None), codes.astype(np.float32))
+  np.testing.assert_array_equal(store.decode(codes[:, ::3], None),
+                                codes[:, ::3].astype(np.float32))  # a strided view too
