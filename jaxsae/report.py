@@ -689,8 +689,8 @@ def _importance_html(summary: dict, data: dict) -> str:
   fvu = ", ".join(f"{e(k)} {v:.4f}" for k, v in imp["fvu"].items())
   return f"""<h2>Importance of shared and orphan latents</h2>
 <p>Importance of a latent: the FVU added when it alone is ablated (its code zeroed, the rest of
-the reconstruction kept), on {imp['tokens']} store tokens, the sample the frequencies and
-contexts come from. Each SAE's FVU there: {fvu}.
+the reconstruction kept), on the first {imp['tokens']} store tokens of the sample the
+frequencies and contexts come from. Each SAE's FVU there: {fvu}.
 Medians over the latents of a in each pair; pooled over pairs: shared
 <b>{fmt(imp['median_shared'])}</b>, orphan <b>{fmt(imp['median_orphan'])}</b>.</p>
 <table><tr><th class=l>a</th><th class=l>b</th><th>shared</th><th>median importance</th>
