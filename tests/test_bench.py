@@ -91,3 +91,10 @@ def test_bench_store_smoke(tmp_path):
              f"--stores={tmp_path / 'int8'}")
   row = json.loads(out.strip().splitlines()[-1])
   assert row["dtype"] == "int8" and row["rows"] == 300 and 0 < row["rel_l2_err_mean"] < 0.02
+
+
+def test_bench_memory_smoke():
+  out = _run("bench_memory.py", "--d_in=16", "--num_latents=64", "--k=4", "--batch_size=32",
+             "--seeds=1,2")
+  one, two = map(json.loads, out.strip().splitlines()[-2:])
+  assert (one["seeds"], two["seeds"]) == (1, 2) and 0 < one["peak_gb"] < two["peak_gb"]
