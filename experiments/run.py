@@ -336,7 +336,7 @@ def study_matryoshka(store: str, png: str) -> dict:
   m_dir = overall[-1]["match"]
   summary, table, _ = oq.load_match(m_dir)
   with open(os.path.join(summary["saes"][0]["path"], "cfg.json")) as f:
-    bounds = oq.group_bounds(json.load(f)["matryoshka_prefixes"])
+    bounds = oq.group_bounds(json.load(f)["jaxsae"]["matryoshka_widths"])
   groups = {"matryoshka": oq.nested(table, summary, bounds)}
   for row in overall[:-1]:
     s, t, fr = oq.load_match(row["match"])

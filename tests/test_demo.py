@@ -117,3 +117,29 @@ def test_experiment_sweep_and_figures(planted_store, tmp_path):
   means = [r["mean"] for r in res["rows"]]
   assert [r["x"] for r in res["rows"]][0] == 0.5 and len(means) == 9
   assert all(a >= b for a, b in zip(means, means[1:]))  # a stricter threshold shares fewer
+
+
+def test_open_question_studies_run_end_to_end(planted_store, tmp_path):
+  """Each open-question study trains, matches and draws on a planted store; the numbers are
+  pinned where the setup decides them (pair counts, which run feeds which study)."""
+  out = str(tmp_path / "exp")
+  res = run_study("census", planted_store, out, "--census_seeds=4", "--snapshots=8192,16384")
+  assert [r["x"] for r in res["rows"]] == [1, 2, 3, 4]
+  assert sum(r["mean"] for r in res["rows"]) == pytest.approx(1.0)
+  assert res["census"]["agree"]["num_saes"] == 4 and res["decoder_mcc"]["mean"] > 0
+
+  # The trajectory reuses the census run's snapshots (no second 4-seed run) and adds one
+  # full-schedule run per length.
+  res = run_study("trajectory", planted_store, out, "--census_seeds=4", "--snapshots=8192,16384")
+  assert [r["tokens"] for r in res["snapshots"]] == [8192, 16384, 32768]
+  assert [r["tokens"] for r in res["full_schedule"]] == [8192, 16384, 32768]
+  assert all(r["shared"]["pairs"] == 6 for r in res["snapshots"])
+  assert all(r["shared"]["pairs"] == 3 for r in res["full_schedule"][:-1])
+
+  res = run_study("init_vs_data", planted_store, out, "--grid=2")
+  assert {k: v["pairs"] for k, v in res["kinds"].items()} == {"init": 2, "data": 2, "both": 2}
+
+  res = run_study("matryoshka", planted_store, out, "--k=4", "--num_latents=32")
+  assert [r["x"] for r in res["rows"]] == ["topk", "batchtopk", "matryoshka"]
+  assert res["bounds"] == [[0, 2], [2, 4], [4, 8], [8, 16], [16, 32]]
+  assert all(r["l0"] == [4.0] * 3 for r in res["overall"][:1])  # topk: exactly k per token
