@@ -301,3 +301,26 @@ def test_float8_table_decodes_every_code_as_ml_dtypes_casts_it():
   np.testing.assert_array_equal(store.decode(codes, None), codes.astype(np.float32))
   np.testing.assert_array_equal(store.decode(codes[:, ::3], None),
                                 codes[:, ::3].astype(np.float32))  # a strided view too
+
+
+def test_an_8bit_extraction_resumes_and_splits_into_the_same_bytes(tiny_model_dir, text_dir,
+                                                                   tmp_path):
+  from jaxsae import extract
+  cfg = dict(model=tiny_model_dir, dataset=text_dir, sites=("model.layers.1.mlp",),
+             num_tokens=2048, ctx_len=64, shard_tokens=512, batch_size=4, dtype="int8")
+  whole = extract.run(extract.ExtractConfig(**cfg, out=str(tmp_path / "whole")))
+  ref = extract.run(extract.ExtractConfig(**{**cfg, "dtype": "float32"},
+                                          out=str(tmp_path / "f32")))
+  # Split over two workers, the second finding a killed writer's half-written scales.
+  parts = str(tmp_path / "parts")
+  extract.run(extract.ExtractConfig(**cfg, out=parts, shard_range="2:4"))
+  open(os.path.join(parts, "shard_00001.scales.bin.tmp-99999"), "wb").write(b"\0" * 7)
+  split = extract.run(extract.ExtractConfig(**cfg, out=parts, shard_range="0:2"))
+  assert not [f for f in os.listdir(parts) if ".tmp-" in f]
+  key = lambda m: [(s["sha256"], s["scales_sha256"], s["tokens_sha256"]) for s in m["shards"]]
+  assert key(split) == key(whole)
+  x = store.Store(str(tmp_path / "whole"), verify="sha256").batch(0, 256, data_seed=1)
+  want = store.Store(str(tmp_path / "f32")).batch(0, 256, data_seed=1)
+  bound = np.abs(want).max(axis=1, keepdims=True) / 254 * (1 + 1e-5)
+  assert x.dtype == np.float32 and (np.abs(x - want) <= bound).all()
+  assert ref["num_tokens"] == whole["num_tokens"]
