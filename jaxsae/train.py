@@ -115,15 +115,21 @@ class TrainConfig:
   target_l0_gain: float = field(0.02, "With --target_l0: the controller's integral gain: per "
                                 "step, the coefficient's log moves by this times the step's "
                                 "log((L0 + 1) / (target + 1)).")
-  target_l0_prop: float = field(1.0, "With --target_l0: the controller's proportional gain: "
-                                "the coefficient's log also follows this times that error, "
-                                "which damps the overshoot of the slow response of L0.")
-  target_l0_freeze: float = field(0.2, "With --target_l0: fraction of the steps at the end "
-                                  "that train at the coefficient then reached, held fixed.")
+  target_l0_prop: float | None = field(None, "With --target_l0: the controller's proportional "
+                                       "gain: the coefficient's log also follows this times "
+                                       "that error (averaged over ~10 steps). Default 1, and 5 "
+                                       "for jumprelu, whose L0 follows the coefficient more "
+                                       "slowly.")
+  target_l0_freeze: float = field(0.1, "With --target_l0: fraction of the steps at the end "
+                                  "that train at the coefficient then reached, held fixed (the "
+                                  "L0 drifts as the learning rate decays: over the last 20% the "
+                                  "demo's relu_l1 went from 32 to 36).")
   jumprelu_bandwidth: float = field(1e-3, "JumpReLU pseudo-derivative bandwidth (as published; "
                                     "scaled by sqrt(d_in) for jaxsae's normalisation).")
-  jumprelu_threshold: float = field(1e-3, "JumpReLU initial threshold (as published; scaled by "
-                                    "sqrt(d_in)).")
+  jumprelu_threshold: float | None = field(None, "JumpReLU initial threshold (as published, "
+                                           "1e-3; scaled by sqrt(d_in)). With --target_l0 the "
+                                           "default starts each latent's threshold where it "
+                                           "fires target / num_latents of the first batch.")
   normalize: bool | None = field(None, "Scale inputs to mean norm sqrt(d_in) with the store's "
                                  "recorded mean norm; default on for relu_l1/gated/jumprelu, off "
                                  "for topk/batchtopk (whose FVU loss is scale-free).")
@@ -202,22 +208,29 @@ def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> dict[str, Any
                         f"have (its L0 is set by --k); use it with {', '.join(PENALIZED)}")
     if not 0 < cfg.target_l0 < n:
       raise JaxsaeError(f"--target_l0={cfg.target_l0} must be between 0 and num_latents ({n})")
-    if not 0 <= cfg.target_l0_freeze < 1 or not cfg.target_l0_gain > 0 or cfg.target_l0_prop < 0:
+    prop = target_l0_prop(cfg)
+    if not 0 <= cfg.target_l0_freeze < 1 or not cfg.target_l0_gain > 0 or prop < 0:
       raise JaxsaeError(f"--target_l0_freeze={cfg.target_l0_freeze} must be in [0, 1), "
                         f"--target_l0_gain={cfg.target_l0_gain} positive and "
-                        f"--target_l0_prop={cfg.target_l0_prop} not negative")
+                        f"--target_l0_prop={prop} not negative")
   normalize = cfg.normalize if cfg.normalize is not None else cfg.arch in NORMALIZED_BY_DEFAULT
   return {
       "arch": cfg.arch, "d_in": d_in, "num_latents": n, "k": cfg.k, "seeds": list(seeds),
       "batch_size": cfg.batch_size, "data_seed": cfg.data_seed, "site": cfg.site,
       "data_seeds": list(data_seeds), "target_l0": cfg.target_l0,
-      **({"target_l0_gain": cfg.target_l0_gain, "target_l0_prop": cfg.target_l0_prop,
+      **({"target_l0_gain": cfg.target_l0_gain, "target_l0_prop": target_l0_prop(cfg),
           "target_l0_freeze": cfg.target_l0_freeze} if cfg.target_l0 is not None else {}),
       "normalize": normalize, "num_steps": num_steps, "compute_dtype": dtype,
       "lr": cfg.lr or 2e-4 / math.sqrt(n / 2**14),
       "keep_steps": sorted({t // cfg.batch_size for t in cfg.keep_at_tokens
                             if 0 < t // cfg.batch_size <= num_steps}),
   }
+
+
+def target_l0_prop(cfg: TrainConfig) -> float:
+  if cfg.target_l0_prop is not None:
+    return cfg.target_l0_prop
+  return PROP_DEFAULT.get(cfg.arch, 1.0)
 
 
 def check_identity(out: str, spec: dict, store_dir: str) -> None:
@@ -300,8 +313,8 @@ class Member(nnx.Module):
     # First step whose loss was non-finite, -1 while all is well.
     self.bad_step = common.variable(jnp.full((), -1, jnp.int32), Statistic)
     if adapt_penalty:  # --target_l0 only, so a run without it holds the state it always did
-      # What this seed's L1/L0 coefficient is multiplied by, and the log L0 error of the last
-      # step (the controller's proportional part), set by `adapt_penalty`.
+      # What this seed's L1/L0 coefficient is multiplied by, and the smoothed log L0 error
+      # (the controller's proportional part needs the last one), set by `adapt_penalty`.
       self.penalty_mult = common.variable(jnp.ones((), jnp.float32), Statistic)
       self.l0_error = common.variable(jnp.zeros((), jnp.float32), Statistic)
 
@@ -388,24 +401,36 @@ def update(m: Member, x: jax.Array, step: jax.Array, cfg: TrainConfig, penalty_s
   return metrics
 
 
-# The multiplier stays within e^+-LOG_MULT_MAX of the flag's coefficient; one step moves its log
-# by at most gain * LOG_ERROR_MAX, so a batch far off target (the first steps) cannot fling it.
+# --target_l0_prop's default: JumpReLU's L0 integrates the coefficient's error (`adapt_penalty`),
+# and at 1 it ran to 25 for a target of 16 on the demo (5: 16.2); at 5 a ReLU's coefficient
+# overshot a hundredfold in the first steps on the tests' planted store (1: within 5%).
+PROP_DEFAULT = {"jumprelu": 5.0}
+
+# The multiplier stays within e^+-LOG_MULT_MAX of the flag's coefficient; a batch's error counts
+# at most LOG_ERROR_MAX, so one far off target (the first steps) cannot fling it.
 LOG_MULT_MAX = math.log(1e4)
 LOG_ERROR_MAX = 1.0
+# The error is averaged over about 1 / (1 - ERROR_DECAY) steps, so the coefficient the last
+# steps are held at is not one batch's noise times the proportional gain.
+ERROR_DECAY = 0.9
 
 
 def adapt_penalty(m: Member, l0: jax.Array, step: jax.Array, t: L0Target) -> None:
   """PI control of the penalty coefficient in log space on the step's batch L0.
 
-  With e = log((L0 + 1) / (target + 1)), log(mult) = gain * sum(e) + prop * e, taken one step
-  at a time: too many active latents raise the coefficient, too few lower it, by the same
-  factor for the same ratio at any target (the +1 keeps a batch with L0 = 0 finite). The
-  integral finds the coefficient; the proportional part damps its overshoot, since the L0
-  follows a new coefficient only as fast as Adam moves the weights.
+  With e the moving average of log((L0 + 1) / (target + 1)), log(mult) = gain * sum(e) +
+  prop * e, taken one step at a time: too many active latents raise the coefficient, too few
+  lower it, by the same factor for the same ratio at any target (the +1 keeps a batch with
+  L0 = 0 finite). The integral finds the coefficient; the proportional part damps its
+  overshoot, since the L0 follows a new coefficient only as fast as Adam moves the weights
+  (JumpReLU's thresholds move by about lr a step whatever the coefficient, so there the L0
+  itself integrates the coefficient's error, and the proportional part does the steering).
   """
-  error = jnp.clip(jnp.log((l0 + 1.0) / (t.target + 1.0)), -LOG_ERROR_MAX, LOG_ERROR_MAX)
+  now = jnp.clip(jnp.log((l0 + 1.0) / (t.target + 1.0)), -LOG_ERROR_MAX, LOG_ERROR_MAX)
+  last = m.l0_error[...]
+  error = ERROR_DECAY * last + (1 - ERROR_DECAY) * now
   active = (step >= t.start) & (step < t.stop)
-  change = t.gain * error + t.prop * (error - m.l0_error[...])
+  change = t.gain * error + t.prop * (error - last)
   log_mult = jnp.log(m.penalty_mult[...]) + jnp.where(active, change, 0.0)
   m.penalty_mult[...] = jnp.exp(jnp.clip(log_mult, -LOG_MULT_MAX, LOG_MULT_MAX))
   m.l0_error[...] = jnp.where(active, error, m.l0_error[...])
@@ -476,6 +501,30 @@ def init_b_dec(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> nnx.St
   ts = nnx.merge(graphdef, state)
   b_dec = ts.seeds.sae.b_dec
   b_dec[...] = jnp.broadcast_to(x.mean(-2), b_dec.shape)
+  return nnx.state(ts)
+
+
+def init_thresholds(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array,
+                    fires: float) -> nnx.State:
+  """JumpReLU with --target_l0: each latent's threshold starts where it fires on `fires` of the
+  first batch's tokens (never below the published one), so the L0 starts at the target.
+
+  Adam moves a log-threshold by about lr per step, so over a run by about the sum of the
+  learning rates (2 for 1,024 steps at lr 0.004): from the published threshold no coefficient
+  brings the demo's L0 to 32 in that time (measured: 430 of 1,024 latents at the end, the
+  coefficient at 10^4 times --l0_coeff).
+  """
+  ts = nnx.merge(graphdef, state)
+  sae_def, saes = nnx.split(ts.seeds.sae)
+
+  def one(s, x):
+    sae = nnx.merge(sae_def, s)
+    theta = jnp.quantile(sae.pre_acts(x), 1 - fires, axis=0)
+    sae.log_threshold[...] = jnp.maximum(jnp.log(jnp.maximum(theta, 1e-30)),
+                                         sae.log_threshold[...])
+    return nnx.state(sae)
+
+  nnx.update(ts.seeds.sae, jax.vmap(one, in_axes=(0, 0 if x.ndim == 3 else None))(saes, x))
   return nnx.state(ts)
 
 
@@ -785,7 +834,8 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
                       "--seed_loop=vmap (or auto)")
   sae_cfg = SaeConfig(
       k=cfg.k, auxk_alpha=cfg.auxk_alpha, l1_coeff=cfg.l1_coeff, l0_coeff=cfg.l0_coeff,
-      jumprelu_bandwidth=cfg.jumprelu_bandwidth, jumprelu_threshold=cfg.jumprelu_threshold,
+      jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+      jumprelu_threshold=1e-3 if cfg.jumprelu_threshold is None else cfg.jumprelu_threshold,
       compute_dtype=spec["compute_dtype"], topk_backward=cfg.topk_backward,
       matryoshka_widths=cfg.matryoshka_widths)
   tx, schedule = make_optimizer(spec["lr"], cfg.lr_warmup_steps, num_steps, cfg)
@@ -807,7 +857,7 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
   start = int(state["step"].get_value())
 
   penalty_steps = round(cfg.penalty_warmup * num_steps)
-  l0_target = L0Target(cfg.target_l0, cfg.target_l0_gain, cfg.target_l0_prop, penalty_steps,
+  l0_target = L0Target(cfg.target_l0, cfg.target_l0_gain, target_l0_prop(cfg), penalty_steps,
                        num_steps - round(cfg.target_l0_freeze * num_steps)) if adapt else None
   data_seeds, names = spec["data_seeds"], member_names(spec)
   # Per-seed data: x [S, B, d_in], each member's batch on the devices of its seed.
@@ -876,6 +926,9 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
       if fresh and step == 1:
         state = jax.jit(init_b_dec, static_argnums=0, out_shardings=shardings)(
             graphdef, state, batch.x)
+        if adapt and cfg.arch == "jumprelu" and cfg.jumprelu_threshold is None:
+          state = jax.jit(init_thresholds, static_argnums=(0, 3), out_shardings=shardings)(
+              graphdef, state, batch.x, cfg.target_l0 / n)
       state, metrics = step_fn(state, batch.x)
       if batch.skipped and not skipped:
         logging.warning("skipping rows with NaN/Inf (--skip_non_finite); the first: %s",
