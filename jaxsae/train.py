@@ -402,8 +402,8 @@ def update(m: Member, x: jax.Array, step: jax.Array, cfg: TrainConfig, penalty_s
 
 
 # --target_l0_prop's default: JumpReLU's L0 integrates the coefficient's error (`adapt_penalty`),
-# and at 1 it ran to 25 for a target of 16 on the demo (5: 16.2); at 5 a ReLU's coefficient
-# overshot a hundredfold in the first steps on the tests' planted store (1: within 5%).
+# and at 1 it ran to 25.5 for a target of 16 on the demo (5: 16.5); at 5 a ReLU's coefficient
+# overshot a hundredfold in the first steps on the tests' planted store (1: within 10%).
 PROP_DEFAULT = {"jumprelu": 5.0}
 
 # The multiplier stays within e^+-LOG_MULT_MAX of the flag's coefficient; a batch's error counts
