@@ -41,7 +41,7 @@ from jaxsae import files
 from jaxsae import store as store_lib
 from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
-from jaxsae.sae import ARCHITECTURES, SAE, SaeConfig, Statistic, common, io
+from jaxsae.sae import ARCHITECTURES, SAE, SaeConfig, Statistic, common, io, matryoshka
 
 # Where each checkpoint records the digest of its values (orbax custom metadata).
 DIGEST_KEY = "jaxsae_digest"
@@ -54,9 +54,9 @@ NORMALIZED_BY_DEFAULT = ("relu_l1", "relu_l1_unitnorm", "gated", "jumprelu")
 STATE_FORMAT = "nnx-1"
 # What makes a run what it is: a rerun into the same --out must agree on these.
 IDENTITY = ("arch", "d_in", "num_latents", "k", "seeds", "batch_size", "data_seed", "site",
-            "normalize", "data_seeds", "target_l0")
+            "normalize", "data_seeds", "target_l0", "matryoshka_widths")
 # What a run.json written before a field existed meant by its absence.
-IDENTITY_DEFAULTS = {"data_seeds": []}
+IDENTITY_DEFAULTS = {"data_seeds": [], "matryoshka_widths": []}
 # Architectures whose sparsity a penalty coefficient sets (--target_l0 adapts it); TopK's and
 # BatchTopK's L0 is k.
 PENALIZED = ("relu_l1", "relu_l1_unitnorm", "gated", "jumprelu")
@@ -182,8 +182,12 @@ def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> dict[str, Any
   n = cfg.num_latents or 32 * d_in
   if n < 2:
     raise JaxsaeError(f"--num_latents={n} must be at least 2")
-  if cfg.arch in ("topk", "batchtopk") and not 0 < cfg.k < n:
+  if cfg.arch in ("topk", "batchtopk", "matryoshka") and not 0 < cfg.k < n:
     raise JaxsaeError(f"--k={cfg.k} must be between 1 and num_latents-1 ({n - 1})")
+  # Checked here, before run.json is written, and resolved so a resume with other widths (a
+  # different loss) is refused like any other change of identity.
+  widths = (list(matryoshka.prefix_widths(cfg.matryoshka_widths, n))
+            if cfg.arch == "matryoshka" else [])
   for name in ("batch_size", "checkpoint_every", "log_every"):
     if getattr(cfg, name) <= 0:
       raise JaxsaeError(f"--{name}={getattr(cfg, name)} must be positive")
@@ -217,7 +221,7 @@ def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> dict[str, Any
   return {
       "arch": cfg.arch, "d_in": d_in, "num_latents": n, "k": cfg.k, "seeds": list(seeds),
       "batch_size": cfg.batch_size, "data_seed": cfg.data_seed, "site": cfg.site,
-      "data_seeds": list(data_seeds), "target_l0": cfg.target_l0,
+      "data_seeds": list(data_seeds), "target_l0": cfg.target_l0, "matryoshka_widths": widths,
       **({"target_l0_gain": cfg.target_l0_gain, "target_l0_prop": target_l0_prop(cfg),
           "target_l0_freeze": cfg.target_l0_freeze} if cfg.target_l0 is not None else {}),
       "normalize": normalize, "num_steps": num_steps, "compute_dtype": dtype,

@@ -144,6 +144,18 @@ def test_bad_widths_stop_the_trainer_in_one_line(store_dir, tmp_path):
     train.run(config(store_dir, tmp_path / "a", matryoshka_widths=(16, 8)))
   with pytest.raises(JaxsaeError, match=r"--matryoshka_widths=8,100: "):
     train.run(config(store_dir, tmp_path / "b", matryoshka_widths=(8, 100)))
+  # Refused before the run directory says what run it holds.
+  assert not os.path.exists(tmp_path / "a" / "run.json")
+  assert not os.path.exists(tmp_path / "b" / "run.json")
+
+
+def test_a_resume_with_other_widths_is_refused(store_dir, tmp_path):
+  """The widths are the loss: continuing a run under others would train a different SAE."""
+  out = tmp_path / "run"
+  with pytest.raises(KeyboardInterrupt):
+    train.run(config(store_dir, out, matryoshka_widths=(8, 32), num_tokens=256), interrupt_at=1)
+  with pytest.raises(JaxsaeError, match=r"matryoshka_widths=\[8, 32, 64\] there, \[16, 64\]"):
+    train.run(config(store_dir, out, matryoshka_widths=(16,), num_tokens=256))
 
 
 def test_arch_flag_lists_matryoshka_and_widths_flag_parses():
