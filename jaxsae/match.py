@@ -271,23 +271,6 @@ def seed_statistics(shared_with_base: np.ndarray, subsets: int, seed: int = 0) -
   }
 
 
-def load(inputs: Sequence[str]) -> list[saes_lib.SAE]:
-  """Every SAE named by `inputs`, all of one d_in; widths may differ (saes.load_all would refuse
-  them)."""
-  paths = saes_lib.discover(inputs)
-  if len(paths) < 2:
-    raise JaxsaeError(f"only one SAE found ({paths[0]}); matching needs two or more seeds")
-  saes = [saes_lib.load_sae(p, n) for p, n in zip(paths, saes_lib._unique_names(paths))]
-  ref = saes[0]
-  for s in saes[1:]:
-    if s.d_in != ref.d_in:
-      raise JaxsaeError(
-          f"{s.path} has {s.n_latents} latents of d_in={s.d_in}, but {ref.path} has "
-          f"{ref.n_latents} of d_in={ref.d_in}; only SAEs of the same shape of input (d_in) "
-          "can be matched")
-  return saes
-
-
 def oriented_pairs(saes: Sequence[saes_lib.SAE]) -> list[tuple[int, int]]:
   """Every pair (i, j), i before j, but the wider SAE first when the widths differ, so that
   the per-latent rows of `a` cover every latent left without a partner."""
@@ -322,7 +305,7 @@ def run(cfg: MatchConfig) -> dict:
 
   _check(cfg)
   t0 = time.time()
-  saes = load(cfg.inputs)
+  saes = saes_lib.load_all(cfg.inputs, same_width=False)
   names = [s.name for s in saes]
   n = saes[0].n_latents
 

@@ -428,18 +428,20 @@ def _unique_names(paths: Sequence[str]) -> list[str]:
   return [f"{i}:{s}" for i, s in enumerate(shown)]
 
 
-def load_all(inputs: Sequence[str]) -> list[SAE]:
-  """Every SAE named by `inputs`, all of one shape (else a JaxsaeError naming the odd one)."""
+def load_all(inputs: Sequence[str], same_width: bool = True) -> list[SAE]:
+  """Every SAE named by `inputs`, all of one d_in and, with `same_width`, one width (else a
+  JaxsaeError naming the odd one)."""
   paths = discover(inputs)
   if len(paths) < 2:
     raise JaxsaeError(f"only one SAE found ({paths[0]}); matching needs two or more seeds")
   saes = [load_sae(p, n) for p, n in zip(paths, _unique_names(paths))]
   ref = saes[0]
   for s in saes[1:]:
-    if (s.n_latents, s.d_in) != (ref.n_latents, ref.d_in):
+    if s.d_in != ref.d_in or (same_width and s.n_latents != ref.n_latents):
       raise JaxsaeError(
           f"{s.path} has {s.n_latents} latents of d_in={s.d_in}, but {ref.path} has "
-          f"{ref.n_latents} of d_in={ref.d_in}; only SAEs of the same shape can be matched")
+          f"{ref.n_latents} of d_in={ref.d_in}; only SAEs of the same "
+          f"{'shape' if same_width else 'shape of input (d_in)'} can be matched")
   return saes
 
 
