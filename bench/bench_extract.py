@@ -4,7 +4,7 @@
 
 Both run the same model over the same windows of the default corpus in the same process. The
 full forward is timed twice: the whole causal LM (with the vocabulary projection, what a
-`model(ids)` call costs) and its decoder stack alone (`model.model`). jaxsae's side is the real
+`model(ids)` call costs) and its decoder stack alone (`model.base_model`). jaxsae's side is the real
 `extract_shards` path: hooks, packing, bf16 conversion and shard writing included.
 
   python bench/bench_extract.py --variants=fp32,threads1,no_grad,bf16,autocast,bs4,bs16
@@ -62,6 +62,11 @@ def _time(fn, batches) -> float:
   return time.perf_counter() - t
 
 
+def layer_index(site_path: str, layers_path: str) -> int:
+  """The decoder layer a site sits in (model.layers.15.mlp -> 15), for any family's layout."""
+  return int(site_path[len(layers_path) + 1:].split(".")[0])
+
+
 def _variant(spec: str) -> dict:
   v = {"name": spec, "model_dtype": "float32", "autocast": False, "no_grad": False,
        "threads": torch.get_num_threads(), "compile": False, "batch_size": _BATCH.value}
@@ -92,7 +97,8 @@ def compare(model, tok, device):
   # One copy of the model per (dtype, compile), hooked after every copy is made (a deepcopy
   # would copy the hooks too). torch.compile of the whole model loses the hooks' early exit, so
   # `compile` compiles each decoder layer below the sites' and runs the hooked one eagerly.
-  below = min(int(p.split(".")[2]) for p, _ in sites)
+  layers_path, _ = extract.decoder_layers(model)
+  below = min(layer_index(p, layers_path) for p, _ in sites)
   weights = {}
   for v in variants:
     key = (v["model_dtype"], v["compile"])
@@ -100,7 +106,7 @@ def compare(model, tok, device):
       m = model if key == ("float32", False) else \
           copy.deepcopy(model).to(getattr(torch, v["model_dtype"]))
       if v["compile"]:
-        for layer in m.model.layers[:below]:
+        for layer in m.get_submodule(layers_path)[:below]:
           layer.compile()
       weights[key] = m
     v["key"] = key
@@ -140,7 +146,7 @@ def compare(model, tok, device):
   ref_norm = np.linalg.norm(ref, axis=-1)
   rows = []
   for v in variants:
-    stored = v["acts"].astype(store.np_dtype(_DTYPE.value)).astype(np.float32)
+    stored = store.decode(*store.encode(v["acts"], _DTYPE.value))
     err = np.linalg.norm(stored - ref, axis=-1) / ref_norm
     ratio = np.median(np.asarray(variants[0]["seconds"]) / np.asarray(v["seconds"]))
     rows.append({"variant": v["name"], "tok_s": wins.size / np.median(v["seconds"]),
@@ -175,7 +181,7 @@ def main(_):
   with torch.inference_mode():
     _time(lambda x: model(input_ids=x, use_cache=False), batches[:1])  # warm-up
     full = _time(lambda x: model(input_ids=x, use_cache=False), batches)
-    stack = _time(lambda x: model.model(input_ids=x, use_cache=False), batches)
+    stack = _time(lambda x: model.base_model(input_ids=x, use_cache=False), batches)
 
   sites = extract.resolve_sites(model, [_SITE.value])
   hooked = extract.Hooked(model, sites)
@@ -189,7 +195,7 @@ def main(_):
                            "num_shards": num_shards})
     stats = extract.extract_shards(cfg, hooked, tok, list(range(num_shards)), wps, n_windows,
                                    extract._special_ids(tok), device)
-  layer = int(sites[0][0].split(".")[2]) + 1
+  layer = layer_index(sites[0][0], extract.decoder_layers(model)[0]) + 1
   n_layers = model.config.num_hidden_layers
   result = {
       "model": source["id"], "device": device, "site": sites[0][0], "tokens": tokens,

@@ -413,7 +413,8 @@ def run(cfg: ExtractConfig) -> dict | None:
     print(f"this worker's shards are written; {left} shard(s) of the store remain for other "
           f"workers (the last to finish writes manifest.json)")
     return None
-  nbytes = sum(os.path.getsize(os.path.join(cfg.out, s["file"])) for s in manifest["shards"])
+  nbytes = sum(os.path.getsize(os.path.join(cfg.out, s[key])) for s in manifest["shards"]
+               for key in ("file", "scales_file") if s.get(key))
   print(f"wrote {manifest['num_tokens']:,} tokens x {len(site_names)} site(s) "
         f"({nbytes / 2**30:.2f} GiB, {num_shards} shards) to {cfg.out}")
   return manifest

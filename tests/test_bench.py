@@ -98,3 +98,21 @@ def test_bench_memory_smoke():
              "--seeds=1,2")
   one, two = map(json.loads, out.strip().splitlines()[-2:])
   assert (one["seeds"], two["seeds"]) == (1, 2) and 0 < one["peak_gb"] < two["peak_gb"]
+
+
+def test_bench_extract_smoke_on_gpt2(tmp_path, tiny_model_dir):
+  """Both forms on a GPT-2 layout (transformer.h), which the benchmark used to assume away."""
+  import transformers
+  import torch
+  tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+  tok.save_pretrained(tmp_path / "m")
+  torch.manual_seed(0)
+  transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(
+      n_embd=32, n_layer=3, n_head=4, n_positions=128, vocab_size=len(tok),
+      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "m")
+  common = [f"--model={tmp_path / 'm'}", "--site=mlp:1", "--num_tokens=512", "--ctx_len=64",
+            "--rounds=1"]
+  out = _run("bench_extract.py", *common)
+  assert "tok" in out
+  out = _run("bench_extract.py", *common, "--variants=fp32,bf16,threads1", "--dtype=int8")
+  assert "bf16" in out and "threads1" in out
