@@ -193,6 +193,22 @@ def _plt():
   return plt
 
 
+def _fraction_axis(ax, ylabel: str, legend: bool = True) -> None:
+  ax.set_ylabel(ylabel)
+  ax.set_ylim(0, 1)
+  ax.grid(alpha=0.3)
+  if legend:
+    ax.legend(fontsize=8)
+
+
+def _save(fig, path: str, title: str | None = None) -> None:
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path)
+  _plt().close(fig)
+
+
 def plot_census(res: dict, seeds: dict | None, path: str, label: str) -> None:
   plt = _plt()
   fig, axes = plt.subplots(1, 2 if seeds else 1, figsize=(11 if seeds else 6, 4), dpi=120,
@@ -222,9 +238,7 @@ def plot_census(res: dict, seeds: dict | None, path: str, label: str) -> None:
     ax.set_title(f"Orphans of seed 0 as seeds are added ({seeds.get('rule', 'agree')} rule)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_trajectory(snapshots: list[dict], full: list[dict], path: str) -> None:
@@ -241,14 +255,8 @@ def plot_trajectory(snapshots: list[dict], full: list[dict], path: str) -> None:
                     yerr=[r[key]["std"] for r in rows], fmt=style, capsize=3, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training tokens per seed")
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle("When do seeds diverge?")
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+    _fraction_axis(ax, ylabel)
+  _save(fig, path, "When do seeds diverge?")
 
 
 def plot_kinds(kinds: dict, path: str) -> None:
@@ -262,13 +270,8 @@ def plot_kinds(kinds: dict, path: str) -> None:
     xs = [i for i, v in enumerate(vals) if v]
     ax.bar(xs, [vals[i]["mean"] for i in xs], yerr=[vals[i]["std"] for i in xs], capsize=4)
     ax.set_xticks(range(3), [f"{labels[k]}\n({kinds[k]['pairs']} pairs)" for k in order])
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3, axis="y")
-  fig.suptitle("What makes two seeds differ?")
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+    _fraction_axis(ax, ylabel, legend=False)
+  _save(fig, path, "What makes two seeds differ?")
 
 
 def plot_arch_l0(rows: list[dict], path: str) -> None:
@@ -286,14 +289,8 @@ def plot_arch_l0(rows: list[dict], path: str) -> None:
         ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts],
                     yerr=[p[1]["std"] for p in pts], fmt="o", capsize=4, label=f"L0 = {t}")
     ax.set_xticks(range(len(archs)), archs)
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend()
-  fig.suptitle("Architectures at equal sparsity")
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+    _fraction_axis(ax, ylabel)
+  _save(fig, path, "Architectures at equal sparsity")
 
 
 def plot_nested(overall: list[dict], groups: dict[str, list[dict]], path: str) -> None:
@@ -303,9 +300,7 @@ def plot_nested(overall: list[dict], groups: dict[str, list[dict]], path: str) -
   ax.errorbar(range(len(overall)), [r["both_above"]["mean"] for r in overall],
               yerr=[r["both_above"]["std"] for r in overall], fmt="o", capsize=4)
   ax.set_xticks(range(len(overall)), [r["arch"] for r in overall])
-  ax.set_ylabel("fraction shared (both_above, 0.7)")
-  ax.set_ylim(0, 1)
-  ax.grid(alpha=0.3, axis="y")
+  _fraction_axis(ax, "fraction shared (both_above, 0.7)", legend=False)
   ax.set_title("Overall, equal width and L0")
   ax = axes[1]
   for name, rows in groups.items():
@@ -314,11 +309,6 @@ def plot_nested(overall: list[dict], groups: dict[str, list[dict]], path: str) -
   first = next(iter(groups.values()))
   ax.set_xticks(range(len(first)), [f"{r['lo']}-{r['hi']}" for r in first], fontsize=8)
   ax.set_xlabel("latents (Matryoshka: nesting group; flat SAEs: frequency rank)")
-  ax.set_ylabel("fraction shared (both_above, 0.7)")
-  ax.set_ylim(0, 1)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  _fraction_axis(ax, "fraction shared (both_above, 0.7)")
   ax.set_title("Per group")
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  _save(fig, path)
