@@ -131,6 +131,10 @@ def run(cfg: DemoConfig) -> dict:
         f"(threshold {cfg.threshold}): {summary['fraction_shared_mean']:.3f} "
         f"+- {summary['fraction_shared_std']:.3f} (both bijections agree)")
   print("  other rules: " + ", ".join(f"{r} {v['mean']:.3f}" for r, v in rules.items()))
+  if "decoder_mcc_mean" in summary:  # a match reused from before PW-MCC has none
+    print(f"  mean matched cosine (PW-MCC, no threshold): decoder "
+          f"{summary['decoder_mcc_mean']:.3f} +- {summary['decoder_mcc_std']:.3f}, encoder "
+          f"{summary['encoder_mcc_mean']:.3f} +- {summary['encoder_mcc_std']:.3f}")
   print(f"  report: {os.path.abspath(os.path.join(report_dir, 'report.html'))}")
   print(f"  ({time.time() - t0:.0f} s)")
   return summary

@@ -41,6 +41,8 @@ def test_demo_end_to_end_then_reuses_every_stage(tiny_model_dir, text_dir, tmp_p
   assert 0.0 <= summary["fraction_shared_mean"] <= 1.0
   assert len(summary["pairs"]) == 3
   assert {p["n_latents"] for p in summary["pairs"]} == {64}
+  mcc = re.search(r"PW-MCC, no threshold\): decoder ([0-9.]+)", out)
+  assert mcc and float(mcc[1]) == pytest.approx(summary["decoder_mcc_mean"], abs=5e-4)
   report_path = re.search(r"report: (\S+report\.html)", out)[1]
   html = open(report_path).read()
   assert f"{summary['fraction_shared_mean']:.3f}" in html
