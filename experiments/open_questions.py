@@ -263,13 +263,15 @@ def plot_kinds(kinds: dict, path: str) -> None:
   plt = _plt()
   order = ["init", "data", "both"]
   labels = {"init": "initialisation\nonly", "data": "data order\nonly", "both": "both"}
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=120)
   for ax, key, ylabel in ((axes[0], "both_above", "fraction shared (both_above, 0.7)"),
-                          (axes[1], "decoder_mcc", "mean matched decoder cosine (PW-MCC)")):
+                          (axes[1], "decoder_mcc", "mean matched decoder cosine (PW-MCC)"),
+                          (axes[2], "encoder_mcc", "mean matched encoder cosine")):
     vals = [kinds[k][key] for k in order]
     xs = [i for i, v in enumerate(vals) if v]
     ax.bar(xs, [vals[i]["mean"] for i in xs], yerr=[vals[i]["std"] for i in xs], capsize=4)
     ax.set_xticks(range(3), [f"{labels[k]}\n({kinds[k]['pairs']} pairs)" for k in order])
+    ax.set_xlabel("what differs between the two SAEs")
     _fraction_axis(ax, ylabel, legend=False)
   _save(fig, path, "What makes two seeds differ?")
 
