@@ -7,7 +7,7 @@ Studies (Paulo & Belrose 2025, arXiv 2501.16615):
   size       sharing against the number of latents, at fixed k
   k          sharing against k, at fixed size
   arch       TopK, ReLU+L1, Gated, JumpReLU, BatchTopK (decoder-only rule, as the paper's code)
-  length     sharing against training tokens, from snapshots of one run (--keep_at_tokens)
+  length     sharing against training tokens, a run per length that completes its schedule
   frequency  sharing against firing frequency, from the base run
   threshold  sharing against the cosine threshold (0.5 to 0.9), from the base run
 
