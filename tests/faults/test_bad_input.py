@@ -25,7 +25,7 @@ CASES = [
     ("extract --model={model} --dataset={text} --sites=model.layers.1.mlp:sideways "
      "--out={tmp}/e2", "the suffix must be ':input' or ':output'"),
     ("extract --num_tokens=lots", "flag --num_tokens=lots"),
-    ("extract --dtype=int8 --out={tmp}/e3", "unknown dtype 'int8'"),
+    ("extract --dtype=int4 --out={tmp}/e3", "unknown dtype 'int4'"),
     ("extract --model=/no/such/model --out={tmp}/e4", "--model=/no/such/model: no such file"),
     ("extract --model={model} --dataset={text} --num_tokens=4096 --ctx_len=64 "
      "--shard_tokens=256 --shard_range=5:2 --out={tmp}/e5", "--shard_range=5:2 is outside 0:16"),
@@ -58,7 +58,8 @@ CASES = [
     ("train --store={store} --out={file} --batch_size=128", "File exists"),
     ("train --store={store} --out={tmp}/t14 --num_latents=1", "--num_latents=1 must be at least 2"),
     # match
-    ("match {sae_a} {sae_wide} --out={tmp}/m1", "only SAEs of the same shape can be matched"),
+    # Widths may differ (a rectangular match); inputs of another d_in may not.
+    ("match {sae_a} {sae_other_d} --out={tmp}/m1", r"only SAEs of the same shape of input \(d_in\)"),
     ("match {sae_a} {sae_b} --out={tmp}/m2 --threshold=1.5", "--threshold=1.5 is not a cosine"),
     ("match {sae_a} {sae_b} --out={tmp}/m3 --threshold=-1.01", "--threshold=-1.01 is not a cosine"),
     ("match {sae_a} {sae_b} --out={tmp}/m4 --threshold=nan", "--threshold=nan is not a cosine"),
@@ -106,7 +107,7 @@ def results(tiny_model_dir, text_dir, train_store, tmp_path_factory):
     (tmp / name / "latents.csv").write_text("a,b\n")
   places = dict(model=tiny_model_dir, text=text_dir, store=train_store, tmp=str(tmp),
                 file=str(tmp / "a_file"), sae_a=_sae(tmp / "sae_a", 64),
-                sae_b=_sae(tmp / "sae_b", 64), sae_wide=_sae(tmp / "sae_wide", 128),
+                sae_b=_sae(tmp / "sae_b", 64), sae_other_d=_sae(tmp / "sae_other_d", 64, d=8),
                 sae_bad_json=_sae(tmp / "sae_bad_json", 64, cfg_text='{"k": 4, '),  # cut short
                 # Found by test_match.py's generated cfg.json: an OverflowError, now one line.
                 sae_k_inf=_sae(tmp / "sae_k_inf", 64, cfg_text='{"k": Infinity}'),
