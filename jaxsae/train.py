@@ -48,8 +48,11 @@ DIGEST_KEY = "jaxsae_digest"
 SKIPPED_KEY = "non_finite_skipped"
 # Tokens-since-fired saturates here so the int32 counter can never wrap.
 COUNTER_CAP = 2**30
-# Architectures whose penalties assume inputs scaled to mean norm sqrt(d_in) (see --normalize).
-NORMALIZED_BY_DEFAULT = ("relu_l1", "relu_l1_unitnorm", "gated", "jumprelu")
+# Architectures whose sparsity a penalty coefficient sets (--target_l0 adapts it); TopK's and
+# BatchTopK's L0 is k.
+PENALIZED = ("relu_l1", "relu_l1_unitnorm", "gated", "jumprelu")
+# Those penalties assume inputs scaled to mean norm sqrt(d_in) (see --normalize).
+NORMALIZED_BY_DEFAULT = PENALIZED
 # What the checkpoints hold: the nnx.State of `TrainState`. jaxsae 0.1 wrote no format (a dict).
 STATE_FORMAT = "nnx-1"
 # What makes a run what it is: a rerun into the same --out must agree on these.
@@ -57,9 +60,6 @@ IDENTITY = ("arch", "d_in", "num_latents", "k", "seeds", "batch_size", "data_see
             "normalize", "data_seeds", "target_l0", "matryoshka_widths")
 # What a run.json written before a field existed meant by its absence.
 IDENTITY_DEFAULTS = {"data_seeds": [], "matryoshka_widths": []}
-# Architectures whose sparsity a penalty coefficient sets (--target_l0 adapts it); TopK's and
-# BatchTopK's L0 is k.
-PENALIZED = ("relu_l1", "relu_l1_unitnorm", "gated", "jumprelu")
 
 
 @dataclasses.dataclass(frozen=True)
