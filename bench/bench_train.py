@@ -47,7 +47,7 @@ _SIDES = flags.DEFINE_list("sides", ["jaxsae", "sparsify"], "Which trainers to r
 _OUT = flags.DEFINE_string("out", "", "Also write the results here as JSON.")
 _DENSE = flags.DEFINE_bool("dense_encoder", False, "jaxsae with plain autodiff of the dense "
                            "encoder instead of its fused k-sparse backward (for comparison).")
-_BACKWARD = flags.DEFINE_enum("backward", "auto", ["auto", "dense", "scatter"], "jaxsae's TopK "
+_BACKWARD = flags.DEFINE_enum("backward", "auto", ["auto", "kernel", "dense", "scatter"], "jaxsae's TopK "
                               "kernel backward (jaxsae train --topk_backward): chosen by shape "
                               "(auto), or forced.")
 _PEAK = flags.DEFINE_float("peak_tflops", 989.4, "Device peak dense matrix TFLOP/s at the "
@@ -133,7 +133,7 @@ def run_jaxsae(xs, held, num_seeds: int) -> dict:
   tflops = num_seeds * 2 * _B.value * d_in * n / step_s / 1e12
   return {"tok_s_per_seed": timed / seconds, "fvu": float(np.mean(fvus)),
           "device": str(jax.devices()[0].device_kind), "compute_dtype": spec["compute_dtype"],
-          "backward": "dense" if common.dense_backward(_B.value, n, sae_cfg) else "scatter",
+          "backward": common.topk_path(_B.value, n, sae_cfg),
           "step_s": step_s, "encoder_tflops": tflops, "roofline": tflops / _PEAK.value}
 
 

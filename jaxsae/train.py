@@ -136,11 +136,13 @@ class TrainConfig:
   mesh: str = field("auto", "Device mesh SEEDSxDATA, e.g. 4x2; auto spreads seeds first.")
   seed_loop: str = field("auto", "vmap (all seeds as one batched program) or map (one seed after "
                          "another inside the step); auto: map on a single CPU device, else vmap.")
-  topk_backward: str = field("auto", "TopK's kernel backward: dense (matrix products over "
-                             "[batch, num_latents]) or scatter (scatter-adds of the k rows); "
-                             "auto: dense while batch x num_latents <= 2^22, where it is faster "
-                             "(bench/bench_kernels.py). The same numbers to float tolerance; "
-                             "scatter reproduces jaxsae 0.1's bit for bit.")
+  topk_backward: str = field("auto", "TopK's top-k and sparse backward: kernel (jaxsae's C++ "
+                             "CPU kernels: one CPU device, float32), dense (matrix products over "
+                             "[batch, num_latents]) or scatter (XLA's scatter-adds of the k "
+                             "rows); auto: kernel where it runs, else dense while batch x "
+                             "num_latents <= 2^22, where it is faster (bench/bench_kernels.py). "
+                             "The same numbers to float tolerance; scatter reproduces jaxsae "
+                             "0.1's bit for bit.")
   compute_dtype: str = field("auto", "dtype of the matrix products (float32|bfloat16); "
                              "parameters and optimizer state stay float32. auto: float32 on "
                              "CPU, else bfloat16.")
@@ -202,8 +204,13 @@ def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> dict[str, Any
     dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
   if dtype not in ("float32", "bfloat16"):
     raise JaxsaeError(f"--compute_dtype={cfg.compute_dtype}: use float32, bfloat16 or auto")
-  if cfg.topk_backward not in ("auto", "dense", "scatter"):
-    raise JaxsaeError(f"--topk_backward={cfg.topk_backward}: use auto, dense or scatter")
+  if cfg.topk_backward not in common.BACKWARDS:
+    raise JaxsaeError(f"--topk_backward={cfg.topk_backward}: use auto, kernel, dense or scatter")
+  if cfg.topk_backward == "kernel" and not common.kernels_usable(
+      SaeConfig(compute_dtype=dtype)):
+    raise JaxsaeError("--topk_backward=kernel needs jaxsae's CPU kernels: one CPU device, "
+                      "--compute_dtype=float32 and a C++ compiler (see the warning above, if "
+                      "any); use auto")
   if cfg.seed_loop not in ("auto", "vmap", "map"):
     raise JaxsaeError(f"--seed_loop={cfg.seed_loop}: use auto, vmap or map")
   if cfg.target_l0 is not None:
@@ -485,7 +492,7 @@ def make_step(graphdef: nnx.GraphDef, cfg: TrainConfig, penalty_steps: int, loop
     member_def, members = nnx.split(ts.seeds)
     step = ts.step[...]
     sae = ts.seeds.sae
-    unroll = common.dense_backward(x.shape[-2], sae.num_latents, sae.cfg)
+    unroll = common.topk_path(x.shape[-2], sae.num_latents, sae.cfg) != "scatter"
     if x.ndim == 3:  # per-seed data: the seeds' loop carries each member with its own batch
       fn = lambda mx: one_seed(member_def, mx[0], mx[1], step)
       members, metrics = over_seeds(fn, (members, x), loop, unroll)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from conftest import planted_sparse
 
+from jaxsae import cpu_kernels
 from jaxsae.sae import ARCHITECTURES, SaeConfig, common, io, jumprelu
 
 D_IN, N = 32, 96
@@ -275,10 +276,10 @@ def test_two_stage_top_k_equals_lax_top_k(n, k, group):
 
 
 @pytest.mark.parametrize("seeds", [1, 3])
-def test_topk_dense_and_scatter_backward_are_equal(seeds):
-  """The two backward paths of the TopK kernels (dense products at small shapes, scatter-adds
-  of the k rows at large ones): same loss, same gradients to float tolerance, and the same
-  parameters after a few Adam steps, alone and under the seed vmap."""
+def test_topk_kernel_dense_and_scatter_paths_are_equal(seeds):
+  """The three paths of the TopK kernels (jaxsae's CPU kernels, dense products at small
+  shapes, XLA's scatter-adds of the k rows at large ones): same loss, same gradients to float
+  tolerance, and the same parameters after a few Adam steps, alone and under the seed vmap."""
   x = jax.random.normal(jax.random.key(3), (64, D_IN)) + 0.3
 
   def run(backward):
@@ -297,20 +298,31 @@ def test_topk_dense_and_scatter_backward_are_equal(seeds):
       return optax.apply_updates(s, updates), opt, l, g, out["fired"]
 
     opt = jax.vmap(tx.init)(state)
-    scatters = str(jax.make_jaxpr(step)(state, opt, x)).count("scatter-add")
+    text = str(jax.make_jaxpr(step)(state, opt, x))
     first = None
     for i in range(5):
       state, opt, l, g, fired = step(state, opt, x + 0.1 * i)
       first = first or (l, g, fired)
-    return first, state, scatters
+    return first, state, (text.count("scatter-add"), text.count("ffi_call"))
 
-  assert common.dense_backward(64, N, SaeConfig())  # what "auto" takes at this shape
-  (l_d, g_d, f_d), s_d, scatters_d = run("dense")
-  (l_s, g_s, f_s), s_s, scatters_s = run("scatter")
-  assert scatters_d == 0 < scatters_s  # two different programs
-  np.testing.assert_allclose(l_d, l_s, rtol=1e-6)
-  np.testing.assert_array_equal(f_d, f_s)
-  for a, b in zip(jax.tree.leaves(g_d), jax.tree.leaves(g_s)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
-  for a, b in zip(jax.tree.leaves(s_d), jax.tree.leaves(s_s)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # (scatter-adds, FFI calls): the dense path uses the kernels' top-k only where they run.
+  (l_d, g_d, f_d), s_d, calls_d = run("dense")
+  assert calls_d[0] == 0 and calls_d[1] <= 1
+  for path in ("scatter", "kernel") if cpu_kernels.available() else ("scatter",):
+    (l_o, g_o, f_o), s_o, calls_o = run(path)
+    assert calls_o[0] > 0 if path == "scatter" else (calls_o[0] == 0 and calls_o[1] >= 4)
+    np.testing.assert_allclose(l_o, l_d, rtol=1e-6)
+    np.testing.assert_array_equal(f_o, f_d)
+    for a, b in zip(jax.tree.leaves(g_o), jax.tree.leaves(g_d)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(s_o), jax.tree.leaves(s_d)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_takes_the_kernels_where_they_run_else_chooses_by_shape():
+  # One CPU device, float32, and a compiler to build the kernels: this machine, CI's.
+  assert common.topk_path(64, N, SaeConfig()) == ("kernel" if cpu_kernels.available() else "dense")
+  assert common.topk_path(64, N, SaeConfig(compute_dtype="bfloat16")) == "dense"
+  big = common.DENSE_BACKWARD_MAX // 64 + 1
+  assert common.topk_path(64, big, SaeConfig(compute_dtype="bfloat16")) == "scatter"
+  assert common.topk_path(64, N, SaeConfig(topk_backward="scatter")) == "scatter"

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxsae import cpu_kernels
+
 
 @dataclasses.dataclass(frozen=True)
 class SaeConfig:
@@ -33,8 +35,8 @@ class SaeConfig:
   jumprelu_threshold: float = 1e-3
   threshold_decay: float = 0.99
   compute_dtype: str = "float32"
-  # The TopK kernels' backward: "dense" products or "scatter"-adds of the k rows; "auto" picks
-  # by shape (`dense_backward`). Both give the same numbers to float tolerance.
+  # The TopK kernels' path: jaxsae's CPU "kernel"s, "dense" products or "scatter"-adds of the
+  # k rows; "auto" picks (`topk_path`). All give the same numbers to float tolerance.
   topk_backward: str = "auto"
   # Matryoshka's prefix widths as --matryoshka_widths gives them; () for its default
   # (`matryoshka.prefix_widths`).
@@ -157,19 +159,34 @@ def remove_parallel_grad(grad: jax.Array, w: jax.Array) -> jax.Array:
 
 
 # The k-sparse products' gradients (W_enc's and W_dec's: B * k rows' worth of outer products)
-# are either scatter-adds of those rows or dense [B, n] matrices holding the k values per
-# token, multiplied out. The scatter does B * k * d_in work, the product B * n * d_in, but
-# XLA's CPU scatters write one element at a time, so the product wins while the [B, n]
-# matrices are small (bench/bench_kernels.py measures the crossover; both paths are tested
-# equal). Chosen from the shapes alone, the same way on every platform.
+# are scatter-adds of those rows, dense [B, n] matrices holding the k values per token
+# multiplied out, or, on a CPU, jaxsae's own kernels (cpu_kernels.py). The scatter does
+# B * k * d_in work, the product B * n * d_in, but XLA's CPU scatters write one element at a
+# time, so the product wins while the [B, n] matrices are small (bench/bench_kernels.py
+# measures the crossover; every path is tested equal to the others). The kernels do the
+# scatter's work at memory speed and replace XLA's top-k too; they run wherever they can: XLA's
+# CPU backend on one device, float32.
 DENSE_BACKWARD_MAX = 1 << 22
+BACKWARDS = ("auto", "kernel", "dense", "scatter")
+
+
+def topk_path(batch: int, num_latents: int, cfg: SaeConfig) -> str:
+  """How the TopK kernels select and differentiate at this shape: "kernel", "dense" or
+  "scatter"; `cfg.topk_backward` unless it is "auto"."""
+  if cfg.topk_backward != "auto":
+    return cfg.topk_backward
+  if kernels_usable(cfg):
+    return "kernel"
+  return "dense" if batch * num_latents <= DENSE_BACKWARD_MAX else "scatter"
+
+
+def kernels_usable(cfg: SaeConfig) -> bool:
+  return jnp.dtype(cfg.compute_dtype) == jnp.float32 and cpu_kernels.available()
 
 
 def dense_backward(batch: int, num_latents: int, cfg: SaeConfig) -> bool:
   """Whether the TopK kernels take their dense-product backward at this shape."""
-  if cfg.topk_backward != "auto":
-    return cfg.topk_backward == "dense"
-  return batch * num_latents <= DENSE_BACKWARD_MAX
+  return topk_path(batch, num_latents, cfg) == "dense"
 
 
 def scatter_rows(coef: jax.Array, idx: jax.Array, n: int) -> jax.Array:
@@ -179,18 +196,21 @@ def scatter_rows(coef: jax.Array, idx: jax.Array, n: int) -> jax.Array:
 
 
 def sparse_decode(acts: jax.Array, idx: jax.Array, w_dec: jax.Array, cfg: SaeConfig,
-                  dense: bool = False) -> jax.Array:
+                  path: str = "scatter") -> jax.Array:
   """sum_j acts[b, j] * W_dec[idx[b, j]]: a decode from k rows instead of a mostly-zero matmul.
 
-  `dense=False`: the gather's transpose is a scatter-add, so W_dec's gradient lands on the
-  selected rows only, as with sparsify's embedding-bag decoder. (A sorted segment sum, as the
-  encoder's backward uses, is faster for one seed on an H100 but 2x slower under the seed
-  vmap, where the rows it gathers carry the seed axis: BENCHMARKS.md.) `dense=True`: the same
-  forward as k row gathers XLA fuses into one loop, and the backward as dense products
-  (`_dense_decode`), for shapes where `dense_backward` holds.
+  `path` as `topk_path` names it. "scatter": the gather's transpose is a scatter-add, so
+  W_dec's gradient lands on the selected rows only, as with sparsify's embedding-bag decoder.
+  (A sorted segment sum, as the encoder's backward uses, is faster for one seed on an H100 but
+  2x slower under the seed vmap, where the rows it gathers carry the seed axis:
+  BENCHMARKS.md.) "dense": the same forward as k row gathers XLA fuses into one loop, and the
+  backward as dense products (`_dense_decode`). "kernel": the forward and both gradients as
+  jaxsae's CPU kernels (`_kernel_decode`).
   """
-  if dense:
+  if path == "dense":
     return _dense_decode(acts, idx, w_dec, cfg)
+  if path == "kernel":
+    return _kernel_decode(acts, idx, w_dec)
   dt = jnp.dtype(cfg.compute_dtype)
   rows = w_dec.astype(dt)[idx]  # [B, k, d_in]
   return jnp.einsum("bk,bkd->bd", acts.astype(dt), rows, preferred_element_type=jnp.float32)
@@ -223,6 +243,24 @@ def _dense_decode_bwd(cfg, res, ct):
 _dense_decode.defvjp(_dense_decode_fwd, _dense_decode_bwd)
 
 
+@jax.custom_vjp
+def _kernel_decode(acts: jax.Array, idx: jax.Array, w_dec: jax.Array):
+  return cpu_kernels.gather_sum(acts, idx, w_dec)
+
+
+def _kernel_decode_fwd(acts, idx, w_dec):
+  return _kernel_decode(acts, idx, w_dec), (acts, idx, w_dec)
+
+
+def _kernel_decode_bwd(res, ct):
+  acts, idx, w_dec = res
+  d_w, _ = cpu_kernels.scatter_rows(acts, idx, ct, w_dec.shape[0])
+  return cpu_kernels.gather_dot(ct, idx, w_dec), None, d_w
+
+
+_kernel_decode.defvjp(_kernel_decode_fwd, _kernel_decode_bwd)
+
+
 def sorted_row_sum(coef: jax.Array, idx: jax.Array, rows: jax.Array, n: int) -> jax.Array:
   """out[i] = sum over (b, j) with idx[b, j] == i of coef[b, j] * rows[b]; out is [n, d].
 
@@ -245,8 +283,11 @@ def top_k(x: jax.Array, k: int, group: int = 32) -> tuple[jax.Array, jax.Array]:
   k largest. XLA's top_k costs about k passes over its input on GPUs (H100: 30 ms for
   [16384, 32768], k=32); this costs one max-reduce, a top_k over n / group maxima and one over
   k * group candidates (bench/bench_train.py). Ties may resolve to other indices of equal value.
+  Where jaxsae's CPU kernels run, their top-k instead: lax.top_k's result, 2-5x faster.
   """
   n = x.shape[-1]
+  if x.dtype == jnp.float32 and cpu_kernels.available():
+    return cpu_kernels.top_k(x, k)
   if n <= 4 * k * group:
     return jax.lax.top_k(x, k)
   pad = (-n) % group
@@ -269,8 +310,12 @@ def topk_encoder(x: jax.Array, w_enc: jax.Array, b: jax.Array, cfg: SaeConfig):
   is a segment sum, as in sparsify's fused encoder. Autodiff of the dense form cannot know
   that the cotangent is k-sparse and spends a second (and, for x, a third) full matmul on it.
   """
-  vals, idx = top_k(jax.nn.relu(matmul(x, w_enc, cfg) + b), cfg.k)
-  if dense_backward(x.shape[0], w_enc.shape[1], cfg):
+  pre = jax.nn.relu(matmul(x, w_enc, cfg) + b)
+  path = topk_path(x.shape[0], w_enc.shape[1], cfg)
+  if path == "kernel":
+    return cpu_kernels.top_k(pre, cfg.k)
+  vals, idx = top_k(pre, cfg.k)
+  if path == "dense":
     # The dense decode slices idx by column; without the barrier XLA merges those slices into
     # the sort that top_k lowers to, and a full [B, n] sort runs instead of its TopK kernel
     # (10x slower on CPU).
@@ -287,8 +332,12 @@ def _topk_encoder_bwd(cfg, res, cts):
   x, w_enc, vals, idx = res
   g = jnp.where(vals > 0, cts[0], 0.0)  # ReLU: a selected zero passes no gradient
   n = w_enc.shape[1]
-  dx = sparse_decode(g, idx, w_enc.T, cfg)  # dead code unless someone differentiates x
-  if dense_backward(x.shape[0], n, cfg):
+  path = topk_path(x.shape[0], n, cfg)
+  dx = sparse_decode(g, idx, w_enc.T, cfg, path)  # dead code unless someone differentiates x
+  if path == "kernel":
+    dw_t, db = cpu_kernels.scatter_rows(g, idx, x.astype(jnp.float32), n)
+    return dx.astype(x.dtype), dw_t.T.astype(w_enc.dtype), db.astype(w_enc.dtype)
+  if path == "dense":
     dense = scatter_rows(g, idx, n)  # [B, n]
     dw, db = matmul(x.T, dense, cfg), dense.sum(0)
     return dx.astype(x.dtype), dw.astype(w_enc.dtype), db.astype(w_enc.dtype)

@@ -63,8 +63,10 @@ class TopK(common.SAE):
       # encoder's input a constant, so no gradient ever flows back through the [B, n] product.
       b = self.b_enc[...] - common.matmul(b_dec[None], w_enc, cfg)[0]
       vals, idx = common.topk_encoder(x, w_enc, b, cfg)
-    dense = not cfg.auxk_alpha and common.dense_backward(x.shape[0], w_enc.shape[-1], cfg)
-    x_hat = common.sparse_decode(vals, idx, w_dec, cfg, dense) + b_dec
+    path = common.topk_path(x.shape[0], w_enc.shape[-1], cfg)
+    if cfg.auxk_alpha and path == "dense":
+      path = "scatter"  # the dense decode needs top_k's barrier, which encode_topk has not
+    x_hat = common.sparse_decode(vals, idx, w_dec, cfg, path) + b_dec
     var = common.total_variance(x)
     e = x - x_hat
     fvu = jnp.sum(jnp.square(e)) / var
