@@ -33,11 +33,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsae import files
+from jaxsae import optim
 from jaxsae import store as store_lib
 from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
@@ -303,8 +303,8 @@ def make_optimizer(lr: float, warmup: int, num_steps: int, cfg: TrainConfig):
     decay = (num_steps - count) / max(num_steps - warmup, 1)
     return lr * jnp.clip(jnp.where(count < warmup, warm, decay), 0.0, 1.0)
 
-  clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else optax.identity()
-  return optax.chain(clip, optax.adam(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2)), schedule
+  return optim.adam(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2,
+                    max_grad_norm=cfg.max_grad_norm), schedule
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,18 +360,29 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh):
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def seed_loop(cfg: TrainConfig) -> str:
+# The architectures that select latents by top-k (and so gather and scatter k rows a token).
+SELECTS_TOP_K = ("topk", "batchtopk", "matryoshka")
+
+
+def seed_loop(cfg: TrainConfig, compute_dtype: str = "float32") -> str:
   """How the step runs the seeds: "vmap" (one batched program), or "map" (one after another).
 
-  The same numbers either way. On a lone CPU device the k-sparse gathers and scatter-adds are
-  slower batched over seeds than run in turn (bench/bench_seed_loop.py: 4 seeds' gradients
-  2.0 s under vmap, 1.25 s as a map), and so is the dense backward at small shapes (4 seeds
-  at the demo's shape: 90 ms a step under vmap, 64 ms in turn); a CPU gains nothing from
-  batching them. Elsewhere, and whenever the seeds are spread over devices, vmap.
+  The same numbers either way, to float rounding. On a lone CPU device XLA's k-sparse gathers
+  and scatter-adds, and its top-k, are slower batched over seeds than run in turn
+  (bench/bench_seed_loop.py: 4 seeds' gradients 2.0 s under vmap, 1.25 s as a map; 4 seeds at
+  the demo's shape, dense backward: 81-87 ms a step under vmap, 62-65 ms unrolled; BatchTopK
+  200 and 139 ms), so there the seeds run in turn. jaxsae's CPU kernels take the seed axis as
+  one more batch dimension and gain from the batch (the demo's shape: 28 ms under vmap, 53 ms
+  unrolled; BatchTopK 49-56 and 67-70 ms), and so does every architecture without a top-k
+  (ReLU+L1: 42 and 56-65 ms). Elsewhere, and whenever the seeds are spread over devices, vmap.
   """
   if cfg.seed_loop != "auto":
     return cfg.seed_loop
-  return "map" if jax.default_backend() == "cpu" and jax.device_count() == 1 else "vmap"
+  if jax.default_backend() != "cpu" or jax.device_count() > 1:
+    return "vmap"
+  on_kernels = (common.kernels_usable(SaeConfig(compute_dtype=compute_dtype))
+                and cfg.topk_backward in ("auto", "kernel"))
+  return "map" if cfg.arch in SELECTS_TOP_K and not on_kernels else "vmap"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +400,8 @@ class L0Target(NamedTuple):
 
 def update(m: Member, x: jax.Array, step: jax.Array, cfg: TrainConfig, penalty_steps: int,
            l0_target: L0Target | None = None) -> dict[str, jax.Array]:
-  """One seed's training step on batch x, in place on `m`; returns its metrics."""
+  """One seed's training step on batch x, in place on `m`; returns its metrics. The optimizer
+  leaves its moments as they were where the loss is not finite (`make_step` restores the rest)."""
   sae = m.sae
   dead = m.since_fired[...] > cfg.dead_tokens
   penalty_scale = jnp.minimum(step / max(penalty_steps, 1), 1.0)
@@ -399,7 +411,8 @@ def update(m: Member, x: jax.Array, step: jax.Array, cfg: TrainConfig, penalty_s
       lambda s: s.loss(x, dead, penalty_scale), has_aux=True)(sae)
   if sae.unit_norm_decoder:
     grads["W_dec"][...] = common.remove_parallel_grad(grads["W_dec"][...], sae.W_dec[...])
-  m.opt.update(sae, grads)  # clip + Adam: this seed's alone
+  ok = jnp.isfinite(loss) & (m.bad_step[...] < 0)
+  m.opt.update(sae, grads, ok=ok)  # clip + Adam: this seed's alone
   if sae.unit_norm_decoder:
     sae.W_dec[...] = common.unit_norm_rows(sae.W_dec[...])
   sae.after_step(out)
@@ -473,15 +486,19 @@ def make_step(graphdef: nnx.GraphDef, cfg: TrainConfig, penalty_steps: int, loop
   """(state, x) -> (state, per-seed metrics): every seed's update, on the shared batch x
   [B, d_in], or with per-seed data (--data_seeds) each on its own x[i] of x [S, B, d_in]."""
 
+  # What the optimizer guards itself (optim.adam): its moments.
+  self_guarded = nnx.OptVariable
+
   def one_seed(member_def, member_state, x, step):
     m = nnx.merge(member_def, member_state)
-    before = jax.tree.leaves(member_state)  # arrays are immutable: these stay the old values
+    rest = nnx.Not(self_guarded)
+    before = jax.tree.leaves(nnx.state(m, rest))  # arrays are immutable: these stay the old values
     bad = m.bad_step[...]
     metrics = update(m, x, step, cfg, penalty_steps, l0_target)
     # A non-finite loss freezes the seed where it was, so no NaN can reach a checkpoint; the
     # loop sees bad_step and stops the run.
     ok = jnp.isfinite(metrics["loss"]) & (bad < 0)
-    after, treedef = jax.tree.flatten(nnx.state(m))
+    after, treedef = jax.tree.flatten(nnx.state(m, rest))
     nnx.update(m, treedef.unflatten([jnp.where(ok, a, b) for a, b in zip(after, before)]))
     m.bad_step[...] = jnp.where((bad < 0) & ~ok, step, bad)
     metrics["dead"] = jnp.mean(m.since_fired[...] > cfg.dead_tokens)
@@ -838,7 +855,7 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
   seeds, d_in, n, num_steps = spec["seeds"], store.d_in, spec["num_latents"], spec["num_steps"]
   input_scale = store.normalizer(store.sites[site_index]) if spec["normalize"] else 1.0
   mesh = make_mesh(cfg.mesh, len(seeds), cfg.batch_size)
-  loop = seed_loop(cfg)
+  loop = seed_loop(cfg, spec["compute_dtype"])
   if loop == "map" and mesh.size > 1:
     raise JaxsaeError(f"--seed_loop=map runs the seeds one after another on one device, but the "
                       f"mesh has {mesh.size}: it would gather every seed's state; use "
