@@ -94,7 +94,8 @@ def run_jaxsae(xs, held, num_seeds: int) -> dict:
         jax.nn.relu(common.matmul(x, w, c) + b), c.k)
   steps = len(xs)
   d_in, n = xs.shape[-1], _N.value
-  cfg = train.TrainConfig(arch="topk", num_latents=n, k=_K.value, batch_size=_B.value)
+  cfg = train.TrainConfig(arch="topk", num_latents=n, k=_K.value, batch_size=_B.value,
+                          topk_backward=_BACKWARD.value)
   spec = train.resolve(cfg, d_in, steps * _B.value)
   sae_cfg = SaeConfig(k=_K.value, compute_dtype=spec["compute_dtype"],
                       topk_backward=_BACKWARD.value)
@@ -105,7 +106,7 @@ def run_jaxsae(xs, held, num_seeds: int) -> dict:
   graphdef, abstract = nnx.split(nnx.eval_shape(make_state))
   shardings = train.state_shardings(abstract, mesh)
   batch_sharding = NamedSharding(mesh, P("data", None))
-  step = jax.jit(train.make_step(graphdef, cfg, 0, train.seed_loop(cfg)),
+  step = jax.jit(train.make_step(graphdef, cfg, 0, train.seed_loop(cfg, spec["compute_dtype"])),
                  in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, NamedSharding(mesh, P("seed"))), donate_argnums=0)
   state = jax.jit(lambda: nnx.state(make_state()), out_shardings=shardings)()

@@ -18,6 +18,7 @@ from conftest import planted_sparse
 
 from jaxsae import store as store_lib
 from jaxsae import store_writer
+from jaxsae import cpu_kernels
 from jaxsae import train
 from jaxsae.errors import JaxsaeError
 from jaxsae.sae import io
@@ -113,7 +114,10 @@ def test_same_flags_same_numbers(store_dir, reference, tmp_path):
 
 @pytest.mark.parametrize("loop", ["vmap", "map"])
 def test_seeds_together_equal_separate_runs(store_dir, reference, tmp_path, loop):
-  assert train.seed_loop(train.TrainConfig()) == "map"  # one CPU device: the default here
+  # One CPU device: the seeds batched where jaxsae's kernels run, else one after another.
+  assert train.seed_loop(train.TrainConfig()) == ("vmap" if cpu_kernels.available() else "map")
+  assert train.seed_loop(train.TrainConfig(topk_backward="scatter")) == "map"
+  assert train.seed_loop(train.TrainConfig(arch="relu_l1", topk_backward="scatter")) == "vmap"
   together = exported(reference)
   if loop == "vmap":
     train.run(config(store_dir, tmp_path / "vmapped", seed_loop="vmap"))

@@ -25,7 +25,7 @@ from jaxsae.sae.common import SaeConfig
 
 def batch_topk(pre: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """(z with all but the batch's k * B largest zeroed, the smallest kept value)."""
-  vals, _ = jax.lax.top_k(pre.reshape(-1), k * pre.shape[0])
+  vals, _ = common.exact_top_k(pre.reshape(-1), k * pre.shape[0])
   cut = vals[-1]
   # Ties at the cut may keep a few extra entries; harmless, and cheaper than a scatter.
   return jnp.where(pre >= cut, pre, 0.0), cut

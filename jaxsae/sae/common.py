@@ -274,6 +274,13 @@ def sorted_row_sum(coef: jax.Array, idx: jax.Array, rows: jax.Array, n: int) -> 
   return jax.ops.segment_sum(updates, flat[order], num_segments=n, indices_are_sorted=True)
 
 
+def exact_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """jax.lax.top_k, from jaxsae's CPU kernel where it runs (the same result, 2-5x faster)."""
+  if x.dtype == jnp.float32 and cpu_kernels.available():
+    return cpu_kernels.top_k(x, k)
+  return jax.lax.top_k(x, k)
+
+
 def top_k(x: jax.Array, k: int, group: int = 32) -> tuple[jax.Array, jax.Array]:
   """Exact top-k along the last axis, as jax.lax.top_k, in two cheap stages.
 
@@ -283,13 +290,11 @@ def top_k(x: jax.Array, k: int, group: int = 32) -> tuple[jax.Array, jax.Array]:
   k largest. XLA's top_k costs about k passes over its input on GPUs (H100: 30 ms for
   [16384, 32768], k=32); this costs one max-reduce, a top_k over n / group maxima and one over
   k * group candidates (bench/bench_train.py). Ties may resolve to other indices of equal value.
-  Where jaxsae's CPU kernels run, their top-k instead: lax.top_k's result, 2-5x faster.
+  Where jaxsae's CPU kernels run, their top-k instead (`exact_top_k`).
   """
   n = x.shape[-1]
-  if x.dtype == jnp.float32 and cpu_kernels.available():
-    return cpu_kernels.top_k(x, k)
-  if n <= 4 * k * group:
-    return jax.lax.top_k(x, k)
+  if n <= 4 * k * group or (x.dtype == jnp.float32 and cpu_kernels.available()):
+    return exact_top_k(x, k)
   pad = (-n) % group
   if pad:
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)

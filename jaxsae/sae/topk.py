@@ -29,7 +29,7 @@ def auxk_loss(w_dec: jax.Array, pre: jax.Array, e: jax.Array, var: jax.Array,
   num_dead = jnp.sum(dead_mask)
   # Few dead latents: scale the loss down rather than let them reconstruct everything.
   scale = jnp.minimum(num_dead / k_aux, 1.0)
-  vals, idx = jax.lax.top_k(jnp.where(dead_mask, pre, -1.0), k_aux)
+  vals, idx = common.exact_top_k(jnp.where(dead_mask, pre, -1.0), k_aux)
   vals = jnp.where(dead_mask[idx], vals, 0.0)  # fewer dead than k_aux: the rest contribute 0
   e_hat = common.sparse_decode(vals, idx, w_dec, cfg)
   return scale * jnp.sum(jnp.square(e_hat - jax.lax.stop_gradient(e))) / var
