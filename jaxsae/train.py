@@ -815,8 +815,8 @@ class Hook:
 class Throughput:
   """Tokens per second since this process's first step (its compilation is not throughput)."""
 
-  def __init__(self, batch_size: int, num_seeds: int):
-    self.batch_size, self.num_seeds = batch_size, num_seeds
+  def __init__(self, batch_size: int, num_seeds: int, num_streams: int = 1):
+    self.batch_size, self.num_seeds, self.num_streams = batch_size, num_seeds, num_streams
     self.t0, self.first = 0.0, None
 
   def tick(self, tick: Tick) -> None:
@@ -825,9 +825,11 @@ class Throughput:
       self.t0, self.first = time.perf_counter(), tick.step
 
   def rates(self, step: int) -> dict[str, float]:
-    """Per seed: tokens of the shared stream each seed trains on; all seeds: S times that."""
+    """Per seed: tokens each seed trains on; stream: tokens read from the store (one shared
+    stream, or with --data_seeds one per distinct data order); all seeds: S times per seed."""
     per_seed = self.batch_size * (step - self.first) / max(time.perf_counter() - self.t0, 1e-9)
-    return {"tokens_per_s_per_seed": per_seed, "tokens_per_s_all_seeds": per_seed * self.num_seeds}
+    return {"tokens_per_s_per_seed": per_seed, "tokens_per_s_stream": per_seed * self.num_streams,
+            "tokens_per_s_all_seeds": per_seed * self.num_seeds}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -909,7 +911,7 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
     from tqdm import tqdm
     bar = tqdm(total=num_steps, initial=start, unit="step", dynamic_ncols=True,
                desc=f"train {cfg.arch} x{len(seeds)}")
-  clock = Throughput(cfg.batch_size, len(seeds))
+  clock = Throughput(cfg.batch_size, len(seeds), len(set(data_seeds)) if data_seeds else 1)
 
   def log(t: Tick) -> None:
     m = to_host(t.metrics)
@@ -920,8 +922,8 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
                   "seeds": seeds, **({"data_seeds": data_seeds} if data_seeds else {}),
                   **{k: v.tolist() for k, v in m.items()}})
     if bar is not None:
-      bar.set_postfix({"tok/s per seed": f"{rates['tokens_per_s_per_seed']:,.0f}",
-                       "all seeds": f"{rates['tokens_per_s_all_seeds']:,.0f}",
+      bar.set_postfix({"stream tok/s": f"{rates['tokens_per_s_stream']:,.0f}",
+                       "per seed": f"{rates['tokens_per_s_per_seed']:,.0f}",
                        "fvu": f"{m['fvu'].mean():.4f}", "l0": f"{m['l0'].mean():.1f}"},
                       refresh=False)
 

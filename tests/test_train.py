@@ -89,8 +89,8 @@ def test_run_writes_metrics_checkpoints_and_exports(reference):
   assert lines[-1]["l0"] == [4.0, 4.0]
   assert all(f < 0.7 * f0 for f, f0 in zip(lines[-1]["fvu"], lines[0]["fvu"]))
   assert lines[-1]["tokens_per_seed"] == 40 * 128
-  rates = lines[-1]["tokens_per_s_per_seed"], lines[-1]["tokens_per_s_all_seeds"]
-  assert rates[0] > 0 and rates[1] == pytest.approx(2 * rates[0])
+  rates = [lines[-1][f"tokens_per_s_{of}"] for of in ("per_seed", "stream", "all_seeds")]
+  assert rates[0] > 0 and rates[1] == rates[0] and rates[2] == pytest.approx(2 * rates[0])
   assert sorted(os.listdir(reference / "checkpoints")) == ["20", "30", "40"]  # keep the last 3
   (events,) = os.listdir(reference / "tensorboard")
   tags = {v.tag for e in _tensorboard_events(reference / "tensorboard" / events)

@@ -75,6 +75,8 @@ def test_each_member_trains_as_a_lone_run_on_its_data_seed(store_dir, tmp_path, 
   with open(out / "metrics.jsonl") as f:
     line = json.loads(f.readlines()[-1])
   assert line["seeds"] == [0, 0] and line["data_seeds"] == [0, 1]
+  # Two data orders: the store is read twice as fast as each seed trains.
+  assert line["tokens_per_s_stream"] == pytest.approx(2 * line["tokens_per_s_per_seed"])
   # match finds the members in order.
   assert [os.path.basename(p) for p in saes.discover([str(out)])] == ["seed0_data0",
                                                                       "seed0_data1"]
