@@ -10,8 +10,12 @@ warmup then decay, b_dec at the first batch's mean, unit-norm decoder rows with 
 gradient removed) on the identical in-memory batches, so neither pays for data loading. sparsify
 is driven the way its trainer drives it: one `SparseCoder` per seed (fused encoder, embedding-bag
 decoder, bf16 autocast on CUDA), one after the other. jaxsae runs all seeds in one jitted step
-(`vmap` over the seed axis; on a lone CPU device the seeds in turn inside it). Reported: tokens/s
-per seed (after warm-up and compilation), and FVU on a held-out batch after the same tokens.
+(`vmap` over the seed axis, or the seeds in turn inside it where `train.seed_loop` says).
+Reported: tokens/s per seed (after warm-up and compilation), and FVU on a held-out batch after
+the same tokens.
+Beside jaxsae's step, its floor on the same device (`measure_floor`: the dense encoder product
+plus one read-and-write pass over the parameters and Adam's moments, each timed alone) and the
+step's ratio to it (`jaxsae_over_floor`).
 
 SAELens (--sides=saelens, S=1 only: its trainer holds one SAE) trains its own `TopKTrainingSAE`
 through its own `SAETrainer.step` (the forward pass, its loss, backward, grad-norm clip at 1,
@@ -26,6 +30,7 @@ directions, each token a sparse positive mix of them plus noise (--d_in wide).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import time
@@ -132,10 +137,55 @@ def run_jaxsae(xs, held, num_seeds: int) -> dict:
   # The encoder product every step must do, for every seed: [B, d_in] @ [d_in, n]. With the
   # k-sparse backward there is no other dense product of that size.
   tflops = num_seeds * 2 * _B.value * d_in * n / step_s / 1e12
+  floor = measure_floor(num_seeds, d_in, n, spec["compute_dtype"])
   return {"tok_s_per_seed": timed / seconds, "fvu": float(np.mean(fvus)),
           "device": str(jax.devices()[0].device_kind), "compute_dtype": spec["compute_dtype"],
           "backward": common.topk_path(_B.value, n, sae_cfg),
-          "step_s": step_s, "encoder_tflops": tflops, "roofline": tflops / _PEAK.value}
+          "step_s": step_s, "encoder_tflops": tflops, "roofline": tflops / _PEAK.value,
+          **floor, "over_floor": step_s / floor["floor_s"]}
+
+
+def measure_floor(num_seeds: int, d_in: int, n: int, compute_dtype: str, calls: int = 5) -> dict:
+  """The step's own floor on this device, measured rather than taken from a datasheet: the one
+  dense product every step must do, [B, d_in] @ [d_in, n] for every seed in the compute dtype,
+  plus one pass that reads the gradient and reads and writes the parameters and Adam's two
+  moments (the optimizer at memory speed). Everything else the step does (top-k, the k-sparse
+  decode and gradients, the loss) is what the step spends above it."""
+  import jax
+  import jax.numpy as jnp
+
+  dt = jnp.dtype(compute_dtype)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(_B.value, d_in)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(num_seeds, d_in, n)) / d_in**0.5, jnp.float32)
+  product = jax.jit(lambda x, w: jnp.einsum("bd,sdn->sbn", x.astype(dt), w.astype(dt),
+                                            preferred_element_type=jnp.float32))
+  size = num_seeds * (2 * d_in * n + n + d_in)  # W_enc, W_dec, b_enc, b_dec
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+  def adam_pass(p, m, v, g):
+    m = 0.9 * m + 0.1 * g
+    v = 0.999 * v + 0.001 * g * g
+    return p - 1e-3 * m / (jnp.sqrt(v) + 1e-8), m, v
+
+  state = [jnp.full(size, 0.5, jnp.float32) for _ in range(3)]
+  grad = jnp.full(size, 1e-3, jnp.float32)
+
+  def best(fn):
+    times = []
+    for _ in range(calls + 2):
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      times.append(time.perf_counter() - t)
+    return float(np.median(times[2:]))
+
+  def one_pass():
+    state[:] = adam_pass(*state, grad)
+    return state
+
+  product_s = best(lambda: product(x, w))
+  state_s = best(one_pass)
+  return {"floor_s": product_s + state_s, "floor_product_s": product_s, "floor_state_s": state_s}
 
 
 def run_sparsify(xs, held, num_seeds: int) -> dict:

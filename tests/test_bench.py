@@ -28,6 +28,9 @@ def test_bench_train_smoke(tmp_path):
   for r in rows:
     assert r["jaxsae_tok_s_per_seed"] > 0 and r["sparsify_tok_s_per_seed"] > 0
     assert 0 < r["jaxsae_fvu"] < 1.5 and 0 < r["sparsify_fvu"] < 1.5
+    # The floor is its two parts, each timed alone; the row gives the step over it.
+    assert 0 < r["jaxsae_floor_s"] == r["jaxsae_floor_product_s"] + r["jaxsae_floor_state_s"]
+    assert r["jaxsae_over_floor"] == r["jaxsae_step_s"] / r["jaxsae_floor_s"]
 
 
 def test_bench_train_saelens_smoke(tmp_path):
