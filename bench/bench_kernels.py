@@ -1,13 +1,15 @@
-"""Where the TopK kernels' dense-product backward beats the scatter-add one (common.py).
+"""The TopK step's three paths against each other (common.topk_path), shape by shape.
 
   python bench/bench_kernels.py --d_in=576 --k=32 --shapes=256x1024,1024x2048,4096x4096
 
 For each batch x latents shape, one seed's whole training step (`train.make_step`: loss,
-gradient, clip, Adam) with `SaeConfig.topk_backward` forcing each path, timed interleaved in
-one process (dense, scatter, dense, ...; --rounds of --steps steps each), so that a busy
-machine slows both alike. Prints one JSON row per shape: median ms per step of each path and
-their ratio; `common.DENSE_BACKWARD_MAX` should sit between the last shape where dense wins and
-the first where it loses.
+gradient, clip, Adam) with `SaeConfig.topk_backward` forcing each path (jaxsae's CPU kernels,
+dense products, XLA's scatter-adds), timed interleaved in one process (kernel, dense, scatter,
+kernel, ...; --rounds of --steps steps each), so that a busy machine slows all alike. Prints
+one JSON row per shape: median ms per step of each path and each over the first.
+`common.DENSE_BACKWARD_MAX` should sit between the last shape where dense beats scatter and
+the first where it loses. Where the kernels run, the dense and scatter paths select with the
+kernels' top-k too; JAXSAE_CPU_KERNELS=0 times XLA's own (and leaves out the kernel path).
 """
 
 from __future__ import annotations
@@ -25,20 +27,22 @@ _SHAPES = flags.DEFINE_list("shapes", ["256x1024", "512x2048", "1024x4096", "409
                             "BATCHxLATENTS shapes to time.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds per path.")
+_PATHS = flags.DEFINE_list("paths", ["kernel", "dense", "scatter"], "Paths to time (--topk_"
+                           "backward values); kernel is skipped where the kernels do not run.")
 
 
-def step_fn(batch: int, n: int, dense: bool):
-  """(step, state, batches) of one TopK seed with the backward forced to `dense` or not."""
+def step_fn(batch: int, n: int, path: str):
+  """(step, state, batches) of one TopK seed with its path forced."""
   import jax
   from flax import nnx
   from jaxsae import train
   from jaxsae.sae import ARCHITECTURES, SaeConfig
-  cfg = train.TrainConfig(num_latents=n, k=_K.value, batch_size=batch)
+  cfg = train.TrainConfig(num_latents=n, k=_K.value, batch_size=batch, topk_backward=path)
   tx, _ = train.make_optimizer(1e-3, 10, 1000, cfg)
   make = lambda: train.TrainState(ARCHITECTURES["topk"], (0,), _D_IN.value, n,
-                                  SaeConfig(k=_K.value, topk_backward="dense" if dense else "scatter"), tx)
+                                  SaeConfig(k=_K.value, topk_backward=path), tx)
   graphdef, _ = nnx.split(nnx.eval_shape(make))
-  step = jax.jit(train.make_step(graphdef, cfg, 0, "map"), donate_argnums=0)
+  step = jax.jit(train.make_step(graphdef, cfg, 0, train.seed_loop(cfg)), donate_argnums=0)
   state = jax.jit(lambda: nnx.state(make()))()
   xs = np.random.default_rng(0).normal(size=(_STEPS.value, batch, _D_IN.value))
   xs = [jax.device_put(x.astype(np.float32)) for x in xs]
@@ -49,9 +53,11 @@ def step_fn(batch: int, n: int, dense: bool):
 
 def main(_):
   import jax
+  from jaxsae import cpu_kernels
+  paths = [p for p in _PATHS.value if p != "kernel" or cpu_kernels.available()]
   for shape in _SHAPES.value:
     batch, n = map(int, shape.lower().split("x"))
-    sides = {"dense": list(step_fn(batch, n, True)), "scatter": list(step_fn(batch, n, False))}
+    sides = {path: list(step_fn(batch, n, path)) for path in paths}
     times = {name: [] for name in sides}
     for _ in range(_ROUNDS.value):
       for name, side in sides.items():
@@ -63,9 +69,10 @@ def main(_):
         times[name].append((time.perf_counter() - t) / len(xs) * 1e3)
         side[1] = state
     med = {name: float(np.median(t)) for name, t in times.items()}
+    first = paths[0]
     print(json.dumps({"batch": batch, "num_latents": n, "batch_x_latents": batch * n,
-                      "dense_ms": round(med["dense"], 2), "scatter_ms": round(med["scatter"], 2),
-                      "scatter_over_dense": round(med["scatter"] / med["dense"], 3)}),
+                      **{f"{p}_ms": round(med[p], 2) for p in paths},
+                      **{f"{p}_over_{first}": round(med[p] / med[first], 3) for p in paths[1:]}}),
           flush=True)
 
 

@@ -4,7 +4,8 @@
 
 Each part is jitted alone and timed over 10 calls, the parts interleaved round by round
 (median of --rounds): the whole step (`train.make_step`), loss and gradient, the forward alone,
-the encoder product, the product with XLA's top-k, and clip + Adam (optax) on the parameters.
+the encoder product, the product with XLA's top-k and with the CPU kernels' top-k, and clip +
+Adam on the parameters.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def main(_):
   import optax
   from flax import nnx
   from jaxsae import train
-  from jaxsae.sae import ARCHITECTURES, SaeConfig
+  from jaxsae.sae import ARCHITECTURES, SaeConfig, common
 
   b, n, d, k = _B.value, _N.value, _D_IN.value, _K.value
   cfg = train.TrainConfig(num_latents=n, k=k, batch_size=b)
@@ -50,11 +51,14 @@ def main(_):
     return optax.apply_updates(p, updates), o
 
   parts = {
-      "step": (jax.jit(train.make_step(graphdef, cfg, 0, "map")), (state, x)),
+      "step": (jax.jit(train.make_step(graphdef, cfg, 0, train.seed_loop(cfg))), (state, x)),
       "loss_and_grad": (jax.jit(jax.value_and_grad(loss)), (one, x)),
       "forward": (jax.jit(loss), (one, x)),
       "encoder_product": (jax.jit(lambda x, w: x @ w), (x, w)),
       "product_and_top_k": (jax.jit(lambda x, w: jax.lax.top_k(jax.nn.relu(x @ w), k)), (x, w)),
+      # The kernels' top-k where they run (else XLA's again).
+      "product_and_kernel_top_k": (jax.jit(lambda x, w: common.exact_top_k(
+          jax.nn.relu(x @ w), k)), (x, w)),
       "clip_and_adam": (jax.jit(adam), (params, opt, jax.tree.map(lambda a: a * 1e-3, params))),
   }
   times = {name: [] for name in parts}

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from jaxsae import cpu_kernels
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -68,6 +70,8 @@ def test_bench_kernels_smoke():
              "--steps=2")
   row = json.loads(out.strip().splitlines()[-1])
   assert row["batch_x_latents"] == 64 * 128 and row["dense_ms"] > 0 and row["scatter_ms"] > 0
+  if cpu_kernels.available():
+    assert row["kernel_ms"] > 0 and row["scatter_over_kernel"] > 0
 
 
 def test_bench_step_parts_smoke():
