@@ -158,8 +158,11 @@ def measure_floor(num_seeds: int, d_in: int, n: int, compute_dtype: str, calls: 
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(_B.value, d_in)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(num_seeds, d_in, n)) / d_in**0.5, jnp.float32)
-  product = jax.jit(lambda x, w: jnp.einsum("bd,sdn->sbn", x.astype(dt), w.astype(dt),
-                                            preferred_element_type=jnp.float32))
+  # One 2-D product per seed: on XLA's CPU the same work as one batched einsum ran 1.2-1.4x
+  # slower ([4096, 576] @ [576, 4096], 1 and 4 seeds), and a floor is the fastest form.
+  product = jax.jit(lambda x, w: tuple(
+      jnp.matmul(x.astype(dt), w[s].astype(dt), preferred_element_type=jnp.float32)
+      for s in range(num_seeds)))
   size = num_seeds * (2 * d_in * n + n + d_in)  # W_enc, W_dec, b_enc, b_dec
 
   @functools.partial(jax.jit, donate_argnums=(0, 1, 2))

@@ -74,6 +74,15 @@ def test_bench_kernels_smoke():
     assert row["kernel_ms"] > 0 and row["scatter_over_kernel"] > 0
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels are not built here")
+def test_bench_cpu_kernels_smoke():
+  out = _run("bench_cpu_kernels.py", "--d_in=16", "--k=4", "--shapes=64x128", "--rounds=1",
+             "--calls=1")
+  row = json.loads(out.strip().splitlines()[-1])
+  for name in ("top_k", "gather_sum", "gather_dot", "scatter_rows"):
+    assert row[f"{name}_kernel_ms"] > 0 and row[f"{name}_xla_ms"] > 0
+
+
 def test_bench_step_parts_smoke():
   out = _run("bench_step_parts.py", "--d_in=16", "--k=4", "--batch_size=64",
              "--num_latents=128", "--rounds=1")
