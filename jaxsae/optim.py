@@ -1,11 +1,11 @@
 """The trainer's optimizer: optax's global-norm clip and Adam, with the non-finite guard inside.
 
 A seed whose loss is not finite is frozen where it was (train.make_step). Guarded after the
-fact, with a select between optax's new moments and the old ones, the step kept copies of
-every moment: XLA recomputes a moment inside the parameter's update, which must then read the
-old moment after the moment's own in-place write (4 seeds at 256 x 1,024 on a CPU: 48 ms a
-step, 33 ms with the guard here; BENCHMARKS.md). Here each moment is selected where it is made
-and fenced off, and the parameter update reads the fenced moments, so one pass writes each.
+fact, with a select between optax's new moments and the old ones, the step kept a copy of
+every moment: the select needs the old moment after the update has written the new one over it
+in place (4 seeds at 256 x 1,024 on a CPU: 48 ms a step, 33 ms with the guard here;
+BENCHMARKS.md). Here each moment is selected where it is made, and the update is zero where
+the step is not ok, so nothing needs the old values afterwards.
 
 The state is optax.chain(clip_by_global_norm, adam(schedule))'s, leaf for leaf, so checkpoints
 are unchanged, and so are the numbers: optax's own functions compute every step.
@@ -38,8 +38,6 @@ def adam(schedule: Callable, *, b1: float, b2: float, eps: float = 1e-8,
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     mu = keep(optax.tree.update_moment(grads, adam_state.mu, b1, 1), adam_state.mu)
     nu = keep(optax.tree.update_moment_per_elem_norm(grads, adam_state.nu, b2, 2), adam_state.nu)
-    # The fence: the updates below read these moments, not a recomputation from the old ones.
-    mu, nu = jax.lax.optimization_barrier((mu, nu))
     count = numerics.safe_increment(adam_state.count)
     mu_hat = optax.tree.bias_correction(mu, b1, count)
     nu_hat = optax.tree.bias_correction(nu, b2, count)
