@@ -1,35 +1,79 @@
-"""vmap vs lax.map over the seed axis for the TopK gradient on this CPU (see BENCHMARKS.md).
+"""How the step should run its seeds on this machine: batched (vmap), unrolled in turn, or in
+turn as a lax.map (train.over_seeds), for one architecture and shape.
 
-  python bench/bench_seed_loop.py
+  python bench/bench_seed_loop.py --arch=topk --batch_size=256 --num_latents=1024 --seeds=4
+
+The whole training step (`train.make_step`: loss, gradient, clip, Adam, the guard) on the same
+state and batch under each loop, the loops interleaved round by round; median ms per step.
+`train.seed_loop` encodes what this measured (see BENCHMARKS.md); JAXSAE_CPU_KERNELS=0 times
+XLA's own paths.
 """
+
+from __future__ import annotations
+
+import json
 import time
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
+from absl import app
+from absl import flags
+import numpy as np
 
-from jaxsae.sae import SaeConfig, TopK
+_ARCH = flags.DEFINE_string("arch", "topk", "Architecture (jaxsae train --arch).")
+_B = flags.DEFINE_integer("batch_size", 256, "Tokens per batch.")
+_N = flags.DEFINE_integer("num_latents", 1024, "Latents per SAE.")
+_D_IN = flags.DEFINE_integer("d_in", 576, "Input width.")
+_K = flags.DEFINE_integer("k", 32, "Active latents per token.")
+_SEEDS = flags.DEFINE_integer("seeds", 4, "Seeds in the step.")
+_BACKWARD = flags.DEFINE_string("topk_backward", "auto", "jaxsae train --topk_backward.")
+_LOOPS = flags.DEFINE_list("loops", ["vmap", "unrolled", "lax_map"], "Loops to time.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Steps per round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds.")
 
-B, d, n, k = 4096, 576, 4096, 32
-cfg = SaeConfig(k=k)
+# train.over_seeds's arguments for each loop.
+LOOPS = {"vmap": ("vmap", False), "unrolled": ("map", True), "lax_map": ("map", False)}
 
 
-def timed(name, f, *a, reps=3):
-  f = jax.jit(f)
-  jax.block_until_ready(f(*a))
-  t = time.perf_counter()
-  for _ in range(reps):
-    r = f(*a)
-  jax.block_until_ready(r)
-  print(f"{name:40s} {(time.perf_counter() - t) / reps * 1000:8.1f} ms", flush=True)
+def main(_):
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jaxsae import train
+  from jaxsae.sae import ARCHITECTURES, SaeConfig
+
+  b, n, d = _B.value, _N.value, _D_IN.value
+  cfg = train.TrainConfig(arch=_ARCH.value, num_latents=n, k=_K.value, batch_size=b,
+                          topk_backward=_BACKWARD.value)
+  tx, _ = train.make_optimizer(1e-3, 10, 1000, cfg)
+  make = lambda: train.TrainState(ARCHITECTURES[_ARCH.value], list(range(_SEEDS.value)), d, n,
+                                  SaeConfig(k=_K.value, topk_backward=_BACKWARD.value), tx)
+  graphdef, _ = nnx.split(nnx.eval_shape(make))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(b, d)).astype(np.float32))
+  over_seeds = train.over_seeds
+  steps, states = {}, {}
+  for name in _LOOPS.value:
+    loop, unroll = LOOPS[name]
+    # The step traces train.over_seeds once, here; the loop is fixed from then on.
+    train.over_seeds = lambda fn, members, _loop, _unroll, loop=loop, unroll=unroll: over_seeds(
+        fn, members, loop, unroll)
+    steps[name] = jax.jit(train.make_step(graphdef, cfg, 0, loop), donate_argnums=0)
+    states[name], _ = steps[name](jax.jit(lambda: nnx.state(make()))(), x)
+    jax.block_until_ready(states[name])
+  train.over_seeds = over_seeds
+  times = {name: [] for name in steps}
+  for _ in range(_ROUNDS.value):
+    for name, step in steps.items():
+      state = states[name]
+      t = time.perf_counter()
+      for _ in range(_STEPS.value):
+        state, _ = step(state, x)
+      jax.block_until_ready(state)
+      times[name].append((time.perf_counter() - t) / _STEPS.value * 1e3)
+      states[name] = state
+  chosen = train.seed_loop(cfg, num_seeds=_SEEDS.value)
+  print(json.dumps({"arch": _ARCH.value, "batch_size": b, "num_latents": n, "seeds": _SEEDS.value,
+                    "topk_backward": _BACKWARD.value, "chosen": chosen,
+                    **{f"{name}_ms": round(float(np.median(t)), 2) for name, t in times.items()}}))
 
 
-x = jax.random.normal(jax.random.key(1), (B, d))
-for S in (1, 4):
-  graphdef, states = nnx.split(nnx.vmap(lambda r: TopK(d, n, cfg, rngs=r))(
-      nnx.Rngs(jax.vmap(jax.random.key)(jnp.arange(S)))))
-  loss = lambda s, x: nnx.merge(graphdef, s).loss(x, jnp.zeros(n, bool), 1.0)[0]
-  timed(f"vmap grad S={S}", jax.vmap(jax.grad(loss), in_axes=(0, None)), states, x)
-  timed(f"lax.map grad S={S}", lambda s, x: jax.lax.map(lambda q: jax.grad(loss)(q, x), s),
-        states, x)
-  timed(f"vmap fwd S={S}", jax.vmap(loss, in_axes=(0, None)), states, x)
+if __name__ == "__main__":
+  app.run(main)

@@ -111,7 +111,8 @@ def run_jaxsae(xs, held, num_seeds: int) -> dict:
   graphdef, abstract = nnx.split(nnx.eval_shape(make_state))
   shardings = train.state_shardings(abstract, mesh)
   batch_sharding = NamedSharding(mesh, P("data", None))
-  step = jax.jit(train.make_step(graphdef, cfg, 0, train.seed_loop(cfg, spec["compute_dtype"])),
+  step = jax.jit(train.make_step(graphdef, cfg, 0, train.seed_loop(cfg, spec["compute_dtype"],
+                                                                   num_seeds=num_seeds)),
                  in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, NamedSharding(mesh, P("seed"))), donate_argnums=0)
   state = jax.jit(lambda: nnx.state(make_state()), out_shardings=shardings)()

@@ -362,27 +362,37 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh):
 
 # The architectures that select latents by top-k (and so gather and scatter k rows a token).
 SELECTS_TOP_K = ("topk", "batchtopk", "matryoshka")
+# Above this batch x latents the kernel path's seeds run in turn: batched, the encoder product is
+# one [S]-batched product, which XLA's CPU runs slower than S plain ones, and at these sizes
+# that outweighs what batching saves (bench_seed_loop.py: BENCHMARKS.md).
+KERNEL_VMAP_MAX = 1 << 23
 
 
-def seed_loop(cfg: TrainConfig, compute_dtype: str = "float32") -> str:
+def seed_loop(cfg: TrainConfig, compute_dtype: str = "float32",
+              num_latents: int | None = None, num_seeds: int | None = None) -> str:
   """How the step runs the seeds: "vmap" (one batched program), or "map" (one after another).
 
-  The same numbers either way, to float rounding. On a lone CPU device XLA's k-sparse gathers
-  and scatter-adds, and its top-k, are slower batched over seeds than run in turn
-  (bench/bench_seed_loop.py: 4 seeds' gradients 2.0 s under vmap, 1.25 s as a map; 4 seeds at
-  the demo's shape, dense backward: 81-87 ms a step under vmap, 62-65 ms unrolled; BatchTopK
-  200 and 139 ms), so there the seeds run in turn. jaxsae's CPU kernels take the seed axis as
-  one more batch dimension and gain from the batch (the demo's shape: 28 ms under vmap, 53 ms
-  unrolled; BatchTopK 49-56 and 67-70 ms), and so does every architecture without a top-k
-  (ReLU+L1: 42 and 56-65 ms). Elsewhere, and whenever the seeds are spread over devices, vmap.
+  The same numbers either way, to float rounding. Measured on one CPU device, 4 seeds a step
+  (`python bench/bench_seed_loop.py --arch=A --batch_size=B --num_latents=N`, BENCHMARKS.md):
+  XLA's own k-sparse gathers, scatter-adds and top-k are slower batched than run in turn
+  (TopK at 256 x 1024, dense backward: 81 ms under vmap, 62 ms unrolled; BatchTopK 213 and
+  149 ms), so there the seeds run in turn. jaxsae's CPU kernels take the seed axis as one more
+  batch dimension and gain from the batch (TopK 30 ms under vmap, 55 ms unrolled; 1024 x 4096:
+  275 and 356 ms), up to KERNEL_VMAP_MAX (4096 x 4096: 859 and 808 ms; one seed, which has
+  nothing to run in turn, 196 and 206-210 ms in bench_train.py); so does every architecture
+  without a top-k (ReLU+L1: 44 and 58 ms). Elsewhere, and whenever the seeds are spread over
+  devices, vmap.
   """
   if cfg.seed_loop != "auto":
     return cfg.seed_loop
   if jax.default_backend() != "cpu" or jax.device_count() > 1:
     return "vmap"
+  if cfg.arch not in SELECTS_TOP_K:
+    return "vmap"
   on_kernels = (common.kernels_usable(SaeConfig(compute_dtype=compute_dtype))
                 and cfg.topk_backward in ("auto", "kernel"))
-  return "map" if cfg.arch in SELECTS_TOP_K and not on_kernels else "vmap"
+  size = cfg.batch_size * (num_latents or cfg.num_latents or 0)
+  return "vmap" if on_kernels and (size <= KERNEL_VMAP_MAX or num_seeds == 1) else "map"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -857,7 +867,7 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
   seeds, d_in, n, num_steps = spec["seeds"], store.d_in, spec["num_latents"], spec["num_steps"]
   input_scale = store.normalizer(store.sites[site_index]) if spec["normalize"] else 1.0
   mesh = make_mesh(cfg.mesh, len(seeds), cfg.batch_size)
-  loop = seed_loop(cfg, spec["compute_dtype"])
+  loop = seed_loop(cfg, spec["compute_dtype"], n, len(seeds))
   if loop == "map" and mesh.size > 1:
     raise JaxsaeError(f"--seed_loop=map runs the seeds one after another on one device, but the "
                       f"mesh has {mesh.size}: it would gather every seed's state; use "

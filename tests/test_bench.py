@@ -83,6 +83,14 @@ def test_bench_cpu_kernels_smoke():
     assert row[f"{name}_kernel_ms"] > 0 and row[f"{name}_xla_ms"] > 0
 
 
+def test_bench_seed_loop_smoke():
+  out = _run("bench_seed_loop.py", "--d_in=16", "--k=4", "--batch_size=64", "--num_latents=128",
+             "--seeds=2", "--steps=2", "--rounds=1")
+  row = json.loads(out.strip().splitlines()[-1])
+  assert row["vmap_ms"] > 0 and row["unrolled_ms"] > 0 and row["lax_map_ms"] > 0
+  assert row["chosen"] in ("vmap", "map")
+
+
 def test_bench_step_parts_smoke():
   out = _run("bench_step_parts.py", "--d_in=16", "--k=4", "--batch_size=64",
              "--num_latents=128", "--rounds=1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -115,8 +116,12 @@ def test_same_flags_same_numbers(store_dir, reference, tmp_path):
 @pytest.mark.parametrize("loop", ["vmap", "map"])
 def test_seeds_together_equal_separate_runs(store_dir, reference, tmp_path, loop):
   # One CPU device: the seeds batched where jaxsae's kernels run, else one after another.
-  assert train.seed_loop(train.TrainConfig()) == ("vmap" if cpu_kernels.available() else "map")
-  assert train.seed_loop(train.TrainConfig(topk_backward="scatter")) == "map"
+  small = train.TrainConfig(num_latents=1024, batch_size=256)
+  assert train.seed_loop(small) == ("vmap" if cpu_kernels.available() else "map")
+  large = train.TrainConfig(num_latents=4096, batch_size=4096)
+  assert train.seed_loop(large) == "map"
+  assert train.seed_loop(large, num_seeds=1) == ("vmap" if cpu_kernels.available() else "map")
+  assert train.seed_loop(dataclasses.replace(small, topk_backward="scatter")) == "map"
   assert train.seed_loop(train.TrainConfig(arch="relu_l1", topk_backward="scatter")) == "vmap"
   together = exported(reference)
   if loop == "vmap":
