@@ -167,59 +167,60 @@ ffi::Error CheckIndices(ffi::Buffer<ffi::S32>& idx, int64_t n) {
   return ffi::Error::Success();
 }
 
+// The rows a gather reads, table[idx[r, j]] for token row r (over all problems), and the sizes
+// both gathers need; a table with no leading dimensions is every problem's.
+struct Gathered {
+  Gathered(ffi::Buffer<ffi::S32>& idx, ffi::Buffer<ffi::F32>& table) {
+    auto td = table.dimensions(), id = idx.dimensions();
+    n = td[td.size() - 2], d = td.back(), k = id.back(), batch = id[id.size() - 2];
+    rows = idx.element_count() / std::max<int64_t>(k, 1);
+    shared = static_cast<int64_t>(table.element_count()) == n * d;
+    ix = idx.typed_data(), t = table.typed_data();
+  }
+  const float* Row(int64_t r, int64_t j) const {
+    return t + (shared ? 0 : (r / batch) * n * d) + static_cast<int64_t>(ix[r * k + j]) * d;
+  }
+  int64_t Grain() const { return std::max<int64_t>(1, 8192 / std::max<int64_t>(k * d, 1)); }
+
+  int64_t n, d, k, batch, rows;
+  bool shared;
+  const int32_t* ix;
+  const float* t;
+};
+
 ffi::Error GatherSumImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coef,
                          ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> table,
                          ffi::ResultBuffer<ffi::F32> out) {
-  auto td = table.dimensions();
-  int64_t n = td[td.size() - 2], d = td.back(), k = idx.dimensions().back();
-  int64_t batch = idx.dimensions()[idx.dimensions().size() - 2];
-  int64_t problems = idx.element_count() / std::max<int64_t>(batch * k, 1);
-  bool shared_table = static_cast<int64_t>(table.element_count()) == n * d;
-  if (auto err = CheckIndices(idx, n); err.failure()) return err;
+  Gathered g(idx, table);
+  if (auto err = CheckIndices(idx, g.n); err.failure()) return err;
   const float* c = coef.typed_data();
-  const int32_t* ix = idx.typed_data();
-  const float* t = table.typed_data();
   float* o = out->typed_data();
-  ParallelFor(pool, problems * batch, std::max<int64_t>(1, 8192 / std::max<int64_t>(k * d, 1)),
-              [&](int64_t begin, int64_t end) {
-                for (int64_t r = begin; r < end; ++r) {
-                  const float* tab = t + (shared_table ? 0 : (r / batch) * n * d);
-                  float* acc = o + r * d;
-                  std::fill(acc, acc + d, 0.0f);
-                  for (int64_t j = 0; j < k; ++j) {
-                    float a = c[r * k + j];
-                    const float* row = tab + static_cast<int64_t>(ix[r * k + j]) * d;
-                    for (int64_t e = 0; e < d; ++e) acc[e] += a * row[e];
-                  }
-                }
-              });
+  ParallelFor(pool, g.rows, g.Grain(), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* acc = o + r * g.d;
+      std::fill(acc, acc + g.d, 0.0f);
+      for (int64_t j = 0; j < g.k; ++j) {
+        float a = c[r * g.k + j];
+        const float* row = g.Row(r, j);
+        for (int64_t e = 0; e < g.d; ++e) acc[e] += a * row[e];
+      }
+    }
+  });
   return ffi::Error::Success();
 }
 
 ffi::Error GatherDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> rows,
                          ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> table,
                          ffi::ResultBuffer<ffi::F32> out) {
-  auto td = table.dimensions();
-  int64_t n = td[td.size() - 2], d = td.back(), k = idx.dimensions().back();
-  int64_t batch = idx.dimensions()[idx.dimensions().size() - 2];
-  int64_t problems = idx.element_count() / std::max<int64_t>(batch * k, 1);
-  bool shared_table = static_cast<int64_t>(table.element_count()) == n * d;
-  if (auto err = CheckIndices(idx, n); err.failure()) return err;
+  Gathered g(idx, table);
+  if (auto err = CheckIndices(idx, g.n); err.failure()) return err;
   const float* x = rows.typed_data();
-  const int32_t* ix = idx.typed_data();
-  const float* t = table.typed_data();
   float* o = out->typed_data();
-  ParallelFor(pool, problems * batch, std::max<int64_t>(1, 8192 / std::max<int64_t>(k * d, 1)),
-              [&](int64_t begin, int64_t end) {
-                for (int64_t r = begin; r < end; ++r) {
-                  const float* tab = t + (shared_table ? 0 : (r / batch) * n * d);
-                  const float* xr = x + r * d;
-                  for (int64_t j = 0; j < k; ++j) {
-                    const float* row = tab + static_cast<int64_t>(ix[r * k + j]) * d;
-                    o[r * k + j] = Dot(xr, row, d);
-                  }
-                }
-              });
+  ParallelFor(pool, g.rows, g.Grain(), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t j = 0; j < g.k; ++j) o[r * g.k + j] = Dot(x + r * g.d, g.Row(r, j), g.d);
+    }
+  });
   return ffi::Error::Success();
 }
 
