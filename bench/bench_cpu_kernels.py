@@ -12,11 +12,12 @@ step's paths are bench_kernels.py's.
 from __future__ import annotations
 
 import json
-import time
 
 from absl import app
 from absl import flags
 import numpy as np
+
+import timing
 
 _SHAPES = flags.DEFINE_list("shapes", ["256x1024", "4096x4096"], "BATCHxLATENTS shapes.")
 _D_IN = flags.DEFINE_integer("d_in", 576, "Row width.")
@@ -52,17 +53,7 @@ def main(_):
     for name, (kernel, reference, args) in pairs.items():
       fns[f"{name}_kernel"] = (jax.jit(kernel), args)
       fns[f"{name}_xla"] = (jax.jit(reference), args)
-    times = {name: [] for name in fns}
-    for f, args in fns.values():
-      jax.block_until_ready(f(*args))
-    for _ in range(_ROUNDS.value):
-      for name, (f, args) in fns.items():
-        t = time.perf_counter()
-        for _ in range(_CALLS.value):
-          out = f(*args)
-        jax.block_until_ready(out)
-        times[name].append((time.perf_counter() - t) / _CALLS.value * 1e3)
-    med = {name: float(np.median(t)) for name, t in times.items()}
+    med = timing.interleaved_ms(fns, _ROUNDS.value, _CALLS.value)
     row = {"batch": b, "num_latents": n, "d_in": d, "k": k}
     for name in pairs:
       row.update({f"{name}_kernel_ms": round(med[f"{name}_kernel"], 2),

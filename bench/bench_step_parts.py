@@ -11,11 +11,12 @@ Adam on the parameters.
 from __future__ import annotations
 
 import json
-import time
 
 from absl import app
 from absl import flags
 import numpy as np
+
+import timing
 
 _B = flags.DEFINE_integer("batch_size", 256, "Tokens per batch.")
 _N = flags.DEFINE_integer("num_latents", 1024, "Latents.")
@@ -61,19 +62,9 @@ def main(_):
           jax.nn.relu(x @ w), k)), (x, w)),
       "clip_and_adam": (jax.jit(adam), (params, opt, jax.tree.map(lambda a: a * 1e-3, params))),
   }
-  times = {name: [] for name in parts}
-  for f, args in parts.values():
-    jax.block_until_ready(f(*args))
-  for _ in range(_ROUNDS.value):
-    for name, (f, args) in parts.items():
-      t = time.perf_counter()
-      for _ in range(10):
-        out = f(*args)
-      jax.block_until_ready(out)
-      times[name].append((time.perf_counter() - t) / 10 * 1e3)
+  med = timing.interleaved_ms(parts, _ROUNDS.value, 10)
   print(json.dumps({"batch_size": b, "num_latents": n, "d_in": d, "k": k,
-                    **{f"{name}_ms": round(float(np.median(t)), 2)
-                       for name, t in times.items()}}))
+                    **{f"{name}_ms": round(t, 2) for name, t in med.items()}}))
 
 
 if __name__ == "__main__":

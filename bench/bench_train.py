@@ -175,7 +175,7 @@ def measure_floor(num_seeds: int, d_in: int, n: int, compute_dtype: str, calls: 
   state = [jnp.full(size, 0.5, jnp.float32) for _ in range(3)]
   grad = jnp.full(size, 1e-3, jnp.float32)
 
-  def best(fn):
+  def median_s(fn):
     times = []
     for _ in range(calls + 2):
       t = time.perf_counter()
@@ -187,8 +187,8 @@ def measure_floor(num_seeds: int, d_in: int, n: int, compute_dtype: str, calls: 
     state[:] = adam_pass(*state, grad)
     return state
 
-  product_s = best(lambda: product(x, w))
-  state_s = best(one_pass)
+  product_s = median_s(lambda: product(x, w))
+  state_s = median_s(one_pass)
   return {"floor_s": product_s + state_s, "floor_product_s": product_s, "floor_state_s": state_s}
 
 

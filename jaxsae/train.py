@@ -409,9 +409,10 @@ class L0Target(NamedTuple):
 
 
 def update(m: Member, x: jax.Array, step: jax.Array, cfg: TrainConfig, penalty_steps: int,
-           l0_target: L0Target | None = None) -> dict[str, jax.Array]:
-  """One seed's training step on batch x, in place on `m`; returns its metrics. The optimizer
-  leaves its moments as they were where the loss is not finite (`make_step` restores the rest)."""
+           l0_target: L0Target | None = None) -> tuple[dict[str, jax.Array], jax.Array]:
+  """One seed's training step on batch x, in place on `m`; returns its metrics and whether the
+  step is ok (a finite loss on a seed not yet frozen). The optimizer leaves its moments as they
+  were where it is not (`make_step` restores the rest)."""
   sae = m.sae
   dead = m.since_fired[...] > cfg.dead_tokens
   penalty_scale = jnp.minimum(step / max(penalty_steps, 1), 1.0)
@@ -432,7 +433,7 @@ def update(m: Member, x: jax.Array, step: jax.Array, cfg: TrainConfig, penalty_s
   if l0_target is not None:
     metrics["penalty_mult"] = m.penalty_mult[...]  # the value this step trained at
     adapt_penalty(m, out["l0"], step, l0_target)
-  return metrics
+  return metrics, ok
 
 
 # --target_l0_prop's default: JumpReLU's L0 integrates the coefficient's error (`adapt_penalty`),
@@ -496,18 +497,16 @@ def make_step(graphdef: nnx.GraphDef, cfg: TrainConfig, penalty_steps: int, loop
   """(state, x) -> (state, per-seed metrics): every seed's update, on the shared batch x
   [B, d_in], or with per-seed data (--data_seeds) each on its own x[i] of x [S, B, d_in]."""
 
-  # What the optimizer guards itself (optim.adam): its moments.
-  self_guarded = nnx.OptVariable
+  # All but what the optimizer guards itself (optim.adam): its moments.
+  rest = nnx.Not(nnx.OptVariable)
 
   def one_seed(member_def, member_state, x, step):
     m = nnx.merge(member_def, member_state)
-    rest = nnx.Not(self_guarded)
     before = jax.tree.leaves(nnx.state(m, rest))  # arrays are immutable: these stay the old values
     bad = m.bad_step[...]
-    metrics = update(m, x, step, cfg, penalty_steps, l0_target)
     # A non-finite loss freezes the seed where it was, so no NaN can reach a checkpoint; the
     # loop sees bad_step and stops the run.
-    ok = jnp.isfinite(metrics["loss"]) & (bad < 0)
+    metrics, ok = update(m, x, step, cfg, penalty_steps, l0_target)
     after, treedef = jax.tree.flatten(nnx.state(m, rest))
     nnx.update(m, treedef.unflatten([jnp.where(ok, a, b) for a, b in zip(after, before)]))
     m.bad_step[...] = jnp.where((bad < 0) & ~ok, step, bad)

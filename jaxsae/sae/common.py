@@ -184,11 +184,6 @@ def kernels_usable(cfg: SaeConfig) -> bool:
   return jnp.dtype(cfg.compute_dtype) == jnp.float32 and cpu_kernels.available()
 
 
-def dense_backward(batch: int, num_latents: int, cfg: SaeConfig) -> bool:
-  """Whether the TopK kernels take their dense-product backward at this shape."""
-  return topk_path(batch, num_latents, cfg) == "dense"
-
-
 def scatter_rows(coef: jax.Array, idx: jax.Array, n: int) -> jax.Array:
   """[B, n] holding coef[b, j] at (b, idx[b, j]) and zeros elsewhere (idx distinct per row)."""
   rows = jnp.arange(idx.shape[0])[:, None]
@@ -274,9 +269,13 @@ def sorted_row_sum(coef: jax.Array, idx: jax.Array, rows: jax.Array, n: int) -> 
   return jax.ops.segment_sum(updates, flat[order], num_segments=n, indices_are_sorted=True)
 
 
+def _kernel_top_k_runs(x: jax.Array) -> bool:
+  return x.dtype == jnp.float32 and cpu_kernels.available()
+
+
 def exact_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """jax.lax.top_k, from jaxsae's CPU kernel where it runs (the same result, 2-5x faster)."""
-  if x.dtype == jnp.float32 and cpu_kernels.available():
+  if _kernel_top_k_runs(x):
     return cpu_kernels.top_k(x, k)
   return jax.lax.top_k(x, k)
 
@@ -293,7 +292,7 @@ def top_k(x: jax.Array, k: int, group: int = 32) -> tuple[jax.Array, jax.Array]:
   Where jaxsae's CPU kernels run, their top-k instead (`exact_top_k`).
   """
   n = x.shape[-1]
-  if n <= 4 * k * group or (x.dtype == jnp.float32 and cpu_kernels.available()):
+  if n <= 4 * k * group or _kernel_top_k_runs(x):
     return exact_top_k(x, k)
   pad = (-n) % group
   if pad:
