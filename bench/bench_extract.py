@@ -146,7 +146,7 @@ def compare(model, tok, device):
   ref_norm = np.linalg.norm(ref, axis=-1)
   rows = []
   for v in variants:
-    stored = store.decode(*store.encode(v["acts"], _DTYPE.value))
+    stored = store.dequantize(*store.quantize(v["acts"], _DTYPE.value))
     err = np.linalg.norm(stored - ref, axis=-1) / ref_norm
     ratio = np.median(np.asarray(variants[0]["seconds"]) / np.asarray(v["seconds"]))
     rows.append({"variant": v["name"], "tok_s": wins.size / np.median(v["seconds"]),

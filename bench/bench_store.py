@@ -5,9 +5,9 @@
 
 The first form writes the same rows (read from --source, or heavy-tailed random ones) as a
 store in each --dtypes, then reads each through `Store.batches` (the trainer's path: batch
-order, checksums on first use, decode, finite check) for --rounds interleaved rounds (float32,
+order, checksums on first use, dequantize, finite check) for --rounds interleaved rounds (float32,
 bfloat16, int8, ..., float32, ...), so that a busy machine slows every dtype alike. The
-stores are freshly written, so their files sit in the page cache: this is the decode and copy
+stores are freshly written, so their files sit in the page cache: this is the dequantize and copy
 cost, not a disk's. One JSON row per dtype: bytes per token on disk (codes + scales; token
 ids apart), median rows/s, and the relative L2 error per row against the float32 rows written.
 

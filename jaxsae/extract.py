@@ -63,7 +63,7 @@ class ExtractConfig:
                           "whole windows); special-token positions are then left out of the store.")
   ctx_len: int = field(256, "Window length in tokens.")
   dtype: str = field("bfloat16", "Stored dtype: bfloat16, float16, float32, or 8-bit int8 or "
-                     "float8_e4m3fn (each row with one float32 scale; decoded to float on "
+                     "float8_e4m3fn (each row with one float32 scale; dequantized to float on "
                      "read; docs/sizing.md).")
   out: str = field("out/store", "Store directory (created; a rerun resumes it).")
   batch_size: int = field(8, "Windows per forward pass.")
@@ -455,7 +455,7 @@ def extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, dev
       acts = np.concatenate(acts)  # [windows, ctx_len, n_sites, d_in]
       keep = ~np.isin(ids, excluded).reshape(-1)
       pos = np.nonzero(keep)[0].astype(np.int32)
-      rows = acts.reshape(-1, *acts.shape[2:])[pos]  # float32: write_shard encodes cfg.dtype
+      rows = acts.reshape(-1, *acts.shape[2:])[pos]  # float32: write_shard quantizes to cfg.dtype
       _wait(pending, cfg.out)
       pending = writer.submit(store_writer.write_shard, cfg.out, i, rows, ids, pos)
     _wait(pending, cfg.out)

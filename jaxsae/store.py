@@ -16,7 +16,7 @@ its manifest does: this module reads finished stores (store_writer.py writes the
 
 8-bit stores (int8, float8_e4m3fn) hold each row as codes and one float32 scale s = max |x| of
 that row and site: int8 q = round(x / s * 127), float8 x / s * 448 rounded to e4m3. Every read
-goes through `decode`, so a reader only ever sees float rows.
+goes through `dequantize`, so a reader only ever sees float rows.
 
 The batch stream is a pure function of (data_seed, step): every epoch permutes the shard order,
 groups shards into buffers of `shuffle_shards`, and permutes rows within each buffer. So all SAE
@@ -57,7 +57,7 @@ CODE_MAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
 # and overflow past 65504.
 SCALE_DTYPE = np.dtype("<f4")
 _CODE_MAX_OF = {np_dt: CODE_MAX[name] for name, np_dt in DTYPES.items() if name in CODE_MAX}
-# float8 decodes through a 256-entry table: ml_dtypes' float8 -> float32 cast is an
+# float8 dequantizes through a 256-entry table: ml_dtypes' float8 -> float32 cast is an
 # element-by-element loop, 5.6x slower than the table's np.take ([256, 576] rows: 4.2 ms, 0.75 ms).
 _FLOAT8_TABLE = np.arange(256, dtype=np.uint8).view(DTYPES["float8_e4m3fn"]).astype(np.float32)
 
@@ -84,7 +84,7 @@ def row_scale(dtype: str) -> dict | None:
           "code_of_max": CODE_MAX[dtype]}
 
 
-def encode(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+def quantize(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
   """Rows [..., d_in] as stored in `dtype`: (codes, scales [...] float32, None unless 8-bit)."""
   dt = np_dtype(dtype)
   if dtype not in CODE_MAX:
@@ -98,7 +98,7 @@ def encode(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
     return q.astype(dt), s.astype(SCALE_DTYPE)
 
 
-def decode(codes: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+def dequantize(codes: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
   """Float32 rows of stored `codes` [..., d_in] and their `scales` [...] (None if unscaled).
 
   Every read of a store goes through here, so no reader sees 8-bit codes.
@@ -205,7 +205,7 @@ class Store:
       self._check_spec(m)
     self.sites: list[str] = list(m["sites"])
     self.d_in: int = int(m["d_in"])
-    self.dtype: np.dtype = np_dtype(m["dtype"])  # as stored; reads are float (see `decode`)
+    self.dtype: np.dtype = np_dtype(m["dtype"])  # as stored; reads are float (see `dequantize`)
     self.scaled: bool = m["dtype"] in CODE_MAX
     self.shards: list[dict] = list(m["shards"])
     if expect_d_in is not None and expect_d_in != self.d_in:
@@ -319,14 +319,14 @@ class Store:
 
   def shard(self, i: int) -> np.ndarray:
     """Shard `i` as rows [rows, n_sites, d_in]: the memory map itself for float dtypes (no
-    copy), decoded to float32 for 8-bit ones."""
+    copy), dequantized to float32 for 8-bit ones."""
     codes, scales = self.stored(i)
-    return codes if scales is None else decode(codes, scales)
+    return codes if scales is None else dequantize(codes, scales)
 
-  def _decoded(self, i: int, local: np.ndarray, j: int) -> np.ndarray:
+  def _dequantized(self, i: int, local: np.ndarray, j: int) -> np.ndarray:
     """Rows `local` (sorted) of shard `i`, site `j`, as float32 [len(local), d_in]."""
     codes, scales = self.stored(i)
-    return decode(codes[local, j], None if scales is None else scales[local, j])
+    return dequantize(codes[local, j], None if scales is None else scales[local, j])
 
   def site_index(self, site: str | None) -> int:
     if site is None:
@@ -346,7 +346,7 @@ class Store:
       sel = np.nonzero(shard_of == i)[0]
       local = indices[sel] - self.offsets[i]
       order = np.argsort(local)  # sorted reads are far kinder to a memory map
-      out[sel[order]] = self._decoded(int(i), local[order], j)
+      out[sel[order]] = self._dequantized(int(i), local[order], j)
     return out
 
   def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -487,11 +487,38 @@ def _rows_of(index: slice, n: int, shift: int = 0) -> slice:
   return slice(start + shift, stop + shift)
 
 
-def addressable_rows(sharding: Any, shape: tuple[int, int]) -> tuple[int, int]:
-  """The smallest row range [lo, hi) of a global batch that covers this process's devices."""
-  spans = [_rows_of(i[0], shape[0]) for i in
+def addressable_rows(sharding: Any, shape: tuple[int, ...], axis: int = 0) -> tuple[int, int]:
+  """The smallest range [lo, hi) along `axis` of a global batch that covers this process's
+  devices (rows of x [B, d_in]; members or rows of per-seed data x [S, B, d_in])."""
+  spans = [_rows_of(i[axis], shape[axis]) for i in
            sharding.addressable_devices_indices_map(shape).values()]
   return min(s.start for s in spans), max(s.stop for s in spans)
+
+
+def member_batches(directory: str, data_seeds, batch_size: int, sharding: Any, *,
+                   start_step: int, num_steps: int, **kwargs) -> Iterator[Batch]:
+  """Per-seed data: each step's x [S, B, d_in] stacks member i's batch of data_seeds[i], the
+  very batch a lone run with --data_seed=data_seeds[i] reads at that step.
+
+  Each host reads only the members and rows its own devices hold. Every member's stream has
+  its own Store (and prefetch thread): a Store caches one buffer's row order at a time, which
+  streams of different data seeds would take from each other.
+  """
+  import jax
+  shape = (len(data_seeds), batch_size, Store(directory).d_in)
+  (m0, m1), (lo, hi) = addressable_rows(sharding, shape, 0), addressable_rows(sharding, shape, 1)
+  streams = [Store(directory).batches(batch_size, start_step=start_step, num_steps=num_steps,
+                                      data_seed=d, rows=(lo, hi), **kwargs)
+             for d in data_seeds[m0:m1]]
+
+  def local(index):
+    return _rows_of(index[0], shape[0], -m0), _rows_of(index[1], batch_size, -lo)
+
+  for parts in zip(*streams):
+    x = np.stack([b.x for b in parts])
+    yield Batch(jax.make_array_from_callback(shape, sharding, lambda i: x[local(i)]),
+                parts[0].step, sum(b.skipped for b in parts),
+                next((b.where for b in parts if b.where), ""))
 
 
 def _prefetched(make, start: int, num: int | None, depth: int) -> Iterator[Any]:

@@ -66,10 +66,10 @@ def write_shard(directory: str, index: int, acts: np.ndarray, ids: np.ndarray,
     raise ValueError(f"bad shard shapes: acts {acts.shape}, pos {pos.shape}")
   with open(os.path.join(directory, store.SPEC)) as f:
     dtype = json.load(f)["dtype"]
-  codes, scales = store.encode(acts, dtype)
+  codes, scales = store.quantize(acts, dtype)
   # Checked as read back, so that a float16 overflow or a NaN row scale is caught too.
   with np.errstate(invalid="ignore"):  # 0 * an infinite scale: NaN, which is the point
-    finite = np.isfinite(store.decode(codes, scales)).all(axis=(1, 2))
+    finite = np.isfinite(store.dequantize(codes, scales)).all(axis=(1, 2))
   if not finite.all():
     bad = int(np.argmin(finite))
     raise JaxsaeError(

@@ -189,7 +189,7 @@ def test_any_damaged_manifest_is_a_clear_error_or_a_valid_store(tmp_path_factory
 
 
 # ---------------------------------------------------------------------------------------------
-# 8-bit stores: codes plus one float32 scale per row, decoded on every read.
+# 8-bit stores: codes plus one float32 scale per row, dequantized on every read.
 
 
 @pytest.fixture
@@ -288,18 +288,18 @@ def test_an_8bit_shard_refuses_non_finite_rows_and_leaves_no_files(tmp_path):
   assert sorted(os.listdir(tmp_path)) == [store.SPEC]
 
 
-def test_encode_decode_are_the_one_codec(wide):
+def test_quantize_dequantize_are_the_one_codec(wide):
   for dtype in store.DTYPES:
-    codes, scales = store.encode(wide, dtype)
+    codes, scales = store.quantize(wide, dtype)
     assert codes.dtype == store.np_dtype(dtype) and (scales is None) == (dtype not in
                                                                          store.CODE_MAX)
-    assert store.decode(codes, scales).dtype == np.float32
+    assert store.dequantize(codes, scales).dtype == np.float32
 
 
-def test_float8_table_decodes_every_code_as_ml_dtypes_casts_it():
+def test_float8_table_dequantizes_every_code_as_ml_dtypes_casts_it():
   codes = np.arange(256, dtype=np.uint8).view(store.np_dtype("float8_e4m3fn")).reshape(16, 16)
-  np.testing.assert_array_equal(store.decode(codes, None), codes.astype(np.float32))
-  np.testing.assert_array_equal(store.decode(codes[:, ::3], None),
+  np.testing.assert_array_equal(store.dequantize(codes, None), codes.astype(np.float32))
+  np.testing.assert_array_equal(store.dequantize(codes[:, ::3], None),
                                 codes[:, ::3].astype(np.float32))  # a strided view too
 
 
