@@ -189,7 +189,7 @@ def frequencies(saes: Sequence[saes_lib.SAE], store, num_tokens: int, batch_size
 # Pairs and seeds.
 
 
-def match_pair(a: saes_lib.SAE, b: saes_lib.SAE, cfg: MatchConfig,
+def match_pair(a: saes_lib.CanonicalSAE, b: saes_lib.CanonicalSAE, cfg: MatchConfig,
                progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
   """Matches the latents of `a` to those of `b`: the pair's summary and per-latent columns.
 
@@ -271,7 +271,7 @@ def seed_statistics(shared_with_base: np.ndarray, subsets: int, seed: int = 0) -
   }
 
 
-def oriented_pairs(saes: Sequence[saes_lib.SAE]) -> list[tuple[int, int]]:
+def oriented_pairs(saes: Sequence[saes_lib.CanonicalSAE]) -> list[tuple[int, int]]:
   """Every pair (i, j), i before j, but the wider SAE first when the widths differ, so that
   the per-latent rows of `a` cover every latent left without a partner."""
   return [(j, i) if saes[j].n_latents > saes[i].n_latents else (i, j)

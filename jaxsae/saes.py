@@ -10,7 +10,7 @@ Three layouts on disk:
       per dict_class, e.g. AutoEncoderTopK: encoder.weight [n, d_in], encoder.bias [n],
       decoder.weight [d_in, n], b_dec [d_in], k []; JumpReluAutoEncoder: W_enc [d_in, n], ...
 
-All become an `SAE` whose encoder AND decoder are `[n_latents, d_in]`: one row per latent.
+All become a `CanonicalSAE` whose encoder AND decoder are `[n_latents, d_in]`: one row per latent.
 Normalising a SAELens `W_enc` along its stored last axis would normalise across latents instead
 of within one, a mistake made in the paper's own notebook; canonicalising on load rules it out.
 
@@ -50,7 +50,7 @@ _ARCH_ALIASES = {"standard": "relu", "vanilla": "relu", "batch_topk": "batchtopk
 
 
 @dataclasses.dataclass(frozen=True)
-class SAE:
+class CanonicalSAE:
   """One SAE in canonical layout: every weight matrix is [n_latents, d_in]."""
   name: str
   path: str
@@ -130,7 +130,7 @@ def is_sae_dir(path: str) -> bool:
   return layout_of(path) is not None
 
 
-def load_sae(path: str, name: str | None = None) -> SAE:
+def load_sae(path: str, name: str | None = None) -> CanonicalSAE:
   """Reads one SAE directory of any layout (or `hf://` spec), canonicalises and validates it."""
   path = str(path).rstrip("/")
   if hub.is_hub(path):
@@ -169,7 +169,7 @@ def load_sae(path: str, name: str | None = None) -> SAE:
   return sae
 
 
-def _from_sparsify(path: str, name: str, cfg: dict) -> SAE:
+def _from_sparsify(path: str, name: str, cfg: dict) -> CanonicalSAE:
   file = os.path.join(path, SPARSIFY_FILE)
   t = _read_tensors(file)
   _need(t, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), file)
@@ -178,15 +178,15 @@ def _from_sparsify(path: str, name: str, cfg: dict) -> SAE:
   arch = _arch(own.get("arch", "topk"))
   known = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
   k = cfg.get("k", own.get("k"))
-  return SAE(name=name, path=path, layout="sparsify", arch=arch, W_enc=t["encoder.weight"],
-             b_enc=t["encoder.bias"], W_dec=t["W_dec"], b_dec=t["b_dec"],
-             k=None if k is None else int(k),
-             extras={key: v for key, v in t.items() if key not in known}, cfg=cfg,
-             subtract_b_dec=bool(own.get("apply_b_dec_to_input", True)),
-             input_scale=float(own.get("input_scale", 1.0)), site=own.get("site"))
+  return CanonicalSAE(name=name, path=path, layout="sparsify", arch=arch,
+                      W_enc=t["encoder.weight"], b_enc=t["encoder.bias"], W_dec=t["W_dec"],
+                      b_dec=t["b_dec"], k=None if k is None else int(k),
+                      extras={key: v for key, v in t.items() if key not in known}, cfg=cfg,
+                      subtract_b_dec=bool(own.get("apply_b_dec_to_input", True)),
+                      input_scale=float(own.get("input_scale", 1.0)), site=own.get("site"))
 
 
-def _from_saelens(path: str, name: str, cfg: dict) -> SAE:
+def _from_saelens(path: str, name: str, cfg: dict) -> CanonicalSAE:
   file = os.path.join(path, SAELENS_FILE)
   t = _read_tensors(file)
   _need(t, ("W_enc", "b_enc", "W_dec", "b_dec"), file)
@@ -202,12 +202,12 @@ def _from_saelens(path: str, name: str, cfg: dict) -> SAE:
     raise JaxsaeError(f"{file}: W_enc has shape {list(w_enc.shape)}, but SAELens stores it as "
                       f"[d_in, d_sae] = [{d_in}, {d_sae}] per {CFG_FILE}; fix d_in/d_sae there")
   known = {"W_enc", "b_enc", "W_dec", "b_dec"}
-  return SAE(name=name, path=path, layout="saelens", arch=_arch(arch), W_enc=w_enc.T.copy(),
-             b_enc=t["b_enc"], W_dec=t["W_dec"], b_dec=t["b_dec"],
-             k=None if k is None else int(k),
-             extras={key: v for key, v in t.items() if key not in known}, cfg=cfg,
-             subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
-             site=cfg.get("hook_name"))
+  return CanonicalSAE(name=name, path=path, layout="saelens", arch=_arch(arch),
+                      W_enc=w_enc.T.copy(), b_enc=t["b_enc"], W_dec=t["W_dec"], b_dec=t["b_dec"],
+                      k=None if k is None else int(k),
+                      extras={key: v for key, v in t.items() if key not in known}, cfg=cfg,
+                      subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
+                      site=cfg.get("hook_name"))
 
 
 class _DlClass(NamedTuple):
@@ -268,7 +268,7 @@ def _read_state_dict(path: str) -> dict[str, np.ndarray]:
   return {k.removeprefix("_orig_mod."): v.detach().float().numpy() for k, v in state.items()}
 
 
-def _from_dictionary_learning(path: str, name: str, cfg: dict) -> SAE:
+def _from_dictionary_learning(path: str, name: str, cfg: dict) -> CanonicalSAE:
   cfg_file, file = os.path.join(path, DL_CFG_FILE), os.path.join(path, DL_FILE)
   trainer = cfg.get("trainer")
   if not isinstance(trainer, dict) or "dict_class" not in trainer:
@@ -308,14 +308,16 @@ def _from_dictionary_learning(path: str, name: str, cfg: dict) -> SAE:
     if want is not None and trainer.get(key) not in (None, want):
       raise JaxsaeError(f"{path}: {DL_CFG_FILE} says {key}={trainer[key]}, the weights in "
                         f"{DL_FILE} have {want}; they come from different SAEs")
-  return SAE(name=name, path=path, layout="dictionary_learning", arch=_arch(c.arch),
-             W_enc=np.ascontiguousarray(w_enc), b_enc=t[c.b_enc],
-             W_dec=np.ascontiguousarray(w_dec), b_dec=t[c.b_dec], k=None if k is None else int(k),
-             extras={key: np.asarray(v, np.float32) for key, v in extras.items()}, cfg=cfg,
-             subtract_b_dec=c.subtracts_b_dec, site=trainer.get("submodule_name"))
+  return CanonicalSAE(name=name, path=path, layout="dictionary_learning", arch=_arch(c.arch),
+                      W_enc=np.ascontiguousarray(w_enc), b_enc=t[c.b_enc],
+                      W_dec=np.ascontiguousarray(w_dec), b_dec=t[c.b_dec],
+                      k=None if k is None else int(k),
+                      extras={key: np.asarray(v, np.float32) for key, v in extras.items()},
+                      cfg=cfg, subtract_b_dec=c.subtracts_b_dec,
+                      site=trainer.get("submodule_name"))
 
 
-def validate(sae: SAE) -> None:
+def validate(sae: CanonicalSAE) -> None:
   """Raises a JaxsaeError naming the file for inconsistent shapes or non-finite weights."""
   n, d = sae.W_dec.shape if sae.W_dec.ndim == 2 else (None, None)
   where = sae.path
@@ -428,7 +430,7 @@ def _unique_names(paths: Sequence[str]) -> list[str]:
   return [f"{i}:{s}" for i, s in enumerate(shown)]
 
 
-def load_all(inputs: Sequence[str], same_width: bool = True) -> list[SAE]:
+def load_all(inputs: Sequence[str], same_width: bool = True) -> list[CanonicalSAE]:
   """Every SAE named by `inputs`, all of one d_in and, with `same_width`, one width (else a
   JaxsaeError naming the odd one)."""
   paths = discover(inputs)
@@ -445,7 +447,7 @@ def load_all(inputs: Sequence[str], same_width: bool = True) -> list[SAE]:
   return saes
 
 
-def find_store(inputs: Sequence[str], saes: Sequence[SAE]) -> str | None:
+def find_store(inputs: Sequence[str], saes: Sequence[CanonicalSAE]) -> str | None:
   """The activation store the SAEs were trained on: a run's run.json, else an SAE's cfg.json."""
   for inp in inputs:
     path = os.path.join(str(inp), "run.json")
@@ -464,7 +466,7 @@ def find_store(inputs: Sequence[str], saes: Sequence[SAE]) -> str | None:
 # trainer used.
 
 
-def module(sae: SAE):
+def module(sae: CanonicalSAE):
   """The `jaxsae.sae` module of `sae`'s architecture, holding its weights.
 
   ReLU SAEs of every recipe (jaxsae's relu_l1 variants, SAELens's standard) encode alike, by
@@ -480,7 +482,7 @@ def module(sae: SAE):
   return m
 
 
-def encoder(sae: SAE):
+def encoder(sae: CanonicalSAE):
   """(graphdef, state) of `module(sae)`: pass the state to jitted code as an argument (never
   close over it: a closed-over array is baked into the program as a constant), and run
   `encode(graphdef, state, x, sae.input_scale)` there."""
