@@ -24,15 +24,21 @@ row for every latent of both sides: the wider's directly, the narrower's as part
 `shared_of_a` and `shared_of_b` say which side a fraction is of (n_shared / n_a, n_shared / n_b);
 `fraction_shared` keeps its meaning, the fraction of a's latents.
 
-Writes DIR/latents.csv (one row per latent of `a` per pair), DIR/frequencies.npy ([S, n]
+Match is the stage that reads the store and encodes: one pass over a token sample, each SAE
+encoding each batch once, measures what the report shows, so that the report renders from DIR
+alone. Writes DIR/latents.csv (one row per latent of `a` per pair), DIR/frequencies.npy ([S, n]
 firing frequencies, when an activation store is known; frequencies.npz, one array `sae{i}` per
-SAE in match.json's order, when widths differ) and DIR/match.json (the summary).
+SAE in match.json's order, when widths differ), DIR/importance.npz (the FVU each latent's
+ablation adds), DIR/contexts.npz and DIR/tokens.json (every latent's top-activating contexts,
+their token windows and display strings) and DIR/match.json (the summary, written last). The
+formats are in README.md, "Matching".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import itertools
 import math
 import os
@@ -52,6 +58,10 @@ LATENTS_FILE = "latents.csv"
 SUMMARY_FILE = "match.json"
 FREQ_FILE = "frequencies.npy"
 FREQ_RAGGED_FILE = "frequencies.npz"  # SAEs of different widths: one array per SAE
+IMPORTANCE_FILE = "importance.npz"
+CONTEXTS_FILE = "contexts.npz"
+TOKENS_FILE = "tokens.json"  # the display string of every token id in contexts.npz
+MEASURED_FILES = (FREQ_FILE, FREQ_RAGGED_FILE, IMPORTANCE_FILE, CONTEXTS_FILE, TOKENS_FILE)
 DEFAULT_FREQ_TOKENS = 262_144
 
 
@@ -76,7 +86,16 @@ class MatchConfig:
   store: str = field("", "activation store for firing frequencies (default: the one the run names)")
   freq_tokens: int = field(-1, "tokens to measure firing frequencies on; -1: "
                            f"{DEFAULT_FREQ_TOKENS} when the SAEs name a store, else none; 0: skip")
-  freq_batch: int = field(1024, "tokens per batch of the frequency pass")
+  freq_batch: int = field(1024, "tokens per batch of the pass over the token sample")
+  importance_tokens: int = field(-1, "tokens the importance of every latent (the FVU its "
+                                 "ablation adds) is measured on: -1, the --freq_tokens sample; "
+                                 "N, the first N of that same sample; 0, none")
+  scan_tokens: int = field(-1, "tokens scanned for every latent's top-activating contexts: -1, "
+                           "the --freq_tokens sample; N, the first N of that same sample; 0, "
+                           "no contexts")
+  contexts: int = field(5, "top-activating contexts kept per latent of every SAE")
+  before: int = field(12, "tokens of context kept before the activating token")
+  after: int = field(3, "tokens of context kept after the activating token")
   subsets: int = field(200, "random seed subsets per size for the 'found only in the base seed' "
                        "curve")
   seed: int = field(0, "random seed of those subsets")
@@ -118,15 +137,17 @@ def _check(cfg: MatchConfig) -> None:
     raise JaxsaeError(f"--precision={cfg.precision!r}: use bfloat16 or float32")
   if cfg.block_size < 1 or cfg.candidates < 1 or cfg.freq_batch < 1:
     raise JaxsaeError("--block_size, --candidates and --freq_batch must be positive")
+  if min(cfg.contexts, cfg.before, cfg.after) < 0:
+    raise JaxsaeError("--contexts, --before and --after must be 0 or more")
 
 
 # ---------------------------------------------------------------------------------------------
-# Firing frequencies.
+# The pass over the token sample: firing frequencies, importance, top contexts.
 
 
 def token_sample(store, num_tokens: int, batch_size: int = 1024,
                  site: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-  """The tokens firing frequencies are measured on, and report's contexts are drawn from.
+  """The tokens every latent is measured on: firing frequencies, importance, top contexts.
 
   They are the first `num_tokens` (at most one epoch) of the store's deterministic batch
   stream, as the trainer reads it (data seed 0), raw: each SAE applies its own input scale.
@@ -141,48 +162,233 @@ def token_sample(store, num_tokens: int, batch_size: int = 1024,
            take)
 
 
-def frequencies(saes: Sequence[saes_lib.SAE], store, num_tokens: int, batch_size: int = 1024,
-                site: str | None = None, progress: bool = True) -> tuple[np.ndarray, int]:
-  """Fraction of `num_tokens` store tokens (`token_sample`) on which each latent of each SAE
-  fires: [S, n] (a list of [n_s] arrays when the widths differ), and the number of tokens.
+@dataclasses.dataclass(frozen=True)
+class Measured:
+  """What one pass over the token sample measured, one entry per SAE (None: not measured).
 
-  All seeds of one architecture go through one jitted step per batch (a `lax.map` over the
-  seed axis keeps memory at one [batch, n] activation block).
+  frequencies: [n] fraction of the first `freq_tokens` tokens each latent fires on.
+  importance: [n] the FVU each latent's ablation alone adds, on the first `importance_tokens`;
+    fvu: each SAE's FVU there.
+  top_activation, top_position, top_row: [n, top] each latent's largest activations on the
+    first `scan_tokens`, descending (ties: the token met first), their positions in the sample
+    and their store rows; past the last positive one, 0 and -1.
+  """
+  freq_tokens: int
+  importance_tokens: int
+  scan_tokens: int
+  frequencies: list[np.ndarray] | None
+  importance: list[np.ndarray] | None
+  fvu: list[float] | None
+  top_activation: list[np.ndarray] | None
+  top_position: list[np.ndarray] | None
+  top_row: list[np.ndarray] | None
+
+
+def _pass_step(graphdefs, what, stacked, best, x, pos, counts):
+  """One batch through every SAE: per group of SAEs sharing a program, a `lax.map` over its
+  seeds (memory stays at one [batch, n] activation block), each encoding the batch once.
+
+  `what` (static): (frequencies?, importance?, top contexts kept per latent or 0). `counts`:
+  the tokens of the sample each measurement covers; a row counts where its position is below.
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  freq, imp, top = what
+  in_freq, in_imp, in_scan = (pos < c for c in counts)
+
+  def one(graphdef, state, scale, shift, best_v, best_p):
+    m = nnx.merge(graphdef, state)
+    x_in = x * scale
+    z = saes_lib.encode(graphdef, state, x, scale)
+    out = {}
+    if freq:
+      out["fires"] = ((z > 0) & in_freq[:, None]).sum(0, dtype=jnp.int32)
+    if imp:
+      # Zeroing latent i adds z_i W_dec[i] to the error e = x - decode(z) (every architecture
+      # decodes linearly, the other codes do not move), so its added squared error is
+      # sum_t 2 z_ti <e_t, W_dec[i]> + z_ti^2 |W_dec[i]|^2: one product, no re-encoding.
+      w = in_imp[:, None].astype(jnp.float32)
+      e = (x_in - m.decode(z)) * w
+      zw = z * w
+      w_dec = m.W_dec[...]
+      g = jnp.dot(e, w_dec.T, precision=jax.lax.Precision.HIGHEST)  # [batch, n] <e_t, W_dec[i]>
+      out["d_sse"] = jnp.sum(2 * zw * g + jnp.square(zw) * jnp.sum(jnp.square(w_dec), 1), 0)
+      out["sse"] = jnp.sum(jnp.square(e))
+      # Shifted by a first-batch mean so that the variance is not a difference of large sums.
+      xc = (x_in - shift) * w
+      out["sx"], out["sq"] = xc.sum(0), jnp.sum(jnp.square(xc))
+    if top:
+      # top_k puts the lower index first among equals: the running best (earlier tokens)
+      # before this batch's, and within a batch the earlier row.
+      v, i = jax.lax.top_k(jnp.where(in_scan[:, None], z, -jnp.inf).T, min(top, len(pos)))
+      v, j = jax.lax.top_k(jnp.concatenate([best_v, v], 1), top)
+      out["best_v"] = v
+      out["best_p"] = jnp.take_along_axis(jnp.concatenate([best_p, pos[i]], 1), j, 1)
+    return out
+
+  return [jax.lax.map(lambda a, g=g: one(g, *a), (*group, *b))
+          for g, group, b in zip(graphdefs, stacked, best)]
+
+
+def measure(saes: Sequence[saes_lib.CanonicalSAE], store, freq_tokens: int,
+            importance_tokens: int = 0, scan_tokens: int = 0, top: int = 0, batch_size: int = 1024,
+            site: str | None = None, progress: bool = True) -> Measured:
+  """Firing frequencies, importance and top contexts of every latent of every SAE, from one
+  pass over the first max(freq_tokens, importance_tokens, scan_tokens) tokens of
+  `token_sample` (each measurement on its own first N; 0 skips it), each SAE encoding each
+  batch once.
+
+  Importance is the FVU the ablation adds: the added squared error over the sample's total
+  variance sum_t |x_t - mean(x)|^2, as the trainer's FVU (sae/common.py), in the SAE's own
+  input scale.
   """
   import jax
   import jax.numpy as jnp
   from tqdm import tqdm
 
-  num_tokens = min(num_tokens, store.num_tokens)
+  counts = [min(c, store.num_tokens) for c in (freq_tokens, importance_tokens, scan_tokens)]
+  if counts[2] == 0:
+    top = 0
+  what = (counts[0] > 0, counts[1] > 0, top)
+  total = max(counts)
   # SAEs whose modules have one graph (architecture, k, b_dec rule) and width share one program.
   groups: dict = {}
   for i, s in enumerate(saes):
     graphdef, state = saes_lib.encoder(s)
     groups.setdefault((graphdef, s.n_latents), []).append((i, state, np.float32(s.input_scale)))
   graphdefs = tuple(g for g, _ in groups)  # static: each group's firing rule is in the program
-  stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[(st, sc) for _, st, sc in members])
-             for members in groups.values()]
+  members = list(groups.values())
+  best = [(jnp.full((len(m), n, top), -jnp.inf), jnp.full((len(m), n, top), -1, jnp.int32))
+          for (_, n), m in groups.items()]
+  step = jax.jit(_pass_step, static_argnums=(0, 1))
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def count(graphdefs, stacked, x, valid):
-    def fires(graphdef, state, scale):
-      z = saes_lib.encode(graphdef, state, x, scale)
-      return ((z > 0) & valid[:, None]).sum(0, dtype=jnp.int32)
-    return [jax.lax.map(lambda a, g=g: fires(g, *a), group)
-            for g, group in zip(graphdefs, stacked)]
-
-  totals = [np.zeros(s.n_latents, np.int64) for s in saes]
-  bar = tqdm(total=num_tokens, desc="frequencies", unit="tok", disable=not progress)
-  for x, _, take in token_sample(store, num_tokens, batch_size, site):
-    counts = count(graphdefs, stacked, x, np.arange(batch_size) < take)
-    for members, c in zip(groups.values(), counts):
-      for (i, _, _), row in zip(members, np.asarray(c)):
-        totals[i] += row
+  fires = [np.zeros(s.n_latents, np.int64) for s in saes]
+  acc = [[np.zeros(s.n_latents), 0.0, np.zeros(s.d_in), 0.0] for s in saes]
+  stacked, sample_rows = None, []
+  bar = tqdm(total=total, desc="sample", unit="tok", disable=not progress)
+  for b, (x, rows, take) in enumerate(token_sample(store, total, batch_size, site)):
+    if stacked is None:
+      # The variance's shift: the first batch's mean of the importance tokens, in each
+      # SAE's input scale.
+      mean = x[:min(batch_size, max(counts[1], 1))].astype(np.float64).mean(0).astype(np.float32)
+      stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[(st, sc, sc * mean)
+                                                           for _, st, sc in m]) for m in members]
+    if b * batch_size < counts[2]:
+      sample_rows.append(rows[:take])
+    pos = b * batch_size + np.arange(batch_size, dtype=np.int32)
+    outs = step(graphdefs, what, stacked, best, x, pos, tuple(np.int32(c) for c in counts))
+    if top:
+      best = [(o["best_v"], o["best_p"]) for o in outs]
+    for m, o in zip(members, outs):
+      o = {k: np.asarray(v) for k, v in o.items() if k in ("fires", "d_sse", "sse", "sx", "sq")}
+      for r, (i, _, _) in enumerate(m):
+        if what[0]:
+          fires[i] += o["fires"][r]
+        if what[1]:
+          for k, key in enumerate(("d_sse", "sse", "sx", "sq")):
+            acc[i][k] = acc[i][k] + np.asarray(o[key][r], np.float64)
     bar.update(take)
   bar.close()
-  freqs = [t / num_tokens for t in totals]
-  same = len({len(f) for f in freqs}) == 1
-  return (np.stack(freqs) if same else freqs), num_tokens
+
+  out = dict(frequencies=None, importance=None, fvu=None, top_activation=None,
+             top_position=None, top_row=None)
+  if what[0]:
+    out["frequencies"] = [f / counts[0] for f in fires]
+  if what[1]:
+    total_var = [sq - float(sx @ sx) / counts[1] for _, _, sx, sq in acc]
+    out["importance"] = [a[0] / v for a, v in zip(acc, total_var)]
+    out["fvu"] = [float(a[1] / v) for a, v in zip(acc, total_var)]
+  if top:
+    sample_rows = np.concatenate(sample_rows)
+    acts, positions = [None] * len(saes), [None] * len(saes)
+    for m, (v, p) in zip(members, best):
+      for r, (i, _, _) in enumerate(m):
+        v_i, p_i = np.asarray(v[r]), np.asarray(p[r], np.int64)
+        fired = v_i > 0
+        acts[i] = np.where(fired, v_i, 0).astype(np.float32)
+        positions[i] = np.where(fired, p_i, -1)
+    out["top_activation"], out["top_position"] = acts, positions
+    out["top_row"] = [np.where(p >= 0, sample_rows[np.maximum(p, 0)], -1) for p in positions]
+  return Measured(*counts, **out)
+
+
+def context_windows(store, rows: np.ndarray, before: int,
+                    after: int) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids around each global store row within its window, as `Store.context` gives them:
+  ([len(rows), before + 1 + after], -1 past a window cut by its edge) and the index of the
+  row's own token in each. Each shard's tokens are read once."""
+  ids_out = np.full((len(rows), before + 1 + after), -1, np.int64)
+  index = np.zeros(len(rows), np.int64)
+  shard_of = np.searchsorted(store.offsets, rows, side="right") - 1
+  for s in np.unique(shard_of):
+    sel = np.nonzero(shard_of == s)[0]
+    ids, pos = store.tokens(int(s))
+    w, p = np.divmod(pos[rows[sel] - store.offsets[s]].astype(np.int64), ids.shape[1])
+    lo = np.maximum(0, p - before)
+    for k, wk, pk, lk in zip(sel, w, p, lo):
+      window = ids[wk, lk:pk + after + 1]
+      ids_out[k, :len(window)] = window
+    index[sel] = p - lo
+  return ids_out, index
+
+
+def load_tokenizer(manifest: dict | None):
+  """The store's tokenizer if it loads without a network, else None (contexts show ids).
+
+  The manifest's `tokenizer` is a hub id or local path (tried offline only: a match must not
+  hang on a download), or {"gguf_dir": ..., "gguf_file": ...} for a GGUF model such as the
+  offline default SmolLM2, whose tokenizer transformers reads from the GGUF file itself.
+  """
+  spec = (manifest or {}).get("tokenizer")
+  if not spec:
+    return None
+  try:
+    from transformers import AutoTokenizer
+    if isinstance(spec, dict):
+      if "gguf_file" in spec:
+        return AutoTokenizer.from_pretrained(spec.get("gguf_dir", "."),
+                                             gguf_file=spec["gguf_file"])
+      spec = spec.get("name") or spec.get("path")
+      if not spec:
+        return None
+    return AutoTokenizer.from_pretrained(str(spec), local_files_only=True)
+  except Exception:  # noqa: BLE001 - any failure only costs readable tokens, not the match
+    return None
+
+
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+  if tokenizer is None:
+    return [f"[{i}]" for i in ids]
+  return [tokenizer.decode([i]) for i in ids]
+
+
+def _save_npz(path: str, **arrays: np.ndarray) -> None:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  files.atomic_write_bytes(path, buf.getvalue())
+
+
+def write_measured(out: str, m: Measured, store, before: int, after: int) -> None:
+  """importance.npz, contexts.npz and tokens.json (see README.md, "Matching") of `m`."""
+  if m.importance is not None:
+    _save_npz(os.path.join(out, IMPORTANCE_FILE), tokens=np.int64(m.importance_tokens),
+              fvu=np.array(m.fvu, np.float64),
+              **{f"sae{i}": v for i, v in enumerate(m.importance)})
+  if m.top_row is None:
+    return
+  rows = np.unique(np.concatenate([r[r >= 0] for r in m.top_row]))
+  window, index = context_windows(store, rows, before, after)
+  arrays = {"rows": rows, "window": window, "index": index}
+  for i, (v, p, r) in enumerate(zip(m.top_activation, m.top_position, m.top_row)):
+    arrays.update({f"sae{i}_activation": v, f"sae{i}_position": p, f"sae{i}_row": r})
+  _save_npz(os.path.join(out, CONTEXTS_FILE), **arrays)
+  tok = load_tokenizer(store.manifest)
+  ids = np.unique(window[window >= 0]).tolist()
+  files.atomic_write_json(os.path.join(out, TOKENS_FILE), {
+      "decoded": tok is not None, "tokenizer": store.manifest.get("tokenizer"),
+      "strings": dict(zip(map(str, ids), token_strings(tok, ids)))})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +504,24 @@ def _write_latents(path: str, rows: list[dict[str, np.ndarray]]) -> None:
   os.replace(tmp, path)
 
 
+def sample_sizes(cfg: MatchConfig, store_path: str | None) -> dict[str, int]:
+  """Tokens of the sample each measurement asks for: -1 resolved (frequencies: the default
+  when a store is known, else none; the others: as many as the frequencies), 0 for none."""
+  freq = cfg.freq_tokens if cfg.freq_tokens >= 0 else (DEFAULT_FREQ_TOKENS if store_path else 0)
+  sizes = {"freq_tokens": freq,
+           "importance_tokens": cfg.importance_tokens if cfg.importance_tokens >= 0 else freq,
+           "scan_tokens": cfg.scan_tokens if cfg.scan_tokens >= 0 else freq}
+  if cfg.contexts == 0:
+    sizes["scan_tokens"] = 0
+  asked = [k for k in sizes if getattr(cfg, k) > 0]
+  if asked and not store_path:
+    raise JaxsaeError(
+        f"{' '.join(f'--{k}={getattr(cfg, k)}' for k in asked)} needs an activation store, but "
+        f"{', '.join(cfg.inputs)} name none (no 'store' in a run's run.json or an SAE's "
+        f"cfg.json); pass --store=DIR or {' '.join(f'--{k}=0' for k in asked)}")
+  return sizes
+
+
 def run(cfg: MatchConfig) -> dict:
   """Matches every pair of the given SAEs and writes the results to cfg.out."""
   from tqdm import tqdm
@@ -310,24 +534,23 @@ def run(cfg: MatchConfig) -> dict:
   n = saes[0].n_latents
 
   store_path = cfg.store or saes_lib.find_store(cfg.inputs, saes)
-  freq_tokens = cfg.freq_tokens
-  if freq_tokens < 0:
-    freq_tokens = DEFAULT_FREQ_TOKENS if store_path else 0
-  freqs = None
-  if freq_tokens > 0:
-    if not store_path:
-      raise JaxsaeError(
-          f"--freq_tokens={freq_tokens} needs an activation store, but {', '.join(cfg.inputs)} "
-          "name none (no 'store' in a run's run.json or an SAE's cfg.json); pass --store=DIR or "
-          "--freq_tokens=0")
+  tokens = sample_sizes(cfg, store_path)
+  measured = store = None
+  if any(tokens.values()):
     store = store_lib.Store(store_path, expect_d_in=saes[0].d_in)
     site = saes[0].site if saes[0].site in store.sites else None
-    freqs, freq_tokens = frequencies(saes, store, freq_tokens, cfg.freq_batch, site=site)
+    measured = measure(saes, store, tokens["freq_tokens"], tokens["importance_tokens"],
+                       tokens["scan_tokens"], cfg.contexts, cfg.freq_batch, site=site)
+  freqs = measured.frequencies if measured else None
+  if freqs is not None and len({len(f) for f in freqs}) == 1:
+    freqs = np.stack(freqs)
 
   os.makedirs(cfg.out, exist_ok=True)
-  # match.json marks a complete result: an old one must not vouch for files rewritten now.
-  if os.path.exists(os.path.join(cfg.out, SUMMARY_FILE)):
-    os.remove(os.path.join(cfg.out, SUMMARY_FILE))
+  # match.json marks a complete result: an old one must not vouch for files rewritten now, nor
+  # an old measurement stand beside a new match that made none.
+  for name in (SUMMARY_FILE, *MEASURED_FILES):
+    if os.path.exists(os.path.join(cfg.out, name)):
+      os.remove(os.path.join(cfg.out, name))
   pairs, tables, with_base = [], [], {}
   for i, j in tqdm(oriented_pairs(saes), desc="pairs", unit="pair"):
     summary, cols = match_pair(saes[i], saes[j], cfg)
@@ -344,6 +567,7 @@ def run(cfg: MatchConfig) -> dict:
     tables.append(table)
 
   fr = [p["fraction_shared"] for p in pairs]
+  has = lambda what: measured is not None and getattr(measured, what) is not None
   mcc = {f"{side}_mcc_{k}": v for side in ("decoder", "encoder")
          for k, v in _stats([p[f"{side}_mcc"] for p in pairs]).items()}
   result = {
@@ -362,7 +586,10 @@ def run(cfg: MatchConfig) -> dict:
                 "arch": s.arch, "k": s.k, "n_latents": s.n_latents} for s in saes],
       "store": os.path.abspath(store_path) if store_path and "://" not in store_path
                else store_path,
-      "freq_tokens": freq_tokens if freqs is not None else 0,
+      "freq_tokens": measured.freq_tokens if freqs is not None else 0,
+      "importance_tokens": measured.importance_tokens if has("fvu") else 0,
+      "scan_tokens": measured.scan_tokens if has("top_row") else 0,
+      "contexts": cfg.contexts if has("top_row") else 0,
       "seeds": seed_statistics(np.stack([with_base[j] for j in range(1, len(saes))]),
                                cfg.subsets, cfg.seed),
       "pairs": pairs,
@@ -371,9 +598,14 @@ def run(cfg: MatchConfig) -> dict:
   }
   _write_latents(os.path.join(cfg.out, LATENTS_FILE), tables)
   if isinstance(freqs, np.ndarray):
-    np.save(os.path.join(cfg.out, FREQ_FILE), freqs)
+    buf = io.BytesIO()
+    np.save(buf, freqs)
+    files.atomic_write_bytes(os.path.join(cfg.out, FREQ_FILE), buf.getvalue())
   elif freqs is not None:
-    np.savez(os.path.join(cfg.out, FREQ_RAGGED_FILE), **{f"sae{i}": f for i, f in enumerate(freqs)})
+    _save_npz(os.path.join(cfg.out, FREQ_RAGGED_FILE),
+              **{f"sae{i}": f for i, f in enumerate(freqs)})
+  if measured is not None:
+    write_measured(cfg.out, measured, store, cfg.before, cfg.after)
   # Last: match.json says the match is complete.
   files.atomic_write_json(os.path.join(cfg.out, SUMMARY_FILE), result)
   widths = "/".join(str(w) for w in sorted({s.n_latents for s in saes}))

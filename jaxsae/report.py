@@ -13,19 +13,21 @@ with the plots embedded, that opens anywhere. The plots follow the paper's figur
   seeds.png          in how many SAEs each base latent is found; found-only-in-base curve
   importance.png     how much each latent matters to the reconstruction, shared vs orphan
 
-and, when the activation store is at hand, the top-activating contexts of a few shared and a
-few high-frequency orphan latents of the base seed, to judge whether orphans are interpretable,
-and the importance of every latent: the FVU added when that latent alone is ablated, on the
-tokens the match measured frequencies on, with the most important frequent orphans and their
-contexts. A fraction of a pair of unequal widths is said to be of `a` (the wider, see match.py)
-unless named otherwise.
+and, when the match measured them on an activation store, the top-activating contexts of a few
+shared and a few high-frequency orphan latents of the base seed, to judge whether orphans are
+interpretable, and the importance of every latent (the FVU added when that latent alone is
+ablated), with the most important frequent orphans and their contexts. A fraction of a pair of
+unequal widths is said to be of `a` (the wider, see match.py) unless named otherwise.
+
+The report only renders: every number comes from the match directory (match.json, latents.csv,
+importance.npz, contexts.npz, tokens.json), so it needs neither the store nor the SAEs, and
+imports no jax.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
 import html
 import json
 import os
@@ -51,17 +53,9 @@ class ReportConfig:
   inputs: tuple[str, ...] = field((), "the output directory of `jaxsae match`", positional=True)
   out: str = field("", "directory for report.json, the PNGs and report.html (default: MATCH_DIR)")
   examples: int = field(4, "shared and orphan latents each to show with their top contexts")
-  contexts: int = field(5, "top-activating contexts per example latent")
-  scan_tokens: int = field(-1, "store tokens scanned for top-activating contexts: -1, the "
-                           "tokens the match measured firing frequencies on; N, the first N of "
-                           "that same sample; 0, no contexts")
-  before: int = field(12, "tokens of context shown before the activating token")
-  after: int = field(3, "tokens of context shown after the activating token")
+  contexts: int = field(5, "top-activating contexts shown per example latent (at most the "
+                        "`jaxsae match --contexts` it kept)")
   seed: int = field(0, "seed for picking examples")
-  importance_tokens: int = field(-1, "store tokens the importance of every latent (the FVU its "
-                                 "ablation adds) is measured on: -1, the tokens the match "
-                                 "measured firing frequencies on; N, the first N of that same "
-                                 "sample; 0, none")
   orphan_min_frequency: float = field(1e-3, "firing frequency an orphan needs to enter the "
                                       "table of the most important orphans")
 
@@ -72,7 +66,7 @@ class ReportConfig:
 
 def threshold_sweep(table, thresholds=THRESHOLDS) -> dict[str, list[dict]]:
   """Fraction shared per rule at each threshold: mean, min and max over pairs."""
-  out: dict[str, list[dict]] = {r: [] for r in ("agree", "both_above", "decoder", "max_cos")}
+  out: dict[str, list[dict]] = {r: [] for r in match_lib.RULES}
   groups = list(table.groupby(["a", "b"], sort=False))
   for t in thresholds:
     per_pair = {r: [] for r in out}
@@ -191,213 +185,86 @@ def importance_split(table, per_sae: dict[str, np.ndarray]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Contexts.
+# What the match measured on its token sample: read back, never recomputed.
 
 
-def load_tokenizer(manifest: dict | None):
-  """The store's tokenizer if it loads without a network, else None (contexts show ids).
-
-  The manifest's `tokenizer` is a hub id or local path (tried offline only: a report must not
-  hang on a download), or {"gguf_dir": ..., "gguf_file": ...} for a GGUF model such as the
-  offline default SmolLM2, whose tokenizer transformers reads from the GGUF file itself.
-  """
-  spec = (manifest or {}).get("tokenizer")
-  if not spec:
-    return None
-  try:
-    from transformers import AutoTokenizer
-    if isinstance(spec, dict):
-      if "gguf_file" in spec:
-        return AutoTokenizer.from_pretrained(spec.get("gguf_dir", "."),
-                                             gguf_file=spec["gguf_file"])
-      spec = spec.get("name") or spec.get("path")
-      if not spec:
-        return None
-    return AutoTokenizer.from_pretrained(str(spec), local_files_only=True)
-  except Exception:  # noqa: BLE001 - any failure only costs readable tokens, not the report
-    return None
+def _npz(path: str) -> dict[str, np.ndarray]:
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}
 
 
-def token_strings(tokenizer, ids: list[int]) -> list[str]:
-  if tokenizer is None:
-    return [f"[{i}]" for i in ids]
-  return [tokenizer.decode([i]) for i in ids]
+def _measured(match_dir: str, summary: dict, key: str, name: str,
+              what: str) -> tuple[str | None, str]:
+  """(path of the match's file holding `what`, "") or (None, why there is none)."""
+  if key not in summary:
+    return None, (f"this match predates stored {what}; rerun `jaxsae match ... "
+                  f"--out={match_dir}` to measure them")
+  if not summary[key]:
+    return None, (f"no activation store is known for these SAEs, so no {what}"
+                  if not summary.get("store") else f"{what} not requested")
+  return os.path.join(match_dir, name), ""
 
 
-def _encoder(sae):
-  """(weights, encode): `sae`'s weights as arrays, and the pure function encode(weights, x)
-  of raw store rows x [rows, d_in] to latent activations [rows, n]. The one place the report
-  encodes."""
-  from jaxsae import saes as saes_lib
-  graphdef, state = saes_lib.encoder(sae)  # the graph is static, the state an argument
-  return state, lambda w, x: saes_lib.encode(graphdef, w, x, sae.input_scale)
+def read_importance(match_dir: str, summary: dict) -> tuple[dict | None, str]:
+  """({"per_sae": {name: [n]}, "fvu": {name: float}, "tokens": int}, "") from the match's
+  importance.npz, or (None, why there is none)."""
+  path, note = _measured(match_dir, summary, "importance_tokens", match_lib.IMPORTANCE_FILE,
+                         "importance")
+  if path is None:
+    return None, note
+  z = _npz(path)
+  names = [s["name"] for s in summary["saes"]]
+  return {"per_sae": {n: z[f"sae{i}"] for i, n in enumerate(names)},
+          "fvu": {n: float(f) for n, f in zip(names, z["fvu"])}, "tokens": int(z["tokens"])}, ""
 
 
-def top_contexts(sae, store, latents: list[int], num_tokens: int, top: int,
-                 batch_size: int = 1024,
-                 site: str | None = None) -> dict[int, list[tuple[float, int]]]:
-  """(activation, store row) of each latent's `top` largest activations on the first
-  `num_tokens` tokens of the sample firing frequencies are measured on (match.token_sample);
-  ties go to the token met first."""
-  import jax
-  import jax.numpy as jnp
+class Contexts:
+  """The match's top contexts of every latent (contexts.npz, tokens.json), as the report shows
+  them: `of(sae name, latent)` lists up to `top` of them, the largest activation first."""
 
-  weights, encode = _encoder(sae)
+  def __init__(self, match_dir: str, summary: dict, top: int):
+    self.z = _npz(os.path.join(match_dir, match_lib.CONTEXTS_FILE))
+    with open(os.path.join(match_dir, match_lib.TOKENS_FILE)) as f:
+      tokens = json.load(f)
+    self.strings, self.decoded = tokens["strings"], tokens["decoded"]
+    self.index = {s["name"]: i for i, s in enumerate(summary["saes"])}
+    self.top = top
 
-  @jax.jit
-  def acts(weights, x, cols):
-    # The weights are an argument, not closed over: a closed-over array would be baked into
-    # the compiled program as a constant.
-    return encode(weights, x)[:, cols]
-
-  cols = jnp.asarray(latents)
-  best_v = np.full((len(latents), 0), -np.inf)
-  best_r = np.zeros((len(latents), 0), np.int64)
-  for x, rows, take in match_lib.token_sample(store, num_tokens, batch_size, site):
-    a = np.asarray(acts(weights, x, cols))[:take].T  # [latents, rows]
-    v = np.concatenate([best_v, a], axis=1)
-    r = np.concatenate([best_r, np.broadcast_to(rows[:take], a.shape)], axis=1)
-    keep = np.argsort(-v, axis=1, kind="stable")[:, :top]
-    best_v, best_r = np.take_along_axis(v, keep, 1), np.take_along_axis(r, keep, 1)
-  return {lat: [(float(v), int(r)) for v, r in zip(best_v[i], best_r[i]) if v > 0]
-          for i, lat in enumerate(latents)}
+  def of(self, name: str, latent: int) -> list[dict]:
+    i, z = self.index[name], self.z
+    out = []
+    for act, pos, row in zip(*(z[f"sae{i}_{k}"][latent, :self.top]
+                               for k in ("activation", "position", "row"))):
+      if pos < 0:
+        break
+      w = int(np.searchsorted(z["rows"], row))
+      ids = [int(t) for t in z["window"][w] if t >= 0]
+      out.append({"activation": float(act), "row": int(row), "position": int(pos),
+                  "tokens": [self.strings[str(t)] for t in ids], "ids": ids,
+                  "index": int(z["index"][w])})
+    return out
 
 
-def examples_with_contexts(summary: dict, table, cfg: ReportConfig,
-                           extra: dict[str, list[int]] | None = None) -> tuple[list[dict], str]:
-  """The example latents (and `extra` latents of the first pair's `a`, by kind) with decoded
-  contexts, and a note when contexts are unavailable."""
-  picks = {**pick_examples(table, cfg.examples, cfg.seed), **(extra or {})}
-  rows = table[(table.a == table.a.iloc[0]) & (table.b == table.b.iloc[0])].set_index("latent")
-  base = [dict(kind=kind, latent=lat, **_row_info(rows.loc[lat]))
-          for kind, lats in picks.items() for lat in lats]
-  store_path = summary.get("store")
-  if cfg.scan_tokens == 0 or not base:
-    return base, "contexts not requested"
-  if not store_path:
-    return base, "no activation store is known for these SAEs, so no contexts"
-  from jaxsae import saes as saes_lib
-  from jaxsae import store as store_lib
-  try:
-    store = store_lib.Store(store_path)
-    entry = _sae_entry(summary, table.a.iloc[0])
-    sae = saes_lib.load_sae(entry["path"], entry["name"])
-  except (JaxsaeError, OSError) as e:
-    return base, f"contexts unavailable: {e}"
-  site = sae.site if sae.site in store.sites else None
-  # The match's own sample, so that a latent's contexts and its frequency describe the same
-  # tokens.
-  scan = cfg.scan_tokens
-  if scan < 0:
-    scan = summary.get("freq_tokens") or match_lib.DEFAULT_FREQ_TOKENS
-  batch = summary.get("config", {}).get("freq_batch", 1024)
-  found = top_contexts(sae, store, [e["latent"] for e in base], scan, cfg.contexts,
-                       batch_size=batch, site=site)
-  tok = load_tokenizer(store.manifest)
-  for e in base:
-    e["contexts"] = []
-    for act, row in found[e["latent"]]:
-      ids, at = store.context(row, cfg.before, cfg.after)
-      e["contexts"].append({"activation": act, "row": row, "tokens": token_strings(tok, ids),
-                            "ids": ids, "index": at})
-  note = "" if tok is not None else "tokenizer not available offline: showing token ids"
-  return base, note
+def read_contexts(match_dir: str, summary: dict, top: int) -> tuple[Contexts | None, str]:
+  """The match's stored contexts, `top` per latent shown, and a note for the page."""
+  path, note = _measured(match_dir, summary, "scan_tokens", match_lib.CONTEXTS_FILE, "contexts")
+  if path is None or top == 0:
+    return None, note or "contexts not requested"
+  found = Contexts(match_dir, summary, top)
+  return found, "" if found.decoded else "tokenizer not available offline: showing token ids"
 
 
-def _row_info(r) -> dict:
-  info = {"enc_partner": int(r.enc_partner), "enc_cos": float(r.enc_cos),
+def shown(kind: str, latent: int, rows, contexts: Contexts | None, name: str) -> dict:
+  """One latent of the first pair's `a` as the page shows it: partners, frequency, contexts."""
+  r = rows.loc[latent]
+  info = {"kind": kind, "latent": latent,
+          "enc_partner": int(r.enc_partner), "enc_cos": float(r.enc_cos),
           "dec_partner": int(r.dec_partner), "dec_cos": float(r.dec_cos)}
   if "frequency" in r:
     info["frequency"] = float(r.frequency)
+  if contexts is not None:
+    info["contexts"] = contexts.of(name, latent)
   return info
-
-
-def _sae_entry(summary: dict, name: str) -> dict:
-  return next(s for s in summary["saes"] if s["name"] == name)
-
-
-# ---------------------------------------------------------------------------------------------
-# Importance: what ablating one latent costs the reconstruction.
-
-
-def importance(saes, store, num_tokens: int, batch_size: int = 1024, site: str | None = None,
-               progress: bool = True) -> tuple[list[np.ndarray], list[float], int]:
-  """The FVU each latent's ablation alone adds, for every latent of every SAE: ([n_s] per SAE,
-  each SAE's FVU, tokens), on the first `num_tokens` of the sample frequencies are measured on
-  (match.token_sample).
-
-  With codes z = encode(x) and error e = x - decode(z), zeroing latent i adds z_i W_dec[i] to
-  the error (every architecture decodes linearly, and the other codes do not move), so
-      delta_SSE_i = sum_t 2 z_ti <e_t, W_dec[i]> + z_ti^2 |W_dec[i]|^2,
-  one [tokens, d] x [d, n] product beside the encode: no re-encoding per latent. Divided by the
-  sample's total variance sum_t |x_t - mean(x)|^2 it is an FVU difference, as the trainer's FVU
-  (sae/common.py), in the SAE's own input scale.
-  """
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  from tqdm import tqdm
-  from jaxsae import saes as saes_lib
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def step(graphdef, state, scale, x, valid, shift):
-    m = nnx.merge(graphdef, state)
-    x = x * scale
-    z = m.encode(x)
-    w = valid[:, None].astype(jnp.float32)
-    e = (x - m.decode(z)) * w
-    z = z * w
-    w_dec = m.W_dec[...]
-    g = jnp.dot(e, w_dec.T, precision=jax.lax.Precision.HIGHEST)  # [batch, n] <e_t, W_dec[i]>
-    d_sse = jnp.sum(2 * z * g + jnp.square(z) * jnp.sum(jnp.square(w_dec), 1), axis=0)
-    # Shifted by a first-batch mean so that the variance is not a difference of large sums.
-    xc = (x - shift) * w
-    return d_sse, jnp.sum(jnp.square(e)), xc.sum(0), jnp.sum(jnp.square(xc))
-
-  num_tokens = min(num_tokens, store.num_tokens)
-  models = [(*saes_lib.encoder(s), np.float32(s.input_scale)) for s in saes]
-  acc = [[np.zeros(s.n_latents), 0.0, np.zeros(s.d_in), 0.0] for s in saes]
-  shifts = None
-  bar = tqdm(total=num_tokens * len(saes), desc="importance", unit="tok", disable=not progress)
-  for x, _, take in match_lib.token_sample(store, num_tokens, batch_size, site):
-    if shifts is None:
-      shifts = [np.float32(sc) * x[:take].astype(np.float64).mean(0).astype(np.float32)
-                for _, _, sc in models]
-    valid = np.arange(len(x)) < take
-    for a, (graphdef, state, scale), shift in zip(acc, models, shifts):
-      for k, v in enumerate(step(graphdef, state, scale, x, valid, shift)):
-        a[k] = a[k] + np.asarray(v, np.float64)
-      bar.update(take)
-  bar.close()
-  imps, fvus = [], []
-  for d_sse, sse, sx, sq in acc:
-    total_var = sq - float(sx @ sx) / num_tokens
-    imps.append(d_sse / total_var)
-    fvus.append(float(sse / total_var))
-  return imps, fvus, num_tokens
-
-
-def importance_of(summary: dict, cfg: ReportConfig, progress: bool = True):
-  """(per-SAE importance by name, FVU by name, tokens), or (None, note) when unavailable."""
-  if cfg.importance_tokens == 0:
-    return None, "importance not requested"
-  if not summary.get("store"):
-    return None, "no activation store is known for these SAEs, so no importance"
-  from jaxsae import saes as saes_lib
-  from jaxsae import store as store_lib
-  try:
-    store = store_lib.Store(summary["store"])
-    saes = [saes_lib.load_sae(s["path"], s["name"]) for s in summary["saes"]]
-  except (JaxsaeError, OSError) as e:
-    return None, f"importance unavailable: {e}"
-  site = saes[0].site if saes[0].site in store.sites else None
-  n = cfg.importance_tokens
-  if n < 0:
-    n = summary.get("freq_tokens") or match_lib.DEFAULT_FREQ_TOKENS
-  batch = summary.get("config", {}).get("freq_batch", 1024)
-  imps, fvus, tokens = importance(saes, store, n, batch, site, progress)
-  names = [s.name for s in saes]
-  return (dict(zip(names, imps)), dict(zip(names, fvus)), tokens), ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -711,13 +578,9 @@ def _gap(p: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(cfg: ReportConfig) -> dict:
-  """Reads a match directory and writes report.json, the PNGs and report.html."""
+def read_match(match_dir: str):
+  """(match.json, latents.csv as a DataFrame) of a complete match directory."""
   import pandas as pd
-
-  if len(cfg.inputs) != 1:
-    raise JaxsaeError("pass exactly one MATCH_DIR: the --out of `jaxsae match`")
-  match_dir = cfg.inputs[0]
   summary_path = os.path.join(match_dir, match_lib.SUMMARY_FILE)
   table_path = os.path.join(match_dir, match_lib.LATENTS_FILE)
   for path in (summary_path, table_path):
@@ -738,11 +601,14 @@ def run(cfg: ReportConfig) -> dict:
   if missing:
     raise JaxsaeError(f"{match_dir} is not a complete `jaxsae match` output (no "
                       f"{', '.join(missing)}); rerun `jaxsae match ... --out={match_dir}`")
-  out = cfg.out or match_dir
-  os.makedirs(out, exist_ok=True)
-  t = summary["threshold"]
+  return summary, table
 
-  data: dict[str, Any] = {
+
+def numbers(summary: dict, table) -> dict[str, Any]:
+  """Every number the plots draw that latents.csv and match.json give directly."""
+  t = summary["threshold"]
+  names, overlap = overlap_matrix(summary)
+  return {
       "threshold": t,
       "definition": summary["definition"],
       "fraction_shared_mean": summary["fraction_shared_mean"],
@@ -754,28 +620,27 @@ def run(cfg: ReportConfig) -> dict:
           col: dict(zip(("counts", "edges"), (h.tolist() for h in np.histogram(
               table[col].values, bins=np.linspace(-1, 1, 81)))))
           for col in ("enc_cos", "dec_cos")},
+      "overlap": {"names": names, "matrix": overlap.tolist()},
   }
-  names, overlap = overlap_matrix(summary)
-  data["overlap"] = {"names": names, "matrix": overlap.tolist()}
-  found, note = importance_of(summary, cfg)
-  extra = {}
-  if found is not None:
-    per_sae, fvus, tokens = found
-    extra["important_orphan"] = important_orphans(table, per_sae[table.a.iloc[0]], cfg.examples,
-                                                  cfg.orphan_min_frequency)
-    data["importance"] = {"tokens": tokens, "fvu": fvus, "min_frequency": cfg.orphan_min_frequency,
-                          "per_sae": {k: v.tolist() for k, v in per_sae.items()},
-                          **importance_split(table, per_sae)}
-  else:
-    data["importance"] = {"note": note}
-  found_examples, data["context_note"] = examples_with_contexts(summary, table, cfg, extra)
-  data["examples"] = [x for x in found_examples if x["kind"] != "important_orphan"]
-  if found is not None:
-    top = [x for x in found_examples if x["kind"] == "important_orphan"]
-    for x in top:
-      x["importance"] = float(per_sae[table.a.iloc[0]][x["latent"]])
-    data["importance"]["top_orphans"] = top
 
+
+def importance_data(table, importance: dict, cfg: ReportConfig, show) -> dict:
+  """report.json's `importance`: the match's measurement, its split by shared and orphan, and
+  the most important frequent orphans of the first pair's `a` (shown as `show` shows them)."""
+  per_sae = importance["per_sae"]
+  base = per_sae[table.a.iloc[0]]
+  top = [{**show("important_orphan", lat), "importance": float(base[lat])}
+         for lat in important_orphans(table, base, cfg.examples, cfg.orphan_min_frequency)]
+  return {"tokens": importance["tokens"], "fvu": importance["fvu"],
+          "min_frequency": cfg.orphan_min_frequency,
+          "per_sae": {k: v.tolist() for k, v in per_sae.items()},
+          **importance_split(table, per_sae), "top_orphans": top}
+
+
+def draw(summary: dict, table, data: dict, importance: dict | None,
+         out: str) -> dict[str, tuple[str, str]]:
+  """Every plot as a PNG in `out`: {title: (path, caption)}, in the page's order."""
+  t, names = summary["threshold"], data["overlap"]["names"]
   p = lambda name: os.path.join(out, name)
   plots = {}
   plot_cosines(table, t, p("cosines.png"))
@@ -794,20 +659,46 @@ def run(cfg: ReportConfig) -> dict:
       p("rules.png"), f"Fraction of latents above threshold {t:g} on the encoder only, the "
       "decoder only, both, both with the same partner; the max-cos baseline; and how often "
       "the two bijections agree at any cosine.")
-  plot_overlap(names, overlap, p("overlap.png"))
+  plot_overlap(names, np.array(data["overlap"]["matrix"]), p("overlap.png"))
   plots["Pairwise overlap"] = (p("overlap.png"), "Fraction of the row SAE's latents shared with "
                                "the column SAE, for every pair of seeds.")
   plot_seeds(summary["seeds"], p("seeds.png"))
   plots["Across seeds"] = (p("seeds.png"), f"Left: in how many SAEs each latent of "
                            f"{names[0]} is found. Right: fraction found only in {names[0]} as "
                            "more SAEs are compared (mean and std over random subsets).")
-  if found is not None:
-    plot_importance(table, per_sae, p("importance.png"))
+  if importance is not None:
+    plot_importance(table, importance["per_sae"], p("importance.png"))
     plots["Importance: shared against orphan"] = (
         p("importance.png"), f"Cumulative distribution of the FVU each latent's ablation adds, "
-        f"on {tokens} tokens, for the shared and the orphan latents of a in every pair.")
+        f"on {importance['tokens']} tokens, for the shared and the orphan latents of a in every "
+        "pair.")
+  return plots
+
+
+def run(cfg: ReportConfig) -> dict:
+  """Renders a match directory, and nothing else, as report.json, the PNGs and report.html."""
+  if len(cfg.inputs) != 1:
+    raise JaxsaeError("pass exactly one MATCH_DIR: the --out of `jaxsae match`")
+  match_dir = cfg.inputs[0]
+  summary, table = read_match(match_dir)
+  out = cfg.out or match_dir
+  os.makedirs(out, exist_ok=True)
+
+  data = numbers(summary, table)
+  importance, importance_note = read_importance(match_dir, summary)
+  contexts, data["context_note"] = read_contexts(match_dir, summary, cfg.contexts)
+  base = table.a.iloc[0]
+  rows = table[(table.a == base) & (table.b == table.b.iloc[0])].set_index("latent")
+  show = lambda kind, lat: shown(kind, lat, rows, contexts, base)
+  data["examples"] = [show(kind, lat) for kind, lats in
+                      pick_examples(table, cfg.examples, cfg.seed).items() for lat in lats]
+  data["importance"] = (importance_data(table, importance, cfg, show) if importance is not None
+                        else {"note": importance_note})
+
+  plots = draw(summary, table, data, importance, out)
   data["plots"] = {title: os.path.basename(path) for title, (path, _) in plots.items()}
-  files.atomic_write_json(p("report.json"), data)
-  files.atomic_write_bytes(p("report.html"), render_html(summary, data, plots).encode())
-  print(f"jaxsae report: wrote {p('report.html')} ({len(plots)} plots)")
+  files.atomic_write_json(os.path.join(out, "report.json"), data)
+  files.atomic_write_bytes(os.path.join(out, "report.html"),
+                           render_html(summary, data, plots).encode())
+  print(f"jaxsae report: wrote {os.path.join(out, 'report.html')} ({len(plots)} plots)")
   return data
