@@ -193,22 +193,26 @@ def _npz(path: str) -> dict[str, np.ndarray]:
     return {k: z[k] for k in z.files}
 
 
-def _measured(match_dir: str, summary: dict, key: str, name: str,
+def _measured(match_dir: str, summary: dict, key: str, names: tuple[str, ...],
               what: str) -> tuple[str | None, str]:
-  """(path of the match's file holding `what`, "") or (None, why there is none)."""
+  """(path of the match's first file holding `what`, "") or (None, why there is none)."""
   if key not in summary:
     return None, (f"this match predates stored {what}; rerun `jaxsae match ... "
                   f"--out={match_dir}` to measure them")
   if not summary[key]:
     return None, (f"no activation store is known for these SAEs, so no {what}"
                   if not summary.get("store") else f"{what} not requested")
-  return os.path.join(match_dir, name), ""
+  for name in names:
+    if not os.path.isfile(os.path.join(match_dir, name)):
+      raise JaxsaeError(f"{match_dir}/{name} is missing, though match.json says {what} were "
+                        f"measured; rerun `jaxsae match ... --out={match_dir}`")
+  return os.path.join(match_dir, names[0]), ""
 
 
 def read_importance(match_dir: str, summary: dict) -> tuple[dict | None, str]:
   """({"per_sae": {name: [n]}, "fvu": {name: float}, "tokens": int}, "") from the match's
   importance.npz, or (None, why there is none)."""
-  path, note = _measured(match_dir, summary, "importance_tokens", match_lib.IMPORTANCE_FILE,
+  path, note = _measured(match_dir, summary, "importance_tokens", (match_lib.IMPORTANCE_FILE,),
                          "importance")
   if path is None:
     return None, note
@@ -247,7 +251,8 @@ class Contexts:
 
 def read_contexts(match_dir: str, summary: dict, top: int) -> tuple[Contexts | None, str]:
   """The match's stored contexts, `top` per latent shown, and a note for the page."""
-  path, note = _measured(match_dir, summary, "scan_tokens", match_lib.CONTEXTS_FILE, "contexts")
+  path, note = _measured(match_dir, summary, "scan_tokens",
+                         (match_lib.CONTEXTS_FILE, match_lib.TOKENS_FILE), "contexts")
   if path is None or top == 0:
     return None, note or "contexts not requested"
   found = Contexts(match_dir, summary, top)

