@@ -82,6 +82,51 @@ def files(directory) -> dict[str, bytes]:
   return {f: open(os.path.join(directory, f), "rb").read() for f in sorted(os.listdir(directory))}
 
 
+def save_sae(path: str, W_enc: np.ndarray, b_enc: np.ndarray, W_dec: np.ndarray,
+             b_dec: np.ndarray, *, layout: str = "sparsify", arch: str = "topk",
+             k: int | None = None, extras: dict[str, np.ndarray] | None = None,
+             cfg: dict | None = None) -> str:
+  """Writes canonical weights ([n, d_in] encoder rows) as an SAE directory of `layout`.
+
+  `cfg` entries are merged into its cfg.json (dicts key by key), rewritten in place, not
+  atomically: fine for a test's own SAEs (the trainer exports through `jaxsae.sae.io`).
+  """
+  import json
+  from safetensors.numpy import save_file
+  from jaxsae import saes
+  n, d = W_dec.shape
+  f32 = lambda x: np.ascontiguousarray(x, np.float32)
+  extras = {key: f32(v) for key, v in (extras or {}).items()}
+  if layout == "sparsify":
+    # The trainer's exporter writes the layout; only cfg overrides are applied on top.
+    from jaxsae.sae import io
+    io.save_sparsify(path, {"W_enc": f32(W_enc).T, "b_enc": f32(b_enc), "W_dec": f32(W_dec),
+                            "b_dec": f32(b_dec), **extras},
+                     {"arch": arch} if k is None else {"arch": arch, "k": k})
+    with open(os.path.join(path, saes.CFG_FILE)) as f:
+      meta = json.load(f)
+    meta["k"] = k  # None stays None, as in SAEs exported without one
+  elif layout == "saelens":
+    tensors = {"W_enc": f32(W_enc.T), "b_enc": f32(b_enc), "W_dec": f32(W_dec),
+               "b_dec": f32(b_dec), **extras}
+    meta = {"d_in": d, "d_sae": n, "architecture": {"relu": "standard"}.get(arch, arch),
+            "apply_b_dec_to_input": True, "dtype": "float32"}
+    if k is not None:
+      meta["k"] = k
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, saes.SAELENS_FILE))
+  else:
+    raise ValueError(layout)
+  for key, value in (cfg or {}).items():
+    if isinstance(value, dict) and isinstance(meta.get(key), dict):
+      meta[key] = {**meta[key], **value}
+    else:
+      meta[key] = value
+  with open(os.path.join(path, saes.CFG_FILE), "w") as f:
+    json.dump(meta, f, indent=1)
+  return path
+
+
 def edit_manifest(directory, fn) -> None:
   """Applies `fn` to the manifest.json of the store in `directory`, in place."""
   import json

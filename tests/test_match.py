@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import save_sae
+
 from jaxsae import match
 from jaxsae import saes
 from jaxsae import store as store_lib
@@ -61,8 +63,8 @@ def planted_pair(rng, m, encoder_only=0, swapped=0):
 
 
 def write(path, w, layout="sparsify", arch="topk", k=K, **kw):
-  return saes.save(str(path), w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], layout=layout,
-                   arch=arch, k=k, **kw)
+  return save_sae(str(path), w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], layout=layout,
+                  arch=arch, k=k, **kw)
 
 
 def cfg(tmp_path, inputs, **kw):

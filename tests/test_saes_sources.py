@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import save_sae
+
 from jaxsae import hub
 from jaxsae import saes
 from jaxsae.errors import JaxsaeError
@@ -29,8 +31,8 @@ def random_weights(rng, n=N, d=D):
 
 
 def write(path, w, layout="sparsify", k=K, **kw):
-  return saes.save(str(path), w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], layout=layout,
-                   arch="topk", k=k, **kw)
+  return save_sae(str(path), w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], layout=layout,
+                  arch="topk", k=k, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
