@@ -77,9 +77,31 @@ def planted_sparse(n_rows: int, d: int, n_feat: int, k: int, seed: int = 0):
   return coef @ dirs + 0.01 * rng.normal(size=(n_rows, d)), dirs
 
 
+# The tests' small training run: 2 seeds, 64 latents, k=4, 40 steps of 128 rows.
+TRAIN_FLAGS = dict(num_latents=64, k=4, seeds=(0, 1), batch_size=128, num_tokens=128 * 40,
+                   lr=1e-2, lr_warmup_steps=5, checkpoint_every=10, log_every=5,
+                   progress=False)
+
+
+def train_config(store_dir, out, **kw):
+  """The TrainConfig of `TRAIN_FLAGS` on the store `store_dir`, writing to `out`; `kw` override."""
+  from jaxsae import train
+  return train.TrainConfig(store=str(store_dir), out=str(out), **{**TRAIN_FLAGS, **kw})
+
+
 def files(directory) -> dict[str, bytes]:
   """Every file of a directory by name, with its bytes."""
   return {f: open(os.path.join(directory, f), "rb").read() for f in sorted(os.listdir(directory))}
+
+
+def rand(rng, *shape) -> np.ndarray:
+  return rng.standard_normal(shape).astype(np.float32)
+
+
+def random_sae_weights(rng, n: int, d: int) -> dict[str, np.ndarray]:
+  """Random canonical weights of an SAE of n latents on d_in = d, as `save_sae` takes them."""
+  return {"W_enc": rand(rng, n, d), "b_enc": 0.1 * rand(rng, n), "W_dec": rand(rng, n, d),
+          "b_dec": 0.1 * rand(rng, d)}
 
 
 def save_sae(path: str, W_enc: np.ndarray, b_enc: np.ndarray, W_dec: np.ndarray,

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import save_sae
+from conftest import rand, random_sae_weights, save_sae
 
 from jaxsae import hub
 from jaxsae import saes
@@ -21,13 +21,8 @@ from jaxsae.errors import JaxsaeError
 D, N, K = 16, 48, 4
 
 
-def rand(rng, *shape):
-  return rng.standard_normal(shape).astype(np.float32)
-
-
 def random_weights(rng, n=N, d=D):
-  return {"W_enc": rand(rng, n, d), "b_enc": 0.1 * rand(rng, n), "W_dec": rand(rng, n, d),
-          "b_dec": 0.1 * rand(rng, d)}
+  return random_sae_weights(rng, n, d)
 
 
 def write(path, w, layout="sparsify", k=K, **kw):

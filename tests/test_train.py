@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from conftest import planted_sparse
+from conftest import planted_sparse, train_config as config
 
 from jaxsae import store as store_lib
 from jaxsae import store_writer
@@ -38,13 +38,6 @@ def store_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("store") / "acts")
   store_writer.write_store(path, planted(), rows_per_shard=1024)
   return path
-
-
-def config(store_dir, out, **kw):
-  base = dict(store=store_dir, out=str(out), num_latents=N, k=4, seeds=(0, 1), batch_size=128,
-              num_tokens=128 * 40, lr=1e-2, lr_warmup_steps=5, checkpoint_every=10,
-              log_every=5, progress=False)
-  return train.TrainConfig(**{**base, **kw})
 
 
 def exported(out, seeds=(0, 1)):

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import planted_sparse
+from conftest import planted_sparse, train_config
 
 from jaxsae import saes
 from jaxsae import store as store_lib
@@ -35,10 +35,7 @@ def store_dir(tmp_path_factory):
 
 
 def config(store_dir, out, **kw):
-  base = dict(store=store_dir, out=str(out), num_latents=N, k=4, seeds=(0, 1), batch_size=128,
-              num_tokens=128 * 20, lr=1e-2, lr_warmup_steps=5, checkpoint_every=10,
-              log_every=5, progress=False)
-  return train.TrainConfig(**{**base, **kw})
+  return train_config(store_dir, out, **{"num_tokens": 128 * 20, **kw})
 
 
 def weights(path):

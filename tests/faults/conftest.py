@@ -12,13 +12,13 @@ import time
 import numpy as np
 import pytest
 
-from conftest import files, planted_sparse  # noqa: F401 (files: for the tests here)
+from conftest import files, planted_sparse, train_config  # noqa: F401 (files: for the tests)
 
 from jaxsae import store_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
-D_IN, N = 16, 64
+D_IN = 16
 
 
 def jaxsae(*args, pause: tuple[str, int, str] | None = None) -> list[str]:
@@ -71,16 +71,6 @@ def train_store(tmp_path_factory) -> str:
   x, _ = planted_sparse(8192, D_IN, 32, 3, 0)
   store_writer.write_store(path, (x + 0.5).astype(np.float32), rows_per_shard=1024)
   return path
-
-
-TRAIN_FLAGS = dict(num_latents=N, k=4, seeds=(0, 1), batch_size=128, num_tokens=128 * 40,
-                   lr=1e-2, lr_warmup_steps=5, checkpoint_every=10, log_every=5,
-                   progress=False)
-
-
-def train_config(store_dir, out, **kw):
-  from jaxsae import train
-  return train.TrainConfig(store=str(store_dir), out=str(out), **{**TRAIN_FLAGS, **kw})
 
 
 def train_args(store_dir, out, **kw) -> list[str]:

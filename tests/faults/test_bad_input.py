@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import save_sae
+from conftest import rand, save_sae
 
 from .conftest import ROOT
 
@@ -88,8 +88,7 @@ CASES = [
 
 def _sae(path, n, d=16, cfg_text=None):
   rng = np.random.default_rng(n)
-  w = lambda *s: rng.standard_normal(s).astype(np.float32)
-  save_sae(str(path), w(n, d), w(n), w(n, d), w(d), k=4)
+  save_sae(str(path), rand(rng, n, d), rand(rng, n), rand(rng, n, d), rand(rng, d), k=4)
   if cfg_text is not None:
     with open(os.path.join(str(path), "cfg.json"), "w") as f:
       f.write(cfg_text)
