@@ -1,9 +1,9 @@
-"""The TopK step's three paths against each other (common.topk_path), shape by shape.
+"""The TopK step's three paths against each other (common.choose_topk_path), shape by shape.
 
   python bench/bench_kernels.py --d_in=576 --k=32 --shapes=256x1024,1024x2048,4096x4096
 
 For each batch x latents shape, one seed's whole training step (`train.make_step`: loss,
-gradient, clip, Adam) with `SaeConfig.topk_backward` forcing each path (jaxsae's CPU kernels,
+gradient, clip, Adam) with `--topk_backward` forcing each path (jaxsae's CPU kernels,
 dense products, XLA's scatter-adds), timed interleaved in one process (kernel, dense, scatter,
 kernel, ...; --rounds of --steps steps each), so that a busy machine slows all alike. Prints
 one JSON row per shape: median ms per step of each path and each over the first.
@@ -36,13 +36,13 @@ def step_fn(batch: int, n: int, path: str):
   import jax
   from flax import nnx
   from jaxsae import train
-  from jaxsae.sae import ARCHITECTURES, SaeConfig
-  cfg = train.TrainConfig(num_latents=n, k=_K.value, batch_size=batch, topk_backward=path)
-  tx, _ = train.make_optimizer(1e-3, 10, 1000, cfg)
-  make = lambda: train.TrainState(ARCHITECTURES["topk"], (0,), _D_IN.value, n,
-                                  SaeConfig(k=_K.value, topk_backward=path), tx)
+  cfg = train.TrainConfig(num_latents=n, k=_K.value, batch_size=batch, seeds=(0,),
+                          topk_backward=path, lr=1e-3, lr_warmup_steps=10, penalty_warmup=0)
+  plan = train.resolve(cfg, _D_IN.value, 1000 * batch)
+  tx, _ = train.make_optimizer(plan)
+  make = lambda: train.TrainState.of(plan, tx)
   graphdef, _ = nnx.split(nnx.eval_shape(make))
-  step = jax.jit(train.make_step(graphdef, cfg, 0, train.seed_loop(cfg)), donate_argnums=0)
+  step = jax.jit(train.make_step(graphdef, plan), donate_argnums=0)
   state = jax.jit(lambda: nnx.state(make()))()
   xs = np.random.default_rng(0).normal(size=(_STEPS.value, batch, _D_IN.value))
   xs = [jax.device_put(x.astype(np.float32)) for x in xs]

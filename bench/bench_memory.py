@@ -34,15 +34,16 @@ def main(_):
   import jax.numpy as jnp
   from flax import nnx
   from jaxsae import train
-  from jaxsae.sae import ARCHITECTURES, SaeConfig
   d, n, b = _D_IN.value, _N.value, _B.value
-  cfg = train.TrainConfig(num_latents=n, k=_K.value, batch_size=b)
-  tx, _ = train.make_optimizer(1e-3, 10, 1000, cfg)
   for s in map(int, _SEEDS.value):
-    sae_cfg = SaeConfig(k=_K.value, compute_dtype=_COMPUTE.value)
-    make = lambda: train.TrainState(ARCHITECTURES["topk"], tuple(range(s)), d, n, sae_cfg, tx)
+    plan = train.resolve(train.TrainConfig(
+        num_latents=n, k=_K.value, batch_size=b, seeds=tuple(range(s)), lr=1e-3,
+        lr_warmup_steps=10, penalty_warmup=0, compute_dtype=_COMPUTE.value,
+        seed_loop=_LOOP.value), d, 1000 * b)
+    tx, _ = train.make_optimizer(plan)
+    make = lambda: train.TrainState.of(plan, tx)
     graphdef, state = nnx.split(nnx.eval_shape(make))
-    step = jax.jit(train.make_step(graphdef, cfg, 0, _LOOP.value), donate_argnums=0)
+    step = jax.jit(train.make_step(graphdef, plan), donate_argnums=0)
     m = step.lower(state, jax.ShapeDtypeStruct((b, d), jnp.float32)).compile().memory_analysis()
     arg, temp = m.argument_size_in_bytes / 1e9, m.temp_size_in_bytes / 1e9
     print(json.dumps({"seeds": s, "d_in": d, "num_latents": n, "batch_size": b, "k": _K.value,

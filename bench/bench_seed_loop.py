@@ -1,11 +1,11 @@
 """How the step should run its seeds on this machine: batched (vmap), unrolled in turn, or in
-turn as a lax.map (train.over_seeds), for one architecture and shape.
+turn as a lax.map (train.step.over_seeds), for one architecture and shape.
 
   python bench/bench_seed_loop.py --arch=topk --batch_size=256 --num_latents=1024 --seeds=4
 
 The whole training step (`train.make_step`: loss, gradient, clip, Adam, the guard) on the same
 state and batch under each loop, the loops interleaved round by round; median ms per step.
-`train.seed_loop` encodes what this measured (see BENCHMARKS.md); JAXSAE_CPU_KERNELS=0 times
+`train.plan.seed_loop` encodes what this measured (see BENCHMARKS.md); JAXSAE_CPU_KERNELS=0 times
 XLA's own paths.
 """
 
@@ -29,36 +29,35 @@ _LOOPS = flags.DEFINE_list("loops", ["vmap", "unrolled", "lax_map"], "Loops to t
 _STEPS = flags.DEFINE_integer("steps", 20, "Steps per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds.")
 
-# train.over_seeds's arguments for each loop.
+# The plan's (seed_loop, unroll_seeds) for each loop.
 LOOPS = {"vmap": ("vmap", False), "unrolled": ("map", True), "lax_map": ("map", False)}
 
 
 def main(_):
+  import dataclasses
+
   import jax
   import jax.numpy as jnp
   from flax import nnx
   from jaxsae import train
-  from jaxsae.sae import ARCHITECTURES, SaeConfig
 
   b, n, d = _B.value, _N.value, _D_IN.value
   cfg = train.TrainConfig(arch=_ARCH.value, num_latents=n, k=_K.value, batch_size=b,
-                          topk_backward=_BACKWARD.value)
-  tx, _ = train.make_optimizer(1e-3, 10, 1000, cfg)
-  make = lambda: train.TrainState(ARCHITECTURES[_ARCH.value], list(range(_SEEDS.value)), d, n,
-                                  SaeConfig(k=_K.value, topk_backward=_BACKWARD.value), tx)
+                          seeds=tuple(range(_SEEDS.value)), topk_backward=_BACKWARD.value,
+                          lr=1e-3, lr_warmup_steps=10, penalty_warmup=0)
+  plan = train.resolve(cfg, d, 1000 * b)
+  tx, _ = train.make_optimizer(plan)
+  make = lambda: train.TrainState.of(plan, tx)
   graphdef, _ = nnx.split(nnx.eval_shape(make))
   x = jnp.asarray(np.random.default_rng(0).normal(size=(b, d)).astype(np.float32))
-  over_seeds = train.over_seeds
   steps, states = {}, {}
   for name in _LOOPS.value:
     loop, unroll = LOOPS[name]
-    # The step traces train.over_seeds once, here; the loop is fixed from then on.
-    train.over_seeds = lambda fn, members, _loop, _unroll, loop=loop, unroll=unroll: over_seeds(
-        fn, members, loop, unroll)
-    steps[name] = jax.jit(train.make_step(graphdef, cfg, 0, loop), donate_argnums=0)
+    forced = dataclasses.replace(plan, execution=dataclasses.replace(
+        plan.execution, seed_loop=loop, unroll_seeds=unroll))
+    steps[name] = jax.jit(train.make_step(graphdef, forced), donate_argnums=0)
     states[name], _ = steps[name](jax.jit(lambda: nnx.state(make()))(), x)
     jax.block_until_ready(states[name])
-  train.over_seeds = over_seeds
   times = {name: [] for name in steps}
   for _ in range(_ROUNDS.value):
     for name, step in steps.items():
@@ -69,7 +68,7 @@ def main(_):
       jax.block_until_ready(state)
       times[name].append((time.perf_counter() - t) / _STEPS.value * 1e3)
       states[name] = state
-  chosen = train.seed_loop(cfg, num_seeds=_SEEDS.value)
+  chosen = plan.execution.seed_loop
   print(json.dumps({"arch": _ARCH.value, "batch_size": b, "num_latents": n, "seeds": _SEEDS.value,
                     "topk_backward": _BACKWARD.value, "chosen": chosen,
                     **{f"{name}_ms": round(float(np.median(t)), 2) for name, t in times.items()}}))

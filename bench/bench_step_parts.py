@@ -31,12 +31,13 @@ def main(_):
   import optax
   from flax import nnx
   from jaxsae import train
-  from jaxsae.sae import ARCHITECTURES, SaeConfig, common
+  from jaxsae.sae import common
 
   b, n, d, k = _B.value, _N.value, _D_IN.value, _K.value
-  cfg = train.TrainConfig(num_latents=n, k=k, batch_size=b)
-  tx, _ = train.make_optimizer(1e-3, 10, 1000, cfg)
-  make = lambda: train.TrainState(ARCHITECTURES["topk"], (0,), d, n, SaeConfig(k=k), tx)
+  plan = train.resolve(train.TrainConfig(num_latents=n, k=k, batch_size=b, seeds=(0,), lr=1e-3,
+                                         lr_warmup_steps=10, penalty_warmup=0), d, 1000 * b)
+  tx, _ = train.make_optimizer(plan)
+  make = lambda: train.TrainState.of(plan, tx)
   graphdef, _ = nnx.split(nnx.eval_shape(make))
   x = jnp.asarray(np.random.default_rng(0).normal(size=(b, d)).astype(np.float32))
   state = jax.jit(lambda: nnx.state(make()))()
@@ -52,14 +53,14 @@ def main(_):
     return optax.apply_updates(p, updates), o
 
   parts = {
-      "step": (jax.jit(train.make_step(graphdef, cfg, 0, train.seed_loop(cfg))), (state, x)),
+      "step": (jax.jit(train.make_step(graphdef, plan)), (state, x)),
       "loss_and_grad": (jax.jit(jax.value_and_grad(loss)), (one, x)),
       "forward": (jax.jit(loss), (one, x)),
       "encoder_product": (jax.jit(lambda x, w: x @ w), (x, w)),
       "product_and_top_k": (jax.jit(lambda x, w: jax.lax.top_k(jax.nn.relu(x @ w), k)), (x, w)),
       # The kernels' top-k where they run (else XLA's again).
       "product_and_kernel_top_k": (jax.jit(lambda x, w: common.exact_top_k(
-          jax.nn.relu(x @ w), k)), (x, w)),
+          jax.nn.relu(x @ w), k, plan.execution.cpu_kernels)), (x, w)),
       "clip_and_adam": (jax.jit(adam), (params, opt, jax.tree.map(lambda a: a * 1e-3, params))),
   }
   med = timing.interleaved_ms(parts, _ROUNDS.value, 10)

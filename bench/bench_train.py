@@ -92,7 +92,7 @@ def run_jaxsae(xs, held, num_seeds: int) -> dict:
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec as P
   from jaxsae import train
-  from jaxsae.sae import ARCHITECTURES, SaeConfig, common
+  from jaxsae.sae import ARCHITECTURES, common
 
   if _DENSE.value:
     common.topk_encoder = lambda x, w, b, c: jax.lax.top_k(
@@ -100,24 +100,21 @@ def run_jaxsae(xs, held, num_seeds: int) -> dict:
   steps = len(xs)
   d_in, n = xs.shape[-1], _N.value
   cfg = train.TrainConfig(arch="topk", num_latents=n, k=_K.value, batch_size=_B.value,
-                          topk_backward=_BACKWARD.value)
-  spec = train.resolve(cfg, d_in, steps * _B.value)
-  sae_cfg = SaeConfig(k=_K.value, compute_dtype=spec["compute_dtype"],
-                      topk_backward=_BACKWARD.value)
-  tx, _ = train.make_optimizer(spec["lr"], cfg.lr_warmup_steps, steps, cfg)
-  mesh = train.make_mesh("auto", num_seeds, _B.value)
-  seeds = list(range(num_seeds))
-  make_state = lambda: train.TrainState(ARCHITECTURES["topk"], seeds, d_in, n, sae_cfg, tx)
+                          seeds=tuple(range(num_seeds)), topk_backward=_BACKWARD.value,
+                          penalty_warmup=0)
+  plan = train.resolve(cfg, d_in, steps * _B.value)
+  sae_cfg, dtype = plan.sae, plan.execution.compute_dtype
+  tx, _ = train.make_optimizer(plan)
+  mesh = train.make_mesh(plan)
+  make_state = lambda: train.TrainState.of(plan, tx)
   graphdef, abstract = nnx.split(nnx.eval_shape(make_state))
   shardings = train.state_shardings(abstract, mesh)
   batch_sharding = NamedSharding(mesh, P("data", None))
-  step = jax.jit(train.make_step(graphdef, cfg, 0, train.seed_loop(cfg, spec["compute_dtype"],
-                                                                   num_seeds=num_seeds)),
-                 in_shardings=(shardings, batch_sharding),
+  step = jax.jit(train.make_step(graphdef, plan), in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, NamedSharding(mesh, P("seed"))), donate_argnums=0)
   state = jax.jit(lambda: nnx.state(make_state()), out_shardings=shardings)()
   dev = [jax.device_put(x, batch_sharding) for x in xs]
-  state = jax.jit(train.init_b_dec, static_argnums=0, out_shardings=shardings)(
+  state = jax.jit(train.init_from_first_batch, static_argnums=0, out_shardings=shardings)(
       graphdef, state, dev[0])
   for i in range(_WARMUP.value):
     state, m = step(state, dev[i])
@@ -138,10 +135,10 @@ def run_jaxsae(xs, held, num_seeds: int) -> dict:
   # The encoder product every step must do, for every seed: [B, d_in] @ [d_in, n]. With the
   # k-sparse backward there is no other dense product of that size.
   tflops = num_seeds * 2 * _B.value * d_in * n / step_s / 1e12
-  floor = measure_floor(num_seeds, d_in, n, spec["compute_dtype"])
+  floor = measure_floor(num_seeds, d_in, n, dtype)
   return {"tok_s_per_seed": timed / seconds, "fvu": float(np.mean(fvus)),
-          "device": str(jax.devices()[0].device_kind), "compute_dtype": spec["compute_dtype"],
-          "backward": common.topk_path(_B.value, n, sae_cfg),
+          "device": str(jax.devices()[0].device_kind), "compute_dtype": dtype,
+          "backward": plan.execution.topk_path, "seed_loop": plan.execution.seed_loop,
           "step_s": step_s, "encoder_tflops": tflops, "roofline": tflops / _PEAK.value,
           **floor, "over_floor": step_s / floor["floor_s"]}
 

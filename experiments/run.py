@@ -121,7 +121,7 @@ def trained(group: str, name: str, store: str, **overrides) -> str:
   cfg.update(overrides)
   seeds = cfg.get("seeds") or range(cfg["num_seeds"])
   data = cfg.get("data_seeds")
-  members = train.member_names({"seeds": list(seeds), "data_seeds": list(data or ())})
+  members = train.member_names(list(seeds), list(data or ()))
   if not all(os.path.exists(os.path.join(run_dir, m, "sae.safetensors")) for m in members):
     if data:
       cfg.pop("num_seeds")

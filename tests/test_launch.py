@@ -72,8 +72,8 @@ def test_tpu_script_runs_the_flagfile_on_every_worker_with_checkpoints_in_the_bu
   assert cfg.checkpoint_dir == "gs://b/runs/paper_topk/checkpoints"
   # The paper's settings, and they pass the trainer's checks for Pythia-160M's d_in of 768.
   assert (cfg.arch, cfg.num_latents, cfg.k, cfg.num_seeds) == ("topk", 32768, 32, 8)
-  spec = train.resolve(cfg, 768, 8_000_000_000)
-  assert spec["num_steps"] == 8_000_000_000 // 16384 and spec["keep_steps"]
+  plan = train.resolve(cfg, 768, 8_000_000_000)
+  assert plan.num_steps == 8_000_000_000 // 16384 and plan.checkpoints.keep_steps
   assert copy[-1].split()[-1] == "gs://b/runs/paper_topk"
 
 

@@ -51,12 +51,12 @@ def test_loss_is_the_sum_of_the_prefixes_fvus_and_its_gradient_too():
   loss, out = sae.loss(x, jnp.zeros(N, bool), 1.0)
   params = {name: v[...] for name, v in nnx.state(sae, nnx.Param).items()}
   want, want_prefix = by_hand(params, x, sae.widths)
-  np.testing.assert_allclose(out["prefix_fvu"], want_prefix, rtol=1e-5)
+  np.testing.assert_allclose(out.prefix_fvu, want_prefix, rtol=1e-5)
   np.testing.assert_allclose(loss, want, rtol=1e-5)
-  np.testing.assert_allclose(out["fvu"], want_prefix[-1], rtol=1e-5)
+  np.testing.assert_allclose(out.fvu, want_prefix[-1], rtol=1e-5)
   # Narrower prefixes reconstruct worse here: the sum is more than the full width's FVU.
-  assert float(loss) > 3 * float(out["fvu"])
-  assert float(out["l0"]) == pytest.approx(K)
+  assert float(loss) > 3 * float(out.fvu)
+  assert float(out.l0) == pytest.approx(K)
 
   grads = nnx.grad(lambda s: s.loss(x, jnp.zeros(N, bool), 1.0)[0])(sae)
   want_grads = jax.grad(lambda p: by_hand(p, x, sae.widths)[0])(params)
@@ -77,7 +77,7 @@ def test_one_prefix_is_batchtopk_and_inference_is_batchtopks():
   dead = jnp.arange(N) >= N // 2
   (lm, om), (lb, ob) = m.loss(x, dead, 1.0), b.loss(x, dead, 1.0)
   np.testing.assert_allclose(lm, lb, rtol=1e-6)
-  assert float(om["aux"]) > 0 and float(om["aux"]) == pytest.approx(float(ob["aux"]))
+  assert float(om.aux) > 0 and float(om.aux) == pytest.approx(float(ob.aux))
   m.after_step(om)
   b.after_step(ob)
   np.testing.assert_array_equal(m.encode(x), b.encode(x))

@@ -63,7 +63,7 @@ def train(name, x_all, steps=500, batch=512, lr=3e-3):
     if sae.unit_norm_decoder:
       sae.W_dec[...] = common.unit_norm_rows(sae.W_dec[...])
     sae.after_step(out)
-    return out["fvu"]
+    return out.fvu
 
   fvus = []
   rows = len(x_all) // batch * batch
@@ -89,9 +89,9 @@ def test_shapes_and_finite_loss(name):
   assert sae.decode(z).shape == (64, D_IN)
   loss, out = sae.loss(x, jnp.zeros(N, bool), jnp.ones(()))
   assert loss.shape == () and np.isfinite(float(loss))
-  assert out["fired"].shape == (N,) and out["fired"].dtype == bool
+  assert out.fired.shape == (N,) and out.fired.dtype == bool
   for key in ("fvu", "l0", "aux"):
-    assert out[key].shape == ()
+    assert getattr(out, key).shape == ()
   if sae.unit_norm_decoder:
     np.testing.assert_allclose(np.linalg.norm(sae.W_dec[...], axis=1), 1.0, rtol=1e-5)
 
@@ -166,10 +166,10 @@ def test_auxk_only_with_dead_latents_and_trains_them():
   sae = make("topk", SaeConfig(k=4, auxk_alpha=1 / 32))
   x = jax.random.normal(jax.random.key(1), (64, D_IN))
   _, out = sae.loss(x, jnp.zeros(N, bool), 1.0)
-  assert float(out["aux"]) == 0.0
+  assert float(out.aux) == 0.0
   dead = jnp.arange(N) >= N // 2
   grads, out = grads_of(sae, x, dead)
-  assert float(out["aux"]) > 0
+  assert float(out.aux) > 0
   # With AuxK on, dead latents get decoder gradient even though TopK never selects them.
   live_only = grads_of(sae, x, jnp.zeros(N, bool))[0]
   assert float(jnp.abs(grads["W_dec"][...][dead]).sum()) > float(
@@ -180,10 +180,10 @@ def test_batchtopk_keeps_k_per_token_on_average_and_sets_threshold():
   sae = make("batchtopk", SaeConfig(k=4))
   x = jax.random.normal(jax.random.key(1), (64, D_IN))
   _, out = sae.loss(x, jnp.zeros(N, bool), 1.0)
-  assert float(out["l0"]) == pytest.approx(4.0)
+  assert float(out.l0) == pytest.approx(4.0)
   assert float(sae.threshold[...]) == 0.0
   sae.after_step(out)
-  assert float(sae.threshold[...]) == pytest.approx(float(out["min_act"]))
+  assert float(sae.threshold[...]) == pytest.approx(float(out.min_act))
   z = sae.encode(x)  # inference by threshold: about k per token
   assert 2.0 < float((z > 0).sum(1).mean()) < 8.0
 
@@ -265,10 +265,11 @@ def test_fused_topk_encoder_gradients_equal_autodiff_of_the_dense_form():
   np.testing.assert_allclose(gx(x), gx_dense(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", [False, True] if cpu_kernels.available() else [False])
 @pytest.mark.parametrize("n,k,group", [(8192, 32, 32), (1000, 8, 16), (777, 5, 8)])
-def test_two_stage_top_k_equals_lax_top_k(n, k, group):
+def test_two_stage_top_k_equals_lax_top_k(n, k, group, kernel):
   x = jax.nn.relu(jax.random.normal(jax.random.key(n), (3, 64, n)))  # leading axes, zeros too
-  vals, idx = common.top_k(x, k, group)
+  vals, idx = common.grouped_top_k(x, k, kernel, group)
   ref_vals, _ = jax.lax.top_k(x, k)
   np.testing.assert_array_equal(vals, ref_vals)
   np.testing.assert_array_equal(jnp.take_along_axis(x, idx, -1), vals)
@@ -283,7 +284,7 @@ def test_topk_kernel_dense_and_scatter_paths_are_equal(seeds):
   x = jax.random.normal(jax.random.key(3), (64, D_IN)) + 0.3
 
   def run(backward):
-    cfg = SaeConfig(k=4, topk_backward=backward)
+    cfg = SaeConfig(k=4, topk_path=backward, cpu_kernels=cpu_kernels.available())
     graphdef, state = nnx.split(nnx.vmap(lambda r: ARCHITECTURES["topk"](D_IN, N, cfg, rngs=r))(
         nnx.Rngs(jax.vmap(jax.random.key)(jnp.arange(seeds)))))
     tx = optax.adam(1e-2)
@@ -295,7 +296,7 @@ def test_topk_kernel_dense_and_scatter_paths_are_equal(seeds):
     def step(s, opt, x):
       (l, out), g = jax.vmap(jax.value_and_grad(loss, has_aux=True), (0, None))(s, x)
       updates, opt = jax.vmap(tx.update)(g, opt)
-      return optax.apply_updates(s, updates), opt, l, g, out["fired"]
+      return optax.apply_updates(s, updates), opt, l, g, out.fired
 
     opt = jax.vmap(tx.init)(state)
     text = str(jax.make_jaxpr(step)(state, opt, x))
@@ -321,8 +322,10 @@ def test_topk_kernel_dense_and_scatter_paths_are_equal(seeds):
 
 def test_auto_takes_the_kernels_where_they_run_else_chooses_by_shape():
   # One CPU device, float32, and a compiler to build the kernels: this machine, CI's.
-  assert common.topk_path(64, N, SaeConfig()) == ("kernel" if cpu_kernels.available() else "dense")
-  assert common.topk_path(64, N, SaeConfig(compute_dtype="bfloat16")) == "dense"
+  path = lambda n, dtype="float32", requested="auto": common.choose_topk_path(
+      requested, 64, n, dtype, cpu_kernels.available())
+  assert path(N) == ("kernel" if cpu_kernels.available() else "dense")
+  assert path(N, "bfloat16") == "dense"
   big = common.DENSE_BACKWARD_MAX // 64 + 1
-  assert common.topk_path(64, big, SaeConfig(compute_dtype="bfloat16")) == "scatter"
-  assert common.topk_path(64, N, SaeConfig(topk_backward="scatter")) == "scatter"
+  assert path(big, "bfloat16") == "scatter"
+  assert path(N, requested="scatter") == "scatter"

@@ -109,13 +109,15 @@ def test_same_flags_same_numbers(store_dir, reference, tmp_path):
 @pytest.mark.parametrize("loop", ["vmap", "map"])
 def test_seeds_together_equal_separate_runs(store_dir, reference, tmp_path, loop):
   # One CPU device: the seeds batched where jaxsae's kernels run, else one after another.
+  seed_loop = lambda cfg: train.resolve(cfg, D_IN, 10**6).execution.seed_loop
   small = train.TrainConfig(num_latents=1024, batch_size=256)
-  assert train.seed_loop(small) == ("vmap" if cpu_kernels.available() else "map")
+  assert seed_loop(small) == ("vmap" if cpu_kernels.available() else "map")
   large = train.TrainConfig(num_latents=4096, batch_size=4096)
-  assert train.seed_loop(large) == "map"
-  assert train.seed_loop(large, num_seeds=1) == ("vmap" if cpu_kernels.available() else "map")
-  assert train.seed_loop(dataclasses.replace(small, topk_backward="scatter")) == "map"
-  assert train.seed_loop(train.TrainConfig(arch="relu_l1", topk_backward="scatter")) == "vmap"
+  assert seed_loop(large) == "map"
+  assert seed_loop(dataclasses.replace(large, seeds=(0,))) == (
+      "vmap" if cpu_kernels.available() else "map")
+  assert seed_loop(dataclasses.replace(small, topk_backward="scatter")) == "map"
+  assert seed_loop(train.TrainConfig(arch="relu_l1", topk_backward="scatter")) == "vmap"
   together = exported(reference)
   if loop == "vmap":
     train.run(config(store_dir, tmp_path / "vmapped", seed_loop="vmap"))
@@ -136,6 +138,28 @@ def test_kill_and_resume_equals_uninterrupted(store_dir, reference, tmp_path):
   with open(out / "metrics.jsonl") as f:
     steps = [json.loads(line)["step"] for line in f]
   assert steps == list(range(5, 41, 5))  # the lines past checkpoint 20 were logged once
+
+
+def test_run_of_the_trainer_before_the_run_plan_resumes(store_dir, reference, tmp_path):
+  """run.json as f8a510c's trainer wrote it (its resolved settings as a flat dict, identity and
+  derived settings alike, no execution record): the run resumes where it stopped and ends where
+  an uninterrupted one does; run.json is then the plan's."""
+  out = tmp_path / "run"
+  with pytest.raises(KeyboardInterrupt):
+    train.run(config(store_dir, out), interrupt_at=27)
+  old = {"arch": "topk", "d_in": D_IN, "num_latents": N, "k": 4, "seeds": [0, 1],
+         "batch_size": 128, "data_seed": 0, "site": None, "data_seeds": [], "target_l0": None,
+         "matryoshka_widths": [], "normalize": False, "num_steps": 40,
+         "compute_dtype": "float32", "lr": 0.01, "keep_steps": [], "store": store_dir,
+         "state_format": "nnx-1"}
+  (out / "run.json").write_text(json.dumps(old))
+  train.run(config(store_dir, out))
+  assert_same(exported(out), exported(reference))
+  with open(out / "run.json") as f:
+    now = json.load(f)
+  assert {k: now[k] for k in now if k != "execution"} == {
+      k: v for k, v in old.items() if k not in ("num_steps", "compute_dtype", "lr", "keep_steps")}
+  assert now["execution"]["compute_dtype"] == "float32"
 
 
 def test_killed_after_the_last_checkpoint_exports_on_rerun(store_dir, reference, tmp_path):
@@ -232,12 +256,13 @@ def test_ensemble_state_is_sharded_by_seed_from_its_modules():
   optimizer keeps moments for the nnx.Params alone."""
   from flax import nnx
   from jaxsae.sae import ARCHITECTURES, SaeConfig
-  cfg = train.TrainConfig(num_latents=N, k=4, batch_size=128)
-  tx, _ = train.make_optimizer(1e-3, 5, 40, cfg)
+  plan = train.resolve(train.TrainConfig(num_latents=N, k=4, seeds=(0, 1, 2), batch_size=128,
+                                         lr=1e-3, lr_warmup_steps=5), D_IN, 40 * 128)
+  tx, _ = train.make_optimizer(plan)
   for arch in ("topk", "batchtopk"):
     abstract = nnx.state(nnx.eval_shape(lambda: train.TrainState(
         ARCHITECTURES[arch], (0, 1, 2), D_IN, N, SaeConfig(k=4), tx)))
-    mesh = train.make_mesh("auto", 3, 128)
+    mesh = train.make_mesh(plan)
     specs = jax.tree_util.tree_flatten_with_path(train.state_shardings(abstract, mesh))[0]
     for path, sharding in specs:
       where = jax.tree_util.keystr(path)
@@ -252,7 +277,7 @@ def test_ensemble_state_is_sharded_by_seed_from_its_modules():
 def test_run_of_the_dict_based_trainer_is_refused_in_one_line(store_dir, tmp_path):
   out = tmp_path / "old"
   out.mkdir()
-  spec = train.resolve(config(store_dir, out), D_IN, 8192)
+  spec = train.resolve(config(store_dir, out), D_IN, 8192).identity.to_json()
   (out / "run.json").write_text(json.dumps({**spec, "store": store_dir}))  # no state_format
   with pytest.raises(JaxsaeError, match="dict-based trainer .* cannot be resumed; train into "
                                         "a new --out"):

@@ -131,9 +131,10 @@ def test_per_seed_data_over_8_devices_matches_one_device(store_dir, tmp_path):
 
 
 def test_member_batches_reads_what_each_data_seed_reads(store_dir):
-  mesh = train.make_mesh("auto", 2, 64)
+  mesh = jax.make_mesh((1, jax.device_count()), ("seed", "data"))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed", "data", None))
-  got = list(train.member_batches(store_dir, [3, 5], 64, sharding, start_step=2, num_steps=2))
+  got = list(store_lib.member_batches(store_dir, [3, 5], 64, sharding, start_step=2,
+                                      num_steps=2))
   store = store_lib.Store(store_dir)
   assert [b.step for b in got] == [2, 3]
   for b in got:
@@ -200,7 +201,7 @@ def test_without_target_l0_the_state_has_no_multiplier():
   """Off by default: the state (and so the checkpoints) hold what they always did."""
   from flax import nnx
   from jaxsae.sae import ARCHITECTURES, SaeConfig
-  tx, _ = train.make_optimizer(1e-3, 5, 40, train.TrainConfig())
+  tx, _ = train.make_optimizer(train.resolve(train.TrainConfig(), D_IN, 10**6))
   for adapt in (False, True):
     state = nnx.state(nnx.eval_shape(lambda: train.TrainState(
         ARCHITECTURES["relu_l1"], (0, 1), D_IN, N, SaeConfig(), tx, adapt_penalty=adapt)))

@@ -1,13 +1,15 @@
-"""SAE architectures: one Flax NNX module each, one mapping from `--arch` name to module.
+"""SAE architectures: one Flax NNX module each, and the one mapping from `--arch` name to module.
 
 Each module is readable alone: its initialisation, `encode` (the firing rule), `loss`, and
-what it shares with every other in `common.SAE` (the dictionary, `decode`, `export`).
+what it shares with every other in `common.SAE` (the dictionary, `decode`, `export`). What the
+trainer and the readers need to know of an architecture, its class says (`common.SAE`'s class
+attributes); these mappings are built from them.
 """
 
 from __future__ import annotations
 
 from jaxsae.sae.batchtopk import BatchTopK
-from jaxsae.sae.common import SAE, SaeConfig, Statistic
+from jaxsae.sae.common import SAE, LossOut, SaeConfig, Statistic
 from jaxsae.sae.gated import Gated
 from jaxsae.sae.jumprelu import JumpReLU
 from jaxsae.sae.matryoshka import Matryoshka
@@ -15,14 +17,19 @@ from jaxsae.sae.relu_l1 import ReluL1, ReluL1UnitNorm
 from jaxsae.sae.topk import TopK
 
 ARCHITECTURES: dict[str, type[SAE]] = {
-    "topk": TopK,
-    "relu_l1": ReluL1,
-    "relu_l1_unitnorm": ReluL1UnitNorm,
-    "gated": Gated,
-    "jumprelu": JumpReLU,
-    "batchtopk": BatchTopK,
-    "matryoshka": Matryoshka,
-}
+    cls.name: cls for cls in (TopK, ReluL1, ReluL1UnitNorm, Gated, JumpReLU, BatchTopK,
+                              Matryoshka)}
 
-__all__ = ["ARCHITECTURES", "SAE", "SaeConfig", "Statistic", "BatchTopK", "Gated", "JumpReLU",
-           "Matryoshka", "ReluL1", "ReluL1UnitNorm", "TopK"]
+# The module a file of each family is read into: the family's first architecture above, the one
+# the others refine (ReluL1UnitNorm and Matryoshka encode as ReluL1 and BatchTopK do).
+READERS: dict[str, type[SAE]] = {}
+for _cls in ARCHITECTURES.values():
+  READERS.setdefault(_cls.family, _cls)
+
+# Every name a file may give an architecture, jaxsae's own and other libraries', to its family.
+FAMILY_OF: dict[str, str] = {
+    name: cls.family for cls in ARCHITECTURES.values()
+    for name in (cls.family, cls.name, *cls.other_names)}
+
+__all__ = ["ARCHITECTURES", "FAMILY_OF", "READERS", "SAE", "LossOut", "SaeConfig", "Statistic",
+           "BatchTopK", "Gated", "JumpReLU", "Matryoshka", "ReluL1", "ReluL1UnitNorm", "TopK"]

@@ -23,15 +23,18 @@ from jaxsae.sae import topk
 from jaxsae.sae.common import SaeConfig
 
 
-def batch_topk(pre: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def batch_topk(pre: jax.Array, k: int, kernel: bool) -> tuple[jax.Array, jax.Array]:
   """(z with all but the batch's k * B largest zeroed, the smallest kept value)."""
-  vals, _ = common.exact_top_k(pre.reshape(-1), k * pre.shape[0])
+  vals, _ = common.exact_top_k(pre.reshape(-1), k * pre.shape[0], kernel)
   cut = vals[-1]
   # Ties at the cut may keep a few extra entries; harmless, and cheaper than a scatter.
   return jnp.where(pre >= cut, pre, 0.0), cut
 
 
 class BatchTopK(common.SAE):
+  name = family = "batchtopk"
+  other_names = ("batch_topk",)
+  selects_top_k = True
 
   def __init__(self, d_in: int, num_latents: int, cfg: SaeConfig, *, rngs: nnx.Rngs):
     self.init_dictionary(*topk.init_weights(rngs.params(), d_in, num_latents), cfg)
@@ -45,17 +48,16 @@ class BatchTopK(common.SAE):
   def loss(self, x: jax.Array, dead_mask: jax.Array, penalty_scale: jax.Array):
     del penalty_scale
     pre = jax.nn.relu(self.pre_acts(x))
-    z, cut = batch_topk(pre, self.cfg.k)
+    z, cut = batch_topk(pre, self.cfg.k, self.cfg.cpu_kernels)
     z = jnp.where(z > 0, z, 0.0)
     x_hat = self.decode(z)
     var = common.total_variance(x)
     e = x - x_hat
     aux = (topk.auxk_loss(self.W_dec[...], pre, e, var, dead_mask, self.cfg)
            if self.cfg.auxk_alpha else jnp.zeros(()))
-    out = {**common.base_metrics(x, x_hat, z), "aux": aux,
-           "min_act": jax.lax.stop_gradient(cut)}
-    return out["fvu"] + self.cfg.auxk_alpha * aux, out
+    out = common.loss_out(x, x_hat, z, aux, min_act=jax.lax.stop_gradient(cut))
+    return out.fvu + self.cfg.auxk_alpha * aux, out
 
-  def after_step(self, out: dict[str, jax.Array]) -> None:
-    thr, cut, decay = self.threshold[...], out["min_act"], self.cfg.threshold_decay
+  def after_step(self, out: common.LossOut) -> None:
+    thr, cut, decay = self.threshold[...], out.min_act, self.cfg.threshold_decay
     self.threshold[...] = jnp.where(thr == 0, cut, decay * thr + (1 - decay) * cut)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxsae import cpu_kernels
+from jaxsae.errors import JaxsaeError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,15 +33,34 @@ class SaeConfig:
   l1_coeff: float = 5.0
   l0_coeff: float = 1e-3
   jumprelu_bandwidth: float = 1e-3
-  jumprelu_threshold: float = 1e-3
+  # JumpReLU's initial threshold; None: the published 1e-3, or with `target_l0` where each
+  # latent fires target_l0 / num_latents of the first batch (`JumpReLU.init_from_batch`).
+  jumprelu_threshold: float | None = None
+  # The L0 the trainer steers a penalised SAE to (--target_l0), None when off.
+  target_l0: float | None = None
   threshold_decay: float = 0.99
   compute_dtype: str = "float32"
-  # The TopK kernels' path: jaxsae's CPU "kernel"s, "dense" products or "scatter"-adds of the
-  # k rows; "auto" picks (`topk_path`). All give the same numbers to float tolerance.
-  topk_backward: str = "auto"
+  # How the TopK kernels select and differentiate: jaxsae's CPU "kernel"s, "dense" products or
+  # "scatter"-adds of the k rows (`choose_topk_path` decides on the host). All give the same
+  # numbers to float tolerance.
+  topk_path: str = "scatter"
+  # Whether jitted code may call jaxsae's CPU kernels (`cpu_kernels.available()`, asked once on
+  # the host: nothing traced probes its environment). Their top-k replaces lax.top_k to the bit.
+  cpu_kernels: bool = False
   # Matryoshka's prefix widths as --matryoshka_widths gives them; () for its default
   # (`matryoshka.prefix_widths`).
   matryoshka_widths: tuple[int, ...] = ()
+
+
+class LossOut(NamedTuple):
+  """What `loss` hands back beside the loss: scalars but `fired` [n] (any token used the latent).
+  The architecture's own extras are None where it has none."""
+  fvu: jax.Array
+  l0: jax.Array
+  aux: jax.Array  # its auxiliary term: AuxK, the L1 or L0 penalty, Gated's frozen reconstruction
+  fired: jax.Array
+  min_act: jax.Array | None = None  # BatchTopK: the batch's smallest kept activation
+  prefix_fvu: jax.Array | None = None  # Matryoshka: each nested prefix's FVU [G]
 
 
 class Statistic(nnx.Variable):
@@ -60,10 +80,28 @@ class SAE(nnx.Module):
   """The dictionary every architecture has, and what follows from it alone.
 
   Subclasses set the class attributes and define `__init__(d_in, num_latents, cfg, *, rngs)`,
-  `encode(x) -> z [B, n]` and `loss(x, dead_mask, penalty_scale) -> (loss, out)`, where out
-  holds scalars "fvu", "l0", "aux" and "fired" [n] bool (any token used the latent).
+  `encode(x) -> z [B, n]` and `loss(x, dead_mask, penalty_scale) -> (loss, LossOut)`. The class
+  attributes are everything the trainer and the readers know of an architecture: no code
+  outside its own file compares its name.
   """
 
+  # --arch, and the "arch" its exported cfg.json records.
+  name: ClassVar[str]
+  # The firing rule a reader encodes its files by (match.json's "arch"): topk, batchtopk,
+  # relu, jumprelu or gated. Architectures that train alike-encoding SAEs share one.
+  family: ClassVar[str]
+  # What other libraries' files call this family (SAELens's "standard" for ReLU, ...).
+  other_names: ClassVar[tuple[str, ...]] = ()
+  # It selects latents by a top-k (k active per token): --k applies and is checked, and the
+  # seeds' loop is chosen by what the top-k costs.
+  selects_top_k: ClassVar[bool] = False
+  # The SaeConfig field of the coefficient that sets its sparsity (what --target_l0 adapts);
+  # None where k sets it.
+  penalty: ClassVar[str | None] = None
+  # --normalize's default: the penalties' coefficients assume inputs at mean norm sqrt(d_in).
+  normalize_by_default: ClassVar[bool] = False
+  # --target_l0_prop's default (jumprelu.py says why it differs there).
+  target_l0_prop: ClassVar[float] = 1.0
   # Decoder rows are kept at unit norm, and the gradient along them removed, by the trainer.
   unit_norm_decoder: ClassVar[bool] = True
   # The activation sparsify's loader needs to reproduce this SAE, or None where it cannot.
@@ -100,7 +138,20 @@ class SAE(nnx.Module):
       w_dec, b_dec = jax.lax.stop_gradient((w_dec, b_dec))
     return matmul(z, w_dec, self.cfg) + b_dec
 
-  def after_step(self, out: dict[str, jax.Array]) -> None:
+  @classmethod
+  def check_config(cls, cfg: SaeConfig, num_latents: int) -> SaeConfig:
+    """`cfg` checked for this architecture (a JaxsaeError naming the flag) and with its own
+    settings resolved, before anything is written; k's bounds where it selects a top-k."""
+    if cls.selects_top_k and not 0 < cfg.k < num_latents:
+      raise JaxsaeError(f"--k={cfg.k} must be between 1 and num_latents-1 ({num_latents - 1})")
+    return cfg
+
+  def init_from_batch(self, x: jax.Array) -> None:
+    """sparsify: b_dec starts at the mean of the first batch x [B, d_in], so pre-activations
+    start centred."""
+    self.b_dec[...] = jnp.broadcast_to(x.mean(-2), self.b_dec.shape)
+
+  def after_step(self, out: LossOut) -> None:
     """Updates state that is not trained by gradient, from the step's `out` (none by default)."""
 
   def export_cfg(self) -> dict[str, Any]:
@@ -170,21 +221,23 @@ DENSE_BACKWARD_MAX = 1 << 22
 BACKWARDS = ("auto", "kernel", "dense", "scatter")
 
 
-def topk_path(batch: int, num_latents: int, cfg: SaeConfig) -> str:
-  """How the TopK kernels select and differentiate at this shape: "kernel", "dense" or
-  "scatter"; `cfg.topk_backward` unless it is "auto"."""
-  if cfg.topk_backward != "auto":
-    return cfg.topk_backward
-  if kernels_usable(cfg):
+def choose_topk_path(requested: str, batch: int, num_latents: int, compute_dtype: str,
+                     cpu_kernels_run: bool) -> str:
+  """How the TopK kernels select and differentiate at this shape, decided on the host:
+  `requested` ("kernel", "dense" or "scatter") unless it is "auto"."""
+  if requested != "auto":
+    return requested
+  if kernels_usable(compute_dtype, cpu_kernels_run):
     return "kernel"
   return "dense" if batch * num_latents <= DENSE_BACKWARD_MAX else "scatter"
 
 
-def kernels_usable(cfg: SaeConfig) -> bool:
-  return jnp.dtype(cfg.compute_dtype) == jnp.float32 and cpu_kernels.available()
+def kernels_usable(compute_dtype: str, cpu_kernels_run: bool) -> bool:
+  """Whether the TopK step's products can be jaxsae's kernels (which compute in float32)."""
+  return jnp.dtype(compute_dtype) == jnp.float32 and cpu_kernels_run
 
 
-def scatter_rows(coef: jax.Array, idx: jax.Array, n: int) -> jax.Array:
+def densify(coef: jax.Array, idx: jax.Array, n: int) -> jax.Array:
   """[B, n] holding coef[b, j] at (b, idx[b, j]) and zeros elsewhere (idx distinct per row)."""
   rows = jnp.arange(idx.shape[0])[:, None]
   return jnp.zeros((idx.shape[0], n), coef.dtype).at[rows, idx].set(coef, unique_indices=True)
@@ -194,8 +247,8 @@ def sparse_decode(acts: jax.Array, idx: jax.Array, w_dec: jax.Array, cfg: SaeCon
                   path: str = "scatter") -> jax.Array:
   """sum_j acts[b, j] * W_dec[idx[b, j]]: a decode from k rows instead of a mostly-zero matmul.
 
-  `path` as `topk_path` names it. "scatter": the gather's transpose is a scatter-add, so
-  W_dec's gradient lands on the selected rows only, as with sparsify's embedding-bag decoder.
+  `path` as `SaeConfig.topk_path` names it. "scatter": the gather's transpose is a
+  scatter-add, so W_dec's gradient lands on the selected rows only, as with sparsify's embedding-bag decoder.
   (A sorted segment sum, as the encoder's backward uses, is faster for one seed on an H100 but
   2x slower under the seed vmap, where the rows it gathers carry the seed axis:
   BENCHMARKS.md.) "dense": the same forward as k row gathers XLA fuses into one loop, and the
@@ -231,7 +284,7 @@ def _dense_decode_bwd(cfg, res, ct):
   n = w_dec.shape[0]
   # d acts[b, j] = <ct[b], W_dec[idx[b, j]]>: one [B, d] @ [d, n] product, then the k taken.
   d_acts = jnp.take_along_axis(matmul(ct, w_dec.T, cfg), idx, axis=-1)
-  d_w = matmul(scatter_rows(acts, idx, n).T, ct, cfg)
+  d_w = matmul(densify(acts, idx, n).T, ct, cfg)
   return d_acts.astype(acts.dtype), None, d_w.astype(w_dec.dtype)
 
 
@@ -269,18 +322,16 @@ def sorted_row_sum(coef: jax.Array, idx: jax.Array, rows: jax.Array, n: int) -> 
   return jax.ops.segment_sum(updates, flat[order], num_segments=n, indices_are_sorted=True)
 
 
-def _kernel_top_k_runs(x: jax.Array) -> bool:
-  return x.dtype == jnp.float32 and cpu_kernels.available()
-
-
-def exact_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """jax.lax.top_k, from jaxsae's CPU kernel where it runs (the same result, 2-5x faster)."""
-  if _kernel_top_k_runs(x):
+def exact_top_k(x: jax.Array, k: int, kernel: bool) -> tuple[jax.Array, jax.Array]:
+  """jax.lax.top_k, from jaxsae's CPU kernel where `kernel` (SaeConfig.cpu_kernels) lets it run
+  (the same result, 2-5x faster)."""
+  if kernel and x.dtype == jnp.float32:
     return cpu_kernels.top_k(x, k)
   return jax.lax.top_k(x, k)
 
 
-def top_k(x: jax.Array, k: int, group: int = 32) -> tuple[jax.Array, jax.Array]:
+def grouped_top_k(x: jax.Array, k: int, kernel: bool, group: int = 32
+                  ) -> tuple[jax.Array, jax.Array]:
   """Exact top-k along the last axis, as jax.lax.top_k, in two cheap stages.
 
   Split the row into groups of `group` and keep the k groups with the largest maxima: every
@@ -292,8 +343,8 @@ def top_k(x: jax.Array, k: int, group: int = 32) -> tuple[jax.Array, jax.Array]:
   Where jaxsae's CPU kernels run, their top-k instead (`exact_top_k`).
   """
   n = x.shape[-1]
-  if n <= 4 * k * group or _kernel_top_k_runs(x):
-    return exact_top_k(x, k)
+  if n <= 4 * k * group or (kernel and x.dtype == jnp.float32):
+    return exact_top_k(x, k, kernel)
   pad = (-n) % group
   if pad:
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
@@ -315,10 +366,10 @@ def topk_encoder(x: jax.Array, w_enc: jax.Array, b: jax.Array, cfg: SaeConfig):
   that the cotangent is k-sparse and spends a second (and, for x, a third) full matmul on it.
   """
   pre = jax.nn.relu(matmul(x, w_enc, cfg) + b)
-  path = topk_path(x.shape[0], w_enc.shape[1], cfg)
+  path = cfg.topk_path
   if path == "kernel":
     return cpu_kernels.top_k(pre, cfg.k)
-  vals, idx = top_k(pre, cfg.k)
+  vals, idx = grouped_top_k(pre, cfg.k, cfg.cpu_kernels)
   if path == "dense":
     # The dense decode slices idx by column; without the barrier XLA merges those slices into
     # the sort that top_k lowers to, and a full [B, n] sort runs instead of its TopK kernel
@@ -336,13 +387,13 @@ def _topk_encoder_bwd(cfg, res, cts):
   x, w_enc, vals, idx = res
   g = jnp.where(vals > 0, cts[0], 0.0)  # ReLU: a selected zero passes no gradient
   n = w_enc.shape[1]
-  path = topk_path(x.shape[0], n, cfg)
+  path = cfg.topk_path
   dx = sparse_decode(g, idx, w_enc.T, cfg, path)  # dead code unless someone differentiates x
   if path == "kernel":
     dw_t, db = cpu_kernels.scatter_rows(g, idx, x.astype(jnp.float32), n)
     return dx.astype(x.dtype), dw_t.T.astype(w_enc.dtype), db.astype(w_enc.dtype)
   if path == "dense":
-    dense = scatter_rows(g, idx, n)  # [B, n]
+    dense = densify(g, idx, n)  # [B, n]
     dw, db = matmul(x.T, dense, cfg), dense.sum(0)
     return dx.astype(x.dtype), dw.astype(w_enc.dtype), db.astype(w_enc.dtype)
   # Summed by XLA beside the row sum, an unsorted scalar scatter-add for the bias became
@@ -371,9 +422,8 @@ def kaiming_uniform(key: jax.Array, d_in: int, num_latents: int) -> jax.Array:
   return jax.random.uniform(key, (d_in, num_latents), jnp.float32, -bound, bound)
 
 
-def base_metrics(x: jax.Array, x_hat: jax.Array, z: jax.Array) -> dict[str, jax.Array]:
-  return {
-      "fvu": fvu(x, x_hat),
-      "l0": jnp.mean(jnp.sum(z > 0, axis=-1).astype(jnp.float32)),
-      "fired": jnp.any(z > 0, axis=0),
-  }
+def loss_out(x: jax.Array, x_hat: jax.Array, z: jax.Array, aux: jax.Array,
+             **extras: jax.Array) -> LossOut:
+  """The LossOut of codes z [B, n] and their reconstruction x_hat of x."""
+  return LossOut(fvu=fvu(x, x_hat), l0=jnp.mean(jnp.sum(z > 0, axis=-1).astype(jnp.float32)),
+                 aux=aux, fired=jnp.any(z > 0, axis=0), **extras)

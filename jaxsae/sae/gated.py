@@ -25,6 +25,9 @@ from jaxsae.sae.common import SaeConfig
 
 
 class Gated(common.SAE):
+  name = family = "gated"
+  penalty = "l1_coeff"
+  normalize_by_default = True
 
   def __init__(self, d_in: int, num_latents: int, cfg: SaeConfig, *, rngs: nnx.Rngs):
     w_dec = common.random_unit_rows(rngs.params(), num_latents, d_in)
@@ -50,5 +53,5 @@ class Gated(common.SAE):
     gate = jax.nn.relu(pi_gate)
     aux = jnp.sum(jnp.square(x - self.decode(gate, frozen=True))) / var
     l1 = jnp.sum(gate) / var
-    out = {**common.base_metrics(x, x_hat, z), "aux": aux}
-    return out["fvu"] + self.cfg.l1_coeff * penalty_scale * l1 + aux, out
+    out = common.loss_out(x, x_hat, z, aux)
+    return out.fvu + self.cfg.l1_coeff * penalty_scale * l1 + aux, out

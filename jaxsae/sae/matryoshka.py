@@ -28,6 +28,7 @@ studied per nesting group.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -67,6 +68,16 @@ def prefix_widths(widths: tuple[int, ...], num_latents: int) -> tuple[int, ...]:
 
 
 class Matryoshka(BatchTopK):
+  # Encodes as BatchTopK once trained (one threshold over all latents).
+  name, other_names = "matryoshka", ()
+
+  @classmethod
+  def check_config(cls, cfg: SaeConfig, num_latents: int) -> SaeConfig:
+    # Resolved here, so a resume under other widths (a different loss) is refused like any
+    # other change of the run's identity.
+    cfg = super().check_config(cfg, num_latents)
+    return dataclasses.replace(cfg, matryoshka_widths=prefix_widths(cfg.matryoshka_widths,
+                                                                    num_latents))
 
   def __init__(self, d_in: int, num_latents: int, cfg: SaeConfig, *, rngs: nnx.Rngs):
     super().__init__(d_in, num_latents, cfg, rngs=rngs)
@@ -76,7 +87,7 @@ class Matryoshka(BatchTopK):
     del penalty_scale
     cfg = self.cfg
     pre = jax.nn.relu(self.pre_acts(x))
-    z, cut = batch_topk(pre, cfg.k)
+    z, cut = batch_topk(pre, cfg.k, cfg.cpu_kernels)
     w_dec = self.W_dec[...]
     var = common.total_variance(x)
     x_hat, fvus, start = self.b_dec[...], [], 0
@@ -89,8 +100,8 @@ class Matryoshka(BatchTopK):
     e = x - x_hat
     aux = (topk.auxk_loss(w_dec, pre, e, var, dead_mask, cfg)
            if cfg.auxk_alpha else jnp.zeros(()))
-    out = {**common.base_metrics(x, x_hat, z), "aux": aux,
-           "min_act": jax.lax.stop_gradient(cut), "prefix_fvu": jnp.stack(fvus)}
+    out = common.loss_out(x, x_hat, z, aux, min_act=jax.lax.stop_gradient(cut),
+                          prefix_fvu=jnp.stack(fvus))
     return sum(fvus) + cfg.auxk_alpha * aux, out
 
   def export_cfg(self) -> dict[str, Any]:

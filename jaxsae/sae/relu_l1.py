@@ -31,6 +31,12 @@ INIT_DECODER_NORM = 0.1
 class ReluL1(common.SAE):
   """The April 2024 recipe; `ReluL1UnitNorm` is the 2023 one."""
 
+  name, family = "relu_l1", "relu"
+  # SAELens's and dictionary_learning's plain ReLU SAEs encode alike; whether the encoder
+  # subtracts b_dec comes from the file.
+  other_names = ("standard", "vanilla")
+  penalty = "l1_coeff"
+  normalize_by_default = True
   unit_norm_decoder = False
 
   def __init__(self, d_in: int, num_latents: int, cfg: SaeConfig, *, rngs: nnx.Rngs):
@@ -50,11 +56,12 @@ class ReluL1(common.SAE):
     var = common.total_variance(x)
     weights = 1.0 if self.unit_norm_decoder else jnp.linalg.norm(self.W_dec[...], axis=-1)
     l1 = jnp.sum(z * weights) / var
-    out = {**common.base_metrics(x, x_hat, z), "aux": l1}
-    return out["fvu"] + self.cfg.l1_coeff * penalty_scale * l1, out
+    out = common.loss_out(x, x_hat, z, l1)
+    return out.fvu + self.cfg.l1_coeff * penalty_scale * l1, out
 
 
 class ReluL1UnitNorm(ReluL1):
   """Bricken et al. 2023: unit-norm decoder rows, b_dec subtracted before encoding, plain L1."""
 
+  name, other_names = "relu_l1_unitnorm", ()
   unit_norm_decoder = True

@@ -29,13 +29,15 @@ def auxk_loss(w_dec: jax.Array, pre: jax.Array, e: jax.Array, var: jax.Array,
   num_dead = jnp.sum(dead_mask)
   # Few dead latents: scale the loss down rather than let them reconstruct everything.
   scale = jnp.minimum(num_dead / k_aux, 1.0)
-  vals, idx = common.exact_top_k(jnp.where(dead_mask, pre, -1.0), k_aux)
+  vals, idx = common.exact_top_k(jnp.where(dead_mask, pre, -1.0), k_aux, cfg.cpu_kernels)
   vals = jnp.where(dead_mask[idx], vals, 0.0)  # fewer dead than k_aux: the rest contribute 0
   e_hat = common.sparse_decode(vals, idx, w_dec, cfg)
   return scale * jnp.sum(jnp.square(e_hat - jax.lax.stop_gradient(e))) / var
 
 
 class TopK(common.SAE):
+  name = family = "topk"
+  selects_top_k = True
   sparsify_activation = "topk"
 
   def __init__(self, d_in: int, num_latents: int, cfg: SaeConfig, *, rngs: nnx.Rngs):
@@ -44,7 +46,7 @@ class TopK(common.SAE):
   def encode_topk(self, x: jax.Array):
     """(values [B, k], indices [B, k], ReLU pre-activations [B, n])."""
     pre = jax.nn.relu(self.pre_acts(x))
-    vals, idx = common.top_k(pre, self.cfg.k)
+    vals, idx = common.grouped_top_k(pre, self.cfg.k, self.cfg.cpu_kernels)
     return vals, idx, pre
 
   def encode(self, x: jax.Array) -> jax.Array:
@@ -63,7 +65,7 @@ class TopK(common.SAE):
       # encoder's input a constant, so no gradient ever flows back through the [B, n] product.
       b = self.b_enc[...] - common.matmul(b_dec[None], w_enc, cfg)[0]
       vals, idx = common.topk_encoder(x, w_enc, b, cfg)
-    path = common.topk_path(x.shape[0], w_enc.shape[-1], cfg)
+    path = cfg.topk_path
     if cfg.auxk_alpha and path == "dense":
       path = "scatter"  # the dense decode needs top_k's barrier, which encode_topk has not
     x_hat = common.sparse_decode(vals, idx, w_dec, cfg, path) + b_dec
@@ -73,6 +75,6 @@ class TopK(common.SAE):
     aux = auxk_loss(w_dec, pre, e, var, dead_mask, cfg) if cfg.auxk_alpha else jnp.zeros(())
     n = w_enc.shape[-1]
     fired = jnp.zeros(n, bool).at[idx.reshape(-1)].max(vals.reshape(-1) > 0)
-    out = {"fvu": fvu, "aux": aux, "fired": fired,
-           "l0": jnp.mean(jnp.sum(vals > 0, axis=-1).astype(jnp.float32))}
+    out = common.LossOut(fvu=fvu, aux=aux, fired=fired,
+                         l0=jnp.mean(jnp.sum(vals > 0, axis=-1).astype(jnp.float32)))
     return fvu + cfg.auxk_alpha * aux, out

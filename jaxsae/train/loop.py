@@ -1,0 +1,158 @@
+"""The run: the plan, the state (fresh or restored), the batches, the jitted step, the hooks."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxsae import store as store_lib
+from jaxsae.errors import JaxsaeError
+from jaxsae.train import checkpoints
+from jaxsae.train.config import TrainConfig
+from jaxsae.train.export import export
+from jaxsae.train.hooks import Hook, MetricsWriter, Throughput, Tick
+from jaxsae.train.plan import RunPlan, check_run_dir, make_mesh, resolve
+from jaxsae.train.state import (TrainState, batch_sharding, init_from_first_batch,
+                                make_optimizer, state_shardings)
+from jaxsae.train.step import make_step
+
+
+def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
+  """Trains (or resumes) the run; `interrupt_at` stops after that step as a kill would (tests)."""
+  if cfg.distributed:
+    jax.distributed.initialize(cfg.coordinator_address or None, cfg.num_processes,
+                               cfg.process_id)
+  if not cfg.store or not cfg.out:
+    raise JaxsaeError("--store and --out are required")
+  store = store_lib.Store(cfg.store)
+  site = store.sites[store.site_index(cfg.site)]
+  plan = resolve(cfg, store.d_in, store.num_tokens)
+  check_run_dir(plan)
+  if jax.process_index() == 0:
+    print(f"jaxsae train: {plan.identity.arch} x{len(plan.seeds)} on "
+          f"{plan.execution.describe()}", flush=True)
+  input_scale = store.normalizer(site) if plan.identity.normalize else 1.0
+  mesh = make_mesh(plan)
+  tx, schedule = make_optimizer(plan)
+  graphdef, state, shardings, mngr, fresh = _initial_state(plan, tx, mesh)
+  start = int(state["step"].get_value())
+  xs = batch_sharding(plan, mesh)
+  step_fn = jax.jit(make_step(graphdef, plan), in_shardings=(shardings, xs),
+                    out_shardings=(shardings, NamedSharding(mesh, P("seed"))), donate_argnums=0)
+  sae = nnx.merge(graphdef, state).seeds.sae  # the architecture's static facts, for export
+  hooks, writer, bar = _hooks(plan, mngr, schedule, start, lambda directory, t: export(
+      directory, graphdef, t.state, sae, plan, t.step, input_scale))
+  skipped = 0 if fresh else checkpoints.saved_metadata(mngr, start).get(checkpoints.SKIPPED_KEY, 0)
+  failed = True
+  try:
+    for step, batch in enumerate(_batches(plan, store, xs, start), start + 1):
+      if fresh and step == 1:
+        state = jax.jit(init_from_first_batch, static_argnums=0, out_shardings=shardings)(
+            graphdef, state, batch.x)
+      state, metrics = step_fn(state, batch.x)
+      if batch.skipped and not skipped:
+        logging.warning("skipping rows with NaN/Inf (--skip_non_finite); the first: %s",
+                        batch.where)
+      skipped += batch.skipped
+      tick = Tick(step, state, metrics, skipped)
+      for hook in hooks:
+        hook(tick)
+      if interrupt_at is not None and step >= interrupt_at:
+        raise KeyboardInterrupt
+    with checkpoints.writing(mngr):
+      mngr.wait_until_finished()
+    export(plan.out, graphdef, state, sae, plan, plan.num_steps, input_scale)
+    _say_done(plan, skipped)
+    failed = False
+  finally:
+    if bar is not None:
+      bar.close()
+    writer.close()
+    checkpoints.close(mngr, raise_errors=not failed)  # else the error on its way out is told
+
+
+def _initial_state(plan: RunPlan, tx, mesh):
+  """(graphdef, state, shardings, manager, fresh): the state built directly into its sharding,
+  or restored from the newest checkpoint. Past this point the loop holds only the state's arrays
+  (nnx.State); modules live inside jit."""
+  make_state = lambda: TrainState.of(plan, tx)
+  graphdef, abstract = nnx.split(nnx.eval_shape(make_state))
+  shardings = state_shardings(abstract, mesh)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  mngr = checkpoints.checkpoint_manager(plan.checkpoints)
+  state = checkpoints.restore_latest(mngr, abstract)
+  fresh = state is None
+  if fresh:
+    state = jax.jit(lambda: nnx.state(make_state()), out_shardings=shardings)()
+  return graphdef, state, shardings, mngr, fresh
+
+
+def _batches(plan: RunPlan, store: store_lib.Store, sharding, start: int):
+  read = dict(start_step=start, num_steps=plan.num_steps - start, site=plan.identity.site,
+              normalize=plan.identity.normalize, skip_non_finite=plan.skip_non_finite)
+  if plan.identity.data_seeds:
+    return store_lib.member_batches(plan.store, plan.identity.data_seeds,
+                                    plan.identity.batch_size, sharding, **read)
+  return store.batches(plan.identity.batch_size, sharding=sharding,
+                       data_seed=plan.identity.data_seed, **read)
+
+
+def _hooks(plan: RunPlan, mngr, schedule, start: int, export_to):
+  """(hooks, metrics writer, progress bar): the clock, metrics and the bar every --log_every
+  steps, checkpoints every --checkpoint_every, snapshots at --keep_at_tokens, each at the end."""
+  i, num_steps = plan.identity, plan.num_steps
+  writer = MetricsWriter(plan.out, plan.member_names, start)
+  clock = Throughput(i.batch_size, len(i.seeds), plan.num_streams)
+  bar = None
+  if plan.progress and jax.process_index() == 0:
+    from tqdm import tqdm
+    bar = tqdm(total=num_steps, initial=start, unit="step", dynamic_ncols=True,
+               desc=f"train {i.arch} x{len(i.seeds)}")
+
+  def log(t: Tick) -> None:
+    m = checkpoints.to_host(t.metrics)
+    checkpoints.stop_if_bad(t.state, plan, mngr)
+    rates = clock.rates(t.step)
+    writer.write({"step": t.step, "tokens_per_seed": t.step * i.batch_size,
+                  "non_finite_skipped": t.skipped, "lr": float(schedule(t.step - 1)), **rates,
+                  "seeds": list(i.seeds), **({"data_seeds": list(i.data_seeds)}
+                                             if i.data_seeds else {}),
+                  **{k: v.tolist() for k, v in m.items()}})
+    if bar is not None:
+      bar.set_postfix({"stream tok/s": f"{rates['tokens_per_s_stream']:,.0f}",
+                       "per seed": f"{rates['tokens_per_s_per_seed']:,.0f}",
+                       "fvu": f"{m['fvu'].mean():.4f}", "l0": f"{m['l0'].mean():.1f}"},
+                      refresh=False)
+
+  def checkpoint(t: Tick) -> None:
+    checkpoints.stop_if_bad(t.state, plan, mngr)
+    checkpoints.save(mngr, t.state, t.skipped)
+
+  keep = frozenset(plan.checkpoints.keep_steps)
+  hooks = [
+      clock.tick,
+      Hook(log, every=plan.log_every, at=frozenset({num_steps})),
+      Hook(checkpoint, every=plan.checkpoints.every, at=keep | {num_steps}),
+      Hook(lambda t: export_to(os.path.join(plan.out, f"tokens{t.step * i.batch_size}"), t),
+           at=keep),
+  ]
+  if bar is not None:
+    hooks.append(lambda t: bar.update(1))
+  return hooks, writer, bar
+
+
+def _say_done(plan: RunPlan, skipped: int) -> None:
+  if jax.process_index() != 0:
+    return
+  seeds, names = plan.seeds, plan.member_names
+  where = ("{" + ",".join(names) + "}" if plan.identity.data_seeds else
+           "seed{" + ",".join(map(str, seeds)) + "}")
+  print(f"jaxsae train: {len(seeds)} seeds x {plan.num_steps * plan.identity.batch_size:,} "
+        f"tokens; SAEs in {os.path.join(plan.out, where)}/, metrics in "
+        f"{os.path.join(plan.out, 'metrics.jsonl')}"
+        + (f"; skipped {skipped} rows with NaN/Inf" if skipped else ""))
