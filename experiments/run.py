@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from jaxsae import extract  # noqa: E402
 from jaxsae import match  # noqa: E402
 from jaxsae import train  # noqa: E402
+from jaxsae.sae import ARCHITECTURES  # noqa: E402
 
 import open_questions as oq  # noqa: E402  (beside this file)
 
@@ -308,7 +309,7 @@ def study_init_vs_data(store: str, png: str) -> dict:
 
 def _at_l0(arch: str, l0: int) -> dict:
   tokens = _ARCH_TOKENS.value or _TOKENS.value
-  if arch in ("topk", "batchtopk", "matryoshka"):
+  if ARCHITECTURES[arch].selects_top_k:
     return dict(arch=arch, k=l0, num_tokens=tokens)
   return dict(arch=arch, target_l0=l0, num_tokens=tokens)
 

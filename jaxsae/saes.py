@@ -40,13 +40,6 @@ DL_FILE = "ae.pt"  # dictionary_learning's weights
 DL_CFG_FILE = "config.json"  # and its settings, {"trainer": {"dict_class": ..., ...}, ...}
 LAYOUTS = {"sparsify": (CFG_FILE, SPARSIFY_FILE), "saelens": (CFG_FILE, SAELENS_FILE),
            "dictionary_learning": (DL_CFG_FILE, DL_FILE)}
-# Architectures whose firing rule `encode` knows. SAELens calls plain ReLU SAEs "standard".
-ARCHS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
-# jaxsae's trainer calls its ReLU SAEs relu_l1 (with or without unit-norm decoder); its
-# Matryoshka SAEs encode as BatchTopK (one threshold over all latents) once trained.
-_ARCH_ALIASES = {"standard": "relu", "vanilla": "relu", "batch_topk": "batchtopk",
-                 "jump_relu": "jumprelu", "relu_l1": "relu", "relu_l1_unitnorm": "relu",
-                 "matryoshka": "batchtopk"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +48,7 @@ class CanonicalSAE:
   name: str
   path: str
   layout: str  # a key of LAYOUTS
-  arch: str  # one of ARCHS
+  arch: str  # the family whose firing rule encodes it (jaxsae.sae.READERS)
   W_enc: np.ndarray  # [n, d_in]
   b_enc: np.ndarray  # [n]
   W_dec: np.ndarray  # [n, d_in]
@@ -104,11 +97,13 @@ def _read_tensors(path: str) -> dict[str, np.ndarray]:
 
 
 def _arch(name: str) -> str:
+  """The family of an architecture named by any library (SAELens's "standard" is ReLU, jaxsae's
+  matryoshka encodes as batchtopk once trained): the architecture classes say which."""
+  from jaxsae.sae import FAMILY_OF, READERS
   name = str(name).lower()
-  name = _ARCH_ALIASES.get(name, name)
-  if name not in ARCHS:
-    raise JaxsaeError(f"unknown SAE architecture {name!r}; jaxsae matches {', '.join(ARCHS)}")
-  return name
+  if name not in FAMILY_OF:
+    raise JaxsaeError(f"unknown SAE architecture {name!r}; jaxsae matches {', '.join(READERS)}")
+  return FAMILY_OF[name]
 
 
 def _need(tensors: dict, keys: Sequence[str], path: str) -> None:
@@ -219,6 +214,10 @@ class _DlClass(NamedTuple):
   b_dec: str
   extras: dict[str, str]  # canonical name -> state-dict key
   subtracts_b_dec: bool  # whether its encode sees x - b_dec
+  # Its threshold as jaxsae's rule reads it: a scalar (saved as [1]), and where it fires on
+  # ReLU(pre * 1[pre > theta]), that is where pre > max(theta, 0), floored at 0.
+  scalar_threshold: bool = False
+  threshold_floor: float | None = None
 
 
 # Each class's `encode` is mirrored by the jaxsae module of its arch:
@@ -236,11 +235,11 @@ _DL_CLASSES = {
     "AutoEncoderNew": _DlClass("relu", True, "encoder.bias", "decoder.bias", {}, False),
     "AutoEncoderTopK": _DlClass("topk", True, "encoder.bias", "b_dec", {}, True),
     "BatchTopKSAE": _DlClass("batchtopk", True, "encoder.bias", "b_dec",
-                             {"threshold": "threshold"}, True),
+                             {"threshold": "threshold"}, True, scalar_threshold=True),
     "MatryoshkaBatchTopKSAE": _DlClass("batchtopk", False, "b_enc", "b_dec",
-                                       {"threshold": "threshold"}, True),
+                                       {"threshold": "threshold"}, True, scalar_threshold=True),
     "JumpReluAutoEncoder": _DlClass("jumprelu", False, "b_enc", "b_dec",
-                                    {"threshold": "threshold"}, False),
+                                    {"threshold": "threshold"}, False, threshold_floor=0.0),
     "GatedAutoEncoder": _DlClass("gated", True, "gate_bias", "decoder_bias",
                                  {"r_mag": "r_mag", "b_mag": "mag_bias"}, True),
 }
@@ -288,13 +287,13 @@ def _from_dictionary_learning(path: str, name: str, cfg: dict) -> CanonicalSAE:
   else:
     w_enc = w_enc.T  # W_enc is [d_in, n]
   extras = {name: t[key] for name, key in c.extras.items()}
-  if c.arch == "jumprelu":
-    # ReLU(pre * 1[pre > theta]) fires where pre > max(theta, 0): jaxsae's rule with theta >= 0.
-    extras["threshold"] = np.maximum(extras["threshold"], 0.0)
-  if c.arch == "batchtopk":
+  if c.threshold_floor is not None:
+    extras["threshold"] = np.maximum(extras["threshold"], c.threshold_floor)
+  if c.scalar_threshold:
     extras["threshold"] = extras["threshold"].reshape(())
   k = None
-  if c.arch == "topk":
+  from jaxsae.sae import READERS
+  if READERS[c.arch].encodes_with_k:
     k_file = int(t["k"].reshape(())) if "k" in t else None
     k_cfg = trainer.get("k")
     if k_file is not None and k_cfg is not None and int(k_cfg) != k_file:
@@ -340,12 +339,14 @@ def validate(sae: CanonicalSAE) -> None:
   if sae.cfg.get("d_in") not in (None, d):
     raise JaxsaeError(f"{where}: {CFG_FILE} says d_in={sae.cfg['d_in']}, the weights have "
                       f"d_in={d}; the cfg and weights files come from different SAEs")
-  if sae.arch == "topk" and not sae.k:
-    raise JaxsaeError(f"{where}: a TopK SAE without k in {CFG_FILE}; add \"k\": K there")
-  if sae.arch in ("jumprelu", "batchtopk") and "threshold" not in sae.extras:
-    raise JaxsaeError(f"{where}: a {sae.arch} SAE without a `threshold` tensor; re-export it")
-  if sae.arch == "gated" and not {"r_mag", "b_mag"} <= set(sae.extras):
-    raise JaxsaeError(f"{where}: a gated SAE without `r_mag` and `b_mag` tensors; re-export it")
+  from jaxsae.sae import READERS
+  reader = READERS[sae.arch]
+  if reader.encodes_with_k and not sae.k:
+    raise JaxsaeError(f"{where}: a {sae.arch} SAE without k in {CFG_FILE}; add \"k\": K there")
+  missing = [f"`{name}`" for name in reader.extra_tensors() if name not in sae.extras]
+  if missing:
+    raise JaxsaeError(f"{where}: a {sae.arch} SAE without the {' and '.join(missing)} "
+                      f"tensor{'s' if len(missing) > 1 else ''}; re-export it")
 
 
 def _seed_of(dirname: str) -> tuple[int, int] | None:
@@ -472,12 +473,13 @@ def module(sae: CanonicalSAE):
   ReLU SAEs of every recipe (jaxsae's relu_l1 variants, SAELens's standard) encode alike, by
   `ReluL1`; whether the encoder subtracts b_dec comes from the file.
   """
+  from jaxsae import cpu_kernels
   from jaxsae import sae as sae_lib
-  cls = {"topk": sae_lib.TopK, "batchtopk": sae_lib.BatchTopK, "relu": sae_lib.ReluL1,
-         "jumprelu": sae_lib.JumpReLU, "gated": sae_lib.Gated}[sae.arch]
   weights = {"W_enc": sae.W_enc.T, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec,
              **sae.extras}
-  m = cls.from_weights(weights, sae_lib.SaeConfig(k=sae.k or 1))
+  # Asked here, on the host, once per SAE: the modules' top-k probes nothing while traced.
+  cfg = sae_lib.SaeConfig(k=sae.k or 1, cpu_kernels=cpu_kernels.available())
+  m = sae_lib.READERS[sae.arch].from_weights(weights, cfg)
   m.subtracts_b_dec = sae.subtract_b_dec
   return m
 

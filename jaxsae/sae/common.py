@@ -95,6 +95,8 @@ class SAE(nnx.Module):
   # It selects latents by a top-k (k active per token): --k applies and is checked, and the
   # seeds' loop is chosen by what the top-k costs.
   selects_top_k: ClassVar[bool] = False
+  # Its `encode` keeps k latents per token, so a file must say k (BatchTopK's uses a threshold).
+  encodes_with_k: ClassVar[bool] = False
   # The SaeConfig field of the coefficient that sets its sparsity (what --target_l0 adapts);
   # None where k sets it.
   penalty: ClassVar[str | None] = None
@@ -161,6 +163,12 @@ class SAE(nnx.Module):
   def export(self) -> dict[str, jax.Array]:
     """The tensors readers expect (sparsify's names, W_enc as [d_in, n]) and their extras."""
     return {name: v[...] for name, v in nnx.state(self).items()}
+
+  @classmethod
+  def extra_tensors(cls) -> tuple[str, ...]:
+    """The tensors its export holds beside the dictionary's four (what a file must have)."""
+    shapes = jax.eval_shape(lambda: cls(2, 4, SaeConfig(k=1), rngs=nnx.Rngs(0)).export())
+    return tuple(name for name in shapes if name not in ("W_enc", "b_enc", "W_dec", "b_dec"))
 
   @classmethod
   def from_weights(cls, weights: dict[str, Any], cfg: SaeConfig, **kwargs) -> SAE:

@@ -37,7 +37,7 @@ def auxk_loss(w_dec: jax.Array, pre: jax.Array, e: jax.Array, var: jax.Array,
 
 class TopK(common.SAE):
   name = family = "topk"
-  selects_top_k = True
+  selects_top_k = encodes_with_k = True
   sparsify_activation = "topk"
 
   def __init__(self, d_in: int, num_latents: int, cfg: SaeConfig, *, rngs: nnx.Rngs):
