@@ -112,6 +112,21 @@ def test_non_finite_rows_are_named_at_read_time(tmp_path):
     poisoned(str(tmp_path / "s"), [17]).batch(0, 50)
 
 
+def test_member_batches_reads_what_each_data_seed_reads(st):
+  """Per-seed data: each step stacks every member's batch of its own data seed, placed with the
+  members' sharding, as a lone stream of that data seed reads it."""
+  import jax
+  mesh = jax.make_mesh((1, jax.device_count()), ("seed", "data"))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed", "data", None))
+  got = list(store.member_batches(st.directory, [3, 5], 64, sharding, start_step=2,
+                                  num_steps=2))
+  assert [b.step for b in got] == [2, 3]
+  for b in got:
+    assert b.x.shape == (2, 64, st.d_in) and b.x.sharding == sharding
+    for i, d in enumerate((3, 5)):
+      np.testing.assert_array_equal(np.asarray(b.x[i]), st.batch(b.step, 64, data_seed=d))
+
+
 def test_the_stream_says_which_batches_had_non_finite_rows_skipped(tmp_path):
   s = poisoned(str(tmp_path / "s"), [17, 30, 31])
   batches = list(s.batches(10, num_steps=5, skip_non_finite=True))

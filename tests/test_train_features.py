@@ -130,19 +130,6 @@ def test_per_seed_data_over_8_devices_matches_one_device(store_dir, tmp_path):
                    atol=1e-4)
 
 
-def test_member_batches_reads_what_each_data_seed_reads(store_dir):
-  mesh = jax.make_mesh((1, jax.device_count()), ("seed", "data"))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed", "data", None))
-  got = list(store_lib.member_batches(store_dir, [3, 5], 64, sharding, start_step=2,
-                                      num_steps=2))
-  store = store_lib.Store(store_dir)
-  assert [b.step for b in got] == [2, 3]
-  for b in got:
-    assert b.x.shape == (2, 64, D_IN) and b.x.sharding == sharding
-    for i, d in enumerate((3, 5)):
-      np.testing.assert_array_equal(np.asarray(b.x[i]), store.batch(b.step, 64, data_seed=d))
-
-
 # ---------------------------------------------------------------------------------------------
 # --target_l0
 
