@@ -274,6 +274,29 @@ def test_ensemble_state_is_sharded_by_seed_from_its_modules():
     assert set(mu.keys()) == {"W_enc", "b_enc", "W_dec", "b_dec"}  # no threshold, no counters
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+def test_the_plan_decides_on_the_host_and_nothing_traced_probes(arch, monkeypatch):
+  """The execution is decided in resolve; tracing the step (and the first batch's init) asks
+  neither the backend nor whether the CPU kernels run."""
+  from flax import nnx
+  plan = train.resolve(train.TrainConfig(arch=arch, num_latents=N, k=4, seeds=(0, 1),
+                                         batch_size=128, target_l0=4 if arch == "jumprelu"
+                                         else None), D_IN, 40 * 128)
+  assert plan.sae.cpu_kernels == cpu_kernels.available()
+  assert plan.sae.topk_path == plan.execution.topk_path
+  tx, _ = train.make_optimizer(plan)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: train.TrainState.of(plan, tx)))
+
+  def probed(*_):
+    raise AssertionError("the environment was probed while tracing")
+
+  monkeypatch.setattr(cpu_kernels, "available", probed)
+  monkeypatch.setattr(jax, "default_backend", probed)
+  x = jax.ShapeDtypeStruct((128, D_IN), np.float32)
+  jax.eval_shape(train.init_from_first_batch, graphdef, state, x)
+  jax.eval_shape(train.make_step(graphdef, plan), state, x)
+
+
 def test_run_of_the_dict_based_trainer_is_refused_in_one_line(store_dir, tmp_path):
   out = tmp_path / "old"
   out.mkdir()
