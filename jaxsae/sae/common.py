@@ -256,8 +256,8 @@ def sparse_decode(acts: jax.Array, idx: jax.Array, w_dec: jax.Array, cfg: SaeCon
   """sum_j acts[b, j] * W_dec[idx[b, j]]: a decode from k rows instead of a mostly-zero matmul.
 
   `path` as `SaeConfig.topk_path` names it. "scatter": the gather's transpose is a
-  scatter-add, so W_dec's gradient lands on the selected rows only, as with sparsify's embedding-bag decoder.
-  (A sorted segment sum, as the encoder's backward uses, is faster for one seed on an H100 but
+  scatter-add, so W_dec's gradient lands on the selected rows only, as with sparsify's
+  embedding-bag decoder. (A sorted segment sum, as the encoder's backward uses, is faster for one seed on an H100 but
   2x slower under the seed vmap, where the rows it gathers carry the seed axis:
   BENCHMARKS.md.) "dense": the same forward as k row gathers XLA fuses into one loop, and the
   backward as dense products (`_dense_decode`). "kernel": the forward and both gradients as
