@@ -27,8 +27,8 @@ def export(directory: str, graphdef: nnx.GraphDef, state: nnx.State, sae: SAE, p
   if jax.process_index() != 0:
     return
   i = plan.identity
-  for m, (seed, data_seed, member) in enumerate(zip(plan.seeds, plan.data_seeds,
-                                                   plan.member_names)):
+  for m, (seed, data_seed, member) in enumerate(zip(plan.seeds, plan.member_data_seeds,
+                                                     plan.member_names)):
     cfg = {"arch": i.arch, "seed": seed, "k": i.k, "step": step,
            "num_tokens": step * i.batch_size, "store": plan.store, "site": i.site,
            "data_seed": data_seed, **extras[m],

@@ -132,7 +132,7 @@ class RunPlan:
     return self.identity.seeds
 
   @property
-  def data_seeds(self) -> tuple[int, ...]:
+  def member_data_seeds(self) -> tuple[int, ...]:
     """Each member's batch order: one per seed, or the shared --data_seed for all."""
     return self.identity.data_seeds or (self.identity.data_seed,) * len(self.seeds)
 
