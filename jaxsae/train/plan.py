@@ -190,7 +190,8 @@ def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> RunPlan:
   if num_steps < 1:
     raise JaxsaeError(f"--num_tokens={num_tokens} is less than one batch of {cfg.batch_size}")
   execution = _execution(cfg, arch, n, len(seeds))
-  l0_target = _l0_target(cfg, arch, n, num_steps)
+  penalty_steps = round(cfg.penalty_warmup * num_steps)
+  l0_target = _l0_target(cfg, arch, n, num_steps, penalty_steps)
   sae = dataclasses.replace(sae, compute_dtype=execution.compute_dtype,
                             topk_path=execution.topk_path, cpu_kernels=execution.cpu_kernels)
   identity = Identity(
@@ -210,12 +211,13 @@ def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> RunPlan:
           every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
           keep_steps=tuple(sorted({t // cfg.batch_size for t in cfg.keep_at_tokens
                                    if 0 < t // cfg.batch_size <= num_steps}))),
-      num_steps=num_steps, penalty_steps=round(cfg.penalty_warmup * num_steps),
+      num_steps=num_steps, penalty_steps=penalty_steps,
       l0_target=l0_target, dead_tokens=cfg.dead_tokens, store=cfg.store, out=cfg.out,
       skip_non_finite=cfg.skip_non_finite, log_every=cfg.log_every, progress=cfg.progress)
 
 
-def _l0_target(cfg: TrainConfig, arch: type[SAE], n: int, num_steps: int) -> L0Target | None:
+def _l0_target(cfg: TrainConfig, arch: type[SAE], n: int, num_steps: int,
+               penalty_steps: int) -> L0Target | None:
   if cfg.target_l0 is None:
     return None
   if arch.penalty is None:
@@ -229,7 +231,7 @@ def _l0_target(cfg: TrainConfig, arch: type[SAE], n: int, num_steps: int) -> L0T
     raise JaxsaeError(f"--target_l0_freeze={cfg.target_l0_freeze} must be in [0, 1), "
                       f"--target_l0_gain={cfg.target_l0_gain} positive and "
                       f"--target_l0_prop={prop} not negative")
-  return L0Target(cfg.target_l0, cfg.target_l0_gain, prop, round(cfg.penalty_warmup * num_steps),
+  return L0Target(cfg.target_l0, cfg.target_l0_gain, prop, penalty_steps,
                   num_steps - round(cfg.target_l0_freeze * num_steps))
 
 
