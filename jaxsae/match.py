@@ -30,8 +30,10 @@ alone. Writes DIR/latents.csv (one row per latent of `a` per pair), DIR/frequenc
 firing frequencies, when an activation store is known; frequencies.npz, one array `sae{i}` per
 SAE in match.json's order, when widths differ), DIR/importance.npz (the FVU each latent's
 ablation adds), DIR/contexts.npz and DIR/tokens.json (every latent's top-activating contexts,
-their token windows and display strings) and DIR/match.json (the summary, written last). The
-formats are in README.md, "Matching".
+their token windows and display strings), DIR/stability.csv (every latent of every SAE: in how
+many other seeds it is shared, its mean matched cosines, its group across all seeds; see
+stability.py) and DIR/match.json (the summary, written last). The formats are in README.md,
+"Matching".
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import numpy as np
 from jaxsae import assign as assign_lib
 from jaxsae import files
 from jaxsae import saes as saes_lib
+from jaxsae import stability as stability_lib
 from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
 
@@ -62,6 +65,7 @@ IMPORTANCE_FILE = "importance.npz"
 CONTEXTS_FILE = "contexts.npz"
 TOKENS_FILE = "tokens.json"  # the display string of every token id in contexts.npz
 MEASURED_FILES = (FREQ_FILE, FREQ_RAGGED_FILE, IMPORTANCE_FILE, CONTEXTS_FILE, TOKENS_FILE)
+STABILITY_FILE = stability_lib.STABILITY_FILE
 DEFAULT_FREQ_TOKENS = 262_144
 
 
@@ -200,8 +204,8 @@ def _pass_step(graphdefs, what, stacked, best, x, pos, counts):
 
   def one(graphdef, state, scale, shift, best_v, best_p):
     m = nnx.merge(graphdef, state)
-    x_in = x * scale
-    z = saes_lib.encode(graphdef, state, x, scale)
+    x_in = saes_lib.sae_input(m, x, scale)
+    z = m.encode(x_in)
     out = {}
     if freq:
       out["fires"] = ((z > 0) & in_freq[:, None]).sum(0, dtype=jnp.int32)
@@ -548,13 +552,14 @@ def run(cfg: MatchConfig) -> dict:
   os.makedirs(cfg.out, exist_ok=True)
   # match.json marks a complete result: an old one must not vouch for files rewritten now, nor
   # an old measurement stand beside a new match that made none.
-  for name in (SUMMARY_FILE, *MEASURED_FILES):
+  for name in (SUMMARY_FILE, STABILITY_FILE, *MEASURED_FILES):
     if os.path.exists(os.path.join(cfg.out, name)):
       os.remove(os.path.join(cfg.out, name))
-  pairs, tables, with_base = [], [], {}
+  pairs, tables, with_base, matched = [], [], {}, []
   for i, j in tqdm(oriented_pairs(saes), desc="pairs", unit="pair"):
     summary, cols = match_pair(saes[i], saes[j], cfg)
     pairs.append(summary)
+    matched.append((i, j, cols))
     if 0 in (i, j):
       with_base[i + j] = flags_of(0, (i, j), cols[f"shared_{cfg.definition}"],
                                   cols["dec_partner"], n)
@@ -566,6 +571,7 @@ def run(cfg: MatchConfig) -> dict:
       table["partner_frequency"] = np.where(partner >= 0, freqs[j][partner], np.nan)
     tables.append(table)
 
+  stable = stability_lib.stability([s.n_latents for s in saes], matched)
   fr = [p["fraction_shared"] for p in pairs]
   has = lambda what: measured is not None and getattr(measured, what) is not None
   mcc = {f"{side}_mcc_{k}": v for side in ("decoder", "encoder")
@@ -592,11 +598,13 @@ def run(cfg: MatchConfig) -> dict:
       "contexts": cfg.contexts if has("top_row") else 0,
       "seeds": seed_statistics(np.stack([with_base[j] for j in range(1, len(saes))]),
                                cfg.subsets, cfg.seed),
+      "stability": stability_lib.summary(stable, names, cfg.definition, cfg.threshold),
       "pairs": pairs,
       "config": dataclasses.asdict(cfg),
       "seconds": round(time.time() - t0, 2),
   }
   _write_latents(os.path.join(cfg.out, LATENTS_FILE), tables)
+  stability_lib.write(os.path.join(cfg.out, STABILITY_FILE), stable, names)
   if isinstance(freqs, np.ndarray):
     buf = io.BytesIO()
     np.save(buf, freqs)
@@ -611,6 +619,7 @@ def run(cfg: MatchConfig) -> dict:
   widths = "/".join(str(w) for w in sorted({s.n_latents for s in saes}))
   print(f"jaxsae match: {len(pairs)} pairs of {len(saes)} SAEs x {widths} latents: "
         f"{result['fraction_shared_mean']:.3f} shared ({cfg.definition}, threshold "
-        f"{cfg.threshold}), decoder PW-MCC {result['decoder_mcc_mean']:.3f}; wrote "
-        f"{cfg.out}/{SUMMARY_FILE}")
+        f"{cfg.threshold}), decoder PW-MCC {result['decoder_mcc_mean']:.3f}; "
+        f"{stable['num_groups']} distinct features across the seeds "
+        f"({stable['conflicts']} conflicting edges refused); wrote {cfg.out}/{SUMMARY_FILE}")
   return result
