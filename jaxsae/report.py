@@ -11,6 +11,7 @@ with the plots embedded, that opens anywhere. The plots follow the paper's figur
   rules.png          encoder-only, decoder-only, both-above and both-agree sharing compared
   overlap.png        pairwise fraction shared between seeds (of the row's latents)
   seeds.png          in how many SAEs each base latent is found; found-only-in-base curve
+  stability.png      for every seed, how many of its latents are found in 1, 2, ..., S seeds
   importance.png     how much each latent matters to the reconstruction, shared vs orphan
 
 and, when the match measured them on an activation store, the top-activating contexts of a few
@@ -37,6 +38,7 @@ import numpy as np
 
 from jaxsae import files
 from jaxsae import match as match_lib
+from jaxsae import stability as stability_lib
 from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
 
@@ -259,17 +261,30 @@ def read_contexts(match_dir: str, summary: dict, top: int) -> tuple[Contexts | N
   return found, "" if found.decoded else "tokenizer not available offline: showing token ids"
 
 
-def shown(kind: str, latent: int, rows, contexts: Contexts | None, name: str) -> dict:
-  """One latent of the first pair's `a` as the page shows it: partners, frequency, contexts."""
+def shown(kind: str, latent: int, rows, contexts: Contexts | None, name: str,
+          stable=None) -> dict:
+  """One latent of the first pair's `a` as the page shows it: partners, frequency, stability
+  (`stable`: stability.csv indexed by name and latent, None for a match that predates it),
+  contexts."""
   r = rows.loc[latent]
   info = {"kind": kind, "latent": latent,
           "enc_partner": int(r.enc_partner), "enc_cos": float(r.enc_cos),
           "dec_partner": int(r.dec_partner), "dec_cos": float(r.dec_cos)}
   if "frequency" in r:
     info["frequency"] = float(r.frequency)
+  if stable is not None:
+    st = stable.loc[(name, latent)]
+    info.update(found_in=int(st.found_in), group=int(st.group), group_size=int(st.group_size))
   if contexts is not None:
     info["contexts"] = contexts.of(name, latent)
   return info
+
+
+def _stable_text(ex: dict, num_saes: int) -> str:
+  if "found_in" not in ex:
+    return ""
+  return (f"; found in {ex['found_in']} of {num_saes} seeds, group {ex['group']} "
+          f"({ex['group_size']} seeds)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +409,27 @@ def plot_seeds(seeds: dict, path: str) -> None:
   _save(fig, path)
 
 
+def plot_stability(stability: dict, path: str) -> None:
+  """Per seed, how many of its latents are found in 1..S seeds (1: in it alone)."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(7, 3.6))
+  counts = stability["found_in_counts"]
+  s_total = len(counts)
+  xs = np.arange(1, s_total + 1)
+  width = 0.8 / s_total
+  for i, (name, c) in enumerate(counts.items()):
+    ax.bar(xs - 0.4 + (i + 0.5) * width, [c[str(x)] for x in xs], width, label=name)
+  ax.set_xticks(xs)
+  ax.set_xlabel(f"found in how many of the {s_total} seeds (itself included)")
+  ax.set_ylabel("latents of the seed")
+  ax.set_title(f"{stability['num_groups']} distinct features across the seeds "
+               f"({stability['distinct_per_width']:.2f} x one SAE's width); "
+               f"{stability['conflicts']} conflicting edges refused", fontsize=9)
+  if s_total <= 12:
+    ax.legend(fontsize=7, ncol=2)
+  _save(fig, path)
+
+
 def plot_importance(table, per_sae: dict[str, np.ndarray], path: str) -> None:
   """CDFs of the importance of shared and orphan latents, pooled over the pairs' `a` latents."""
   plt = _plt()
@@ -494,7 +530,8 @@ def render_html(summary: dict, data: dict, plots: dict[str, tuple[str, str]]) ->
     examples.append(
         f"<h3>{e(ex['kind'])} latent {ex['latent']}</h3><p>encoder partner {ex['enc_partner']} "
         f"(cos {ex['enc_cos']:.3f}), decoder partner {ex['dec_partner']} "
-        f"(cos {ex['dec_cos']:.3f}){freq}</p>{ctx or '<p>no contexts</p>'}")
+        f"(cos {ex['dec_cos']:.3f}){freq}{_stable_text(ex, len(summary['saes']))}</p>"
+        f"{ctx or '<p>no contexts</p>'}")
   note = f'<p class="note">{e(data["context_note"])}</p>' if data["context_note"] else ""
   saes = ", ".join(f"{e(s['name'])} ({e(s['arch'])}, {e(s['layout'])}"
                    f"{', ' + str(s['n_latents']) + ' latents' if 'n_latents' in s else ''})"
@@ -521,7 +558,7 @@ threshold <b>{t:g}</b>. Mean fraction shared over {len(summary['pairs'])} pairs:
 min {summary['fraction_shared_min']:.4f}, max {summary['fraction_shared_max']:.4f});
 shared by all {summary['seeds']['num_saes']} SAEs: {summary['seeds']['fraction_shared_by_all']:.4f}.
 Encoder and decoder bijections agree on {summary['fraction_agree_mean']:.4f} of latents.</p>
-{mcc}{unequal}
+{mcc}{_stability_html(summary)}{unequal}
 <h2>Every rule</h2>
 <table><tr><th class=l>rule</th><th>mean</th><th>std</th><th>min</th><th>max</th></tr>
 {rules}</table>
@@ -536,6 +573,18 @@ Encoder and decoder bijections agree on {summary['fraction_agree_mean']:.4f} of 
 {note}{''.join(examples)}
 </body></html>
 """
+
+
+def _stability_html(summary: dict) -> str:
+  st = summary.get("stability")
+  if not st:
+    return ('<p class="note">This match predates per-latent stability; rerun `jaxsae match` '
+            'to get stability.csv.</p>')
+  return (f"<p>Across all {len(summary['saes'])} seeds the pairwise matches join latents into "
+          f"<b>{st['num_groups']}</b> distinct features ({st['distinct_per_width']:.2f} x one "
+          f"SAE's width; by seeds found in: {html.escape(json.dumps(st['groups_by_size']))}). "
+          f"A group holds at most one latent per seed: {st['conflicts']} conflicting edges were "
+          f"refused, touching {st['groups_with_conflict']} groups (stability.csv).</p>")
 
 
 def _importance_html(summary: dict, data: dict) -> str:
@@ -555,8 +604,10 @@ def _importance_html(summary: dict, data: dict) -> str:
     freq = f"{ex['frequency']:.3g}" if "frequency" in ex else "-"
     partner = (f"{ex['dec_partner']} (cos {ex['dec_cos']:.3f})" if ex["dec_partner"] >= 0
                else "none")
+    found = f"{ex['found_in']} (group {ex['group']})" if "found_in" in ex else "-"
     rows.append(f"<tr><td>{ex['latent']}</td><td>{ex['importance']:.3g}</td><td>{freq}</td>"
-                f"<td>{partner}</td><td class=l>{ctx or 'no contexts'}</td></tr>")
+                f"<td>{partner}</td><td>{found}</td>"
+                f"<td class=l>{ctx or 'no contexts'}</td></tr>")
   first = summary["pairs"][0]
   fvu = ", ".join(f"{e(k)} {v:.4f}" for k, v in imp["fvu"].items())
   return f"""<h2>Importance of shared and orphan latents</h2>
@@ -570,7 +621,7 @@ Medians over the latents of a in each pair; pooled over pairs: shared
 <h3>The most important frequent orphans of {e(first['a'])} (against {e(first['b'])}; firing
 on at least {imp['min_frequency']:g} of tokens)</h3>
 <table><tr><th>latent</th><th>importance</th><th>frequency</th><th>decoder partner</th>
-<th class=l>top contexts</th></tr>{''.join(rows)}</table>"""
+<th>found in seeds</th><th class=l>top contexts</th></tr>{''.join(rows)}</table>"""
 
 
 def _gap(p: dict) -> str:
@@ -621,6 +672,7 @@ def numbers(summary: dict, table) -> dict[str, Any]:
       "rules_compared": rules_compared(table, t),
       "frequency_bins": frequency_bins(table),
       "seeds": summary["seeds"],
+      "stability": summary.get("stability"),
       "cosine_histograms": {
           col: dict(zip(("counts", "edges"), (h.tolist() for h in np.histogram(
               table[col].values, bins=np.linspace(-1, 1, 81)))))
@@ -671,6 +723,12 @@ def draw(summary: dict, table, data: dict, importance: dict | None,
   plots["Across seeds"] = (p("seeds.png"), f"Left: in how many SAEs each latent of "
                            f"{names[0]} is found. Right: fraction found only in {names[0]} as "
                            "more SAEs are compared (mean and std over random subsets).")
+  if "stability" in summary:
+    plot_stability(summary["stability"], p("stability.png"))
+    plots["Stability of every seed's latents"] = (
+        p("stability.png"), f"For every seed, how many of its latents are shared "
+        f"({summary['definition']}, threshold {t:g}) with 0, 1, ... of the other seeds "
+        "(stability.csv).")
   if importance is not None:
     plot_importance(table, importance["per_sae"], p("importance.png"))
     plots["Importance: shared against orphan"] = (
@@ -694,7 +752,10 @@ def run(cfg: ReportConfig) -> dict:
   contexts, data["context_note"] = read_contexts(match_dir, summary, cfg.contexts)
   base = table.a.iloc[0]
   rows = table[(table.a == base) & (table.b == table.b.iloc[0])].set_index("latent")
-  show = lambda kind, lat: shown(kind, lat, rows, contexts, base)
+  stable = stability_lib.read(match_dir)
+  if stable is not None:
+    stable = stable.set_index(["name", "latent"])
+  show = lambda kind, lat: shown(kind, lat, rows, contexts, base, stable)
   data["examples"] = [show(kind, lat) for kind, lats in
                       pick_examples(table, cfg.examples, cfg.seed).items() for lat in lats]
   data["importance"] = (importance_data(table, importance, cfg, show) if importance is not None

@@ -19,7 +19,7 @@ from jaxsae import store_writer
 from jaxsae.errors import JaxsaeError
 
 PLOTS = ("cosines.png", "frequency.png", "threshold.png", "rules.png", "overlap.png",
-         "seeds.png", "importance.png")
+         "seeds.png", "stability.png", "importance.png")
 CTX = 16
 
 
@@ -76,6 +76,22 @@ def test_report_numbers_and_files(matched):
     assert acts == sorted(acts, reverse=True)
     c = e["contexts"][0]
     assert c["tokens"][c["index"]] == f"[{c['ids'][c['index']]}]"  # no tokenizer: ids
+
+
+def test_report_shows_every_latents_stability(matched):
+  data = report.run(report.ReportConfig(inputs=(str(matched / "m"),), out=str(matched / "r")))
+  stable = pd.read_csv(matched / "m" / match.STABILITY_FILE).set_index(["name", "latent"])
+  for e in data["examples"] + data["importance"]["top_orphans"]:
+    row = stable.loc[("seed0", e["latent"])]
+    assert (e["found_in"], e["group"], e["group_size"]) == (row.found_in, row.group,
+                                                              row.group_size)
+  counts = data["stability"]["found_in_counts"]
+  for name, c in counts.items():
+    per = stable.loc[name].found_in
+    assert c == {str(k): int((per == k).sum()) for k in range(1, 4)}
+  page = (matched / "r" / "report.html").read_text()
+  assert f"{data['stability']['num_groups']}</b> distinct features" in page
+  assert "found in seeds</th>" in page
 
 
 def test_contexts_come_from_the_tokens_frequencies_were_measured_on(matched):
