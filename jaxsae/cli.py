@@ -8,7 +8,10 @@ default, so `--help` and the config can never disagree. Library code receives th
   jaxsae train --store=DIR --arch=topk --seeds=0,1,2,3 --out=RUN
   jaxsae match RUN_OR_SAE_DIRS... --out=DIR
   jaxsae report MATCH_DIR --out=DIR
+  jaxsae consensus MATCH_DIR --min_seeds=M --out=DIR
   jaxsae demo
+  jaxsae synth --out=DIR [--num_features=N --d_in=D --l0=L ...]
+  jaxsae truth RUN_OR_SAE_DIRS... --truth=DIR/truth --out=DIR
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ COMMANDS = {
     "train": ("jaxsae.train", "TrainConfig", "train S SAE seeds at once on a store"),
     "match": ("jaxsae.match", "MatchConfig", "match every pair of seeds; what is shared"),
     "report": ("jaxsae.report", "ReportConfig", "plots, JSON and an HTML page from a match"),
+    "consensus": ("jaxsae.consensus", "ConsensusConfig", "one SAE of the features found in M "
+                  "of S seeds (1: the union)"),
     "demo": ("jaxsae.demo", "DemoConfig", "the whole pipeline on the offline default"),
+    "synth": ("jaxsae.synthetic", "SynthConfig", "write a store of known features and its truth"),
+    "truth": ("jaxsae.truth", "TruthConfig", "how much of a known dictionary SAEs recover"),
 }
 
 
@@ -125,7 +132,7 @@ def _load(command: str):
 
 def _usage() -> str:
   out = ["usage: jaxsae COMMAND [--flag=value ...] [--flagfile=FILE]", "", "commands:"]
-  out += [f"  {name:8s} {desc}" for name, (_, _, desc) in COMMANDS.items()]
+  out += [f"  {name:9s} {desc}" for name, (_, _, desc) in COMMANDS.items()]
   for name in COMMANDS:
     try:
       _, cls = _load(name)
