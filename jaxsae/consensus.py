@@ -12,10 +12,11 @@ seeds. Each kept group becomes one latent:
                      the architectures that keep unit decoder rows)
   extras             per-latent ones (JumpReLU's thresholds, Gated's r_mag, b_mag) the members'
                      mean; scalars (BatchTopK's threshold) and b_dec the mean over all S SAEs
-  k (TopK)           how many kept features fire per token when the members encode: the sum
-                     over kept groups of the members' mean firing frequency (match's
-                     frequencies), so that it fires as often as they do; without frequencies,
-                     the members' k (at most the width)
+  k (TopK)           as many as fire per token among one seed's latents in the kept groups
+                     (the sum of their firing frequencies in match's frequencies, the mean over
+                     the seeds), so that a token activates as many features as in any one seed
+                     (the union's k is the seeds' k); without frequencies, the seeds' k (at
+                     most the width)
 
 With M = 1 every group is kept: the union, each distinct feature once. DIR is an SAE directory
 that `jaxsae match` (and so `jaxsae report`) reads: in sparsify's layout for TopK (cfg.json +
@@ -133,7 +134,7 @@ def membership(table, widths: list[int], min_seeds: int) -> tuple[np.ndarray, np
   pos = {g: r for r, g in enumerate(ids)}
   members = np.full((len(ids), len(widths)), -1, np.int64)
   sel = table[table.group.isin(pos)]
-  members[sel.group.map(pos).values, sel.sae.values] = sel.latent.values
+  members[sel.group.map(pos).values.astype(np.int64), sel.sae.values] = sel.latent.values
   return ids, members
 
 
@@ -171,11 +172,9 @@ def choose_k(members: list[saes_lib.CanonicalSAE], rows: np.ndarray, freqs) -> i
   width = len(rows)
   if freqs is None:
     return int(min(round(np.mean([m.k for m in members])), width))
-  has = rows >= 0
-  f = np.stack([np.where(has[:, s], freqs[s][np.maximum(rows[:, s], 0)], 0.0)
-                for s in range(len(members))], 1)
-  expected = float((f.sum(1) / has.sum(1)).sum())
-  return int(np.clip(round(expected), 1, width))
+  # Per seed, how many of its latents in the kept groups fire per token; their mean.
+  expected = np.mean([freqs[s][rows[rows[:, s] >= 0, s]].sum() for s in range(len(members))])
+  return int(np.clip(round(float(expected)), 1, width))
 
 
 def export_cfg(members: list[saes_lib.CanonicalSAE], k: int | None, summary: dict,
