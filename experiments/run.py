@@ -17,6 +17,9 @@ And the questions it left open (analyses in experiments/open_questions.py):
   init_vs_data  pairs differing in initialisation only, data order only, or both
   arch_l0       every architecture at equal sparsity (--target_l0 for the penalty ones)
   matryoshka    Matryoshka BatchTopK against flat TopK and BatchTopK, overall and per group
+  consensus     the census's seeds as one consensus SAE for M = 1..S (width, FVU, L0), the
+                importance of its latents against orphans, and how far a consensus
+                initialisation moves when trained further (experiments/consensus_study.py)
 
 Every point is S seeds trained at once (`jaxsae train`), all S(S-1)/2 pairs matched
 (`jaxsae match`); error bars are the standard deviation over pairs. Each stage reuses what a
@@ -37,15 +40,18 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from jaxsae import consensus  # noqa: E402
 from jaxsae import extract  # noqa: E402
 from jaxsae import match  # noqa: E402
+from jaxsae import saes  # noqa: E402
 from jaxsae import train  # noqa: E402
 from jaxsae.sae import ARCHITECTURES  # noqa: E402
 
+import consensus_study as cs  # noqa: E402  (beside this file)
 import open_questions as oq  # noqa: E402  (beside this file)
 
 PAPER_STUDIES = ["size", "k", "arch", "length", "frequency", "threshold"]
-OPEN_STUDIES = ["census", "trajectory", "init_vs_data", "arch_l0", "matryoshka"]
+OPEN_STUDIES = ["census", "trajectory", "init_vs_data", "arch_l0", "matryoshka", "consensus"]
 _STUDY = flags.DEFINE_enum("study", "size", PAPER_STUDIES + OPEN_STUDIES, "Which study to run.")
 _OUT = flags.DEFINE_string("out", "out/experiments", "Where runs, matches and figures go.")
 _STORE = flags.DEFINE_string("store", "", "Activation store; extracted here (with the flags "
@@ -81,6 +87,16 @@ _L0S = flags.DEFINE_list("l0s", ["16", "32"], "Target L0s of the arch_l0 study."
 _L0_ARCHS = flags.DEFINE_list("l0_archs", ["topk", "batchtopk", "relu_l1", "gated", "jumprelu"],
                               "Architectures of the arch_l0 study (k = L0 for topk and "
                               "batchtopk; --target_l0 for the others).")
+_CONSENSUS_SNAPSHOT = flags.DEFINE_integer("consensus_snapshot", 0, "consensus study: the "
+                                          "census snapshot (its tokens, one of --snapshots) "
+                                          "to take the seeds from; 0: the finished census")
+_CONSENSUS_EVAL = flags.DEFINE_integer("consensus_eval_tokens", 65_536, "consensus study: "
+                                       "tokens each dictionary's FVU and L0 are measured on")
+_CONSENSUS_M = flags.DEFINE_integer("consensus_m", 0, "consensus study: the M whose dictionary "
+                                    "is trained further; 0: a majority of the seeds")
+_CONSENSUS_TRAIN = flags.DEFINE_integer("consensus_train_tokens", None, "consensus study: "
+                                        "tokens the consensus and a random initialisation are "
+                                        "trained further on; default --num_tokens / 4")
 _ARCH_TOKENS = flags.DEFINE_integer("arch_tokens", None, "Training tokens per seed of the "
                                     "arch_l0 and matryoshka studies; default --num_tokens.")
 
@@ -112,14 +128,18 @@ def train_and_match(name: str, store: str, keep_at_tokens=(), **overrides) -> st
   return trained(study, name, store, keep_at_tokens=tuple(keep_at_tokens), **overrides)
 
 
+def trained_config(group: str, name: str, store: str) -> dict:
+  """The base settings of a run in OUT/group/name."""
+  return dict(store=store, out=os.path.join(_OUT.value, group, name), arch="topk",
+              num_latents=_NUM_LATENTS.value, k=_K.value, num_seeds=_SEEDS.value,
+              num_tokens=_TOKENS.value, batch_size=_BATCH.value, lr=_LR.value,
+              lr_warmup_steps=_WARMUP.value, mesh=_MESH.value, checkpoint_every=500)
+
+
 def trained(group: str, name: str, store: str, **overrides) -> str:
   """OUT/group/name trained (or resumed) with the base settings and `overrides`."""
-  run_dir = os.path.join(_OUT.value, group, name)
-  cfg = dict(store=store, out=run_dir, arch="topk", num_latents=_NUM_LATENTS.value, k=_K.value,
-             num_seeds=_SEEDS.value, num_tokens=_TOKENS.value, batch_size=_BATCH.value,
-             lr=_LR.value, lr_warmup_steps=_WARMUP.value, mesh=_MESH.value,
-             checkpoint_every=500)
-  cfg.update(overrides)
+  cfg = {**trained_config(group, name, store), **overrides}
+  run_dir = cfg["out"]
   seeds = cfg.get("seeds") or range(cfg["num_seeds"])
   data = cfg.get("data_seeds")
   members = train.member_names(list(seeds), list(data or ()))
@@ -348,9 +368,54 @@ def study_matryoshka(store: str, png: str) -> dict:
           "overall": overall, "groups": groups, "bounds": bounds}
 
 
+def study_consensus(store: str, png: str) -> dict:
+  seeds = census_run(store) if not _CONSENSUS_SNAPSHOT.value else os.path.join(
+      _OUT.value, "nine", "base", f"tokens{_CONSENSUS_SNAPSHOT.value}")
+  group = os.path.join("consensus", f"tokens{_CONSENSUS_SNAPSHOT.value}"
+                       if _CONSENSUS_SNAPSHOT.value else "final")
+  out = os.path.join(_OUT.value, group)
+  m_dir = os.path.join(out, "match")
+  # The match measures (k's frequencies, importance) all but the store's last
+  # --consensus_eval_tokens tokens, which the FVU and L0 are then measured on.
+  from jaxsae import store as store_lib
+  sample = store_lib.Store(store).num_tokens - _CONSENSUS_EVAL.value
+  summary = matched(seeds, m_dir, freq_tokens=sample)
+  s_total = len(summary["saes"])
+  rows = cs.table(cs.sweep(m_dir, out, s_total, _CONSENSUS_EVAL.value))
+  importance = cs.importance_by_group(m_dir)
+  m = _CONSENSUS_M.value or s_total // 2 + 1
+  cons = os.path.join(out, f"m{m}")
+  row = rows[m - 1]
+  further = dict(num_latents=row["width"], k=row["k"], seeds=(0,), num_seeds=None,
+                 num_tokens=_CONSENSUS_TRAIN.value or _TOKENS.value // 4)
+  name = f"m{m}_{further['num_tokens']}"
+  init = train.TrainConfig(**{**trained_config(group, f"from_{name}", store), **further})
+  cs.init_from(cons, init)
+  rand = train.TrainConfig(**{**trained_config(group, f"random_{name}", store), **further})
+  start = cs.initial_decoder(rand)
+  drifts = {}
+  for label, cfg, begin in (("consensus init", init, saes.load_sae(cons).W_dec),
+                            ("random init", rand, start)):
+    if not saes.is_sae_dir(os.path.join(cfg.out, "seed0")):
+      train.run(cfg)
+    drifts[label] = cs.drift(begin, saes.load_sae(os.path.join(cfg.out, "seed0")).W_dec)
+  # Where each ends, on the tokens the consensus dictionaries were measured on.
+  ends = [saes.load_sae(os.path.join(c.out, "seed0")) for c in (init, rand)]
+  for label, found in zip(drifts, consensus.evaluate(ends, store_lib.Store(store), sample,
+                                                     _CONSENSUS_EVAL.value, 1024, None)):
+    drifts[label].update(fvu_end=found["fvu"], l0_end=found["l0"])
+  drifts["consensus init"]["fvu_start"] = row["fvu"]
+  cs.plot(rows, importance, drifts, png)
+  return {"rows": [{"x": r["min_seeds"], "mean": r["fvu"], "std": 0.0, "width": r["width"],
+                    "k": r["k"], "l0": r["l0"]} for r in rows],
+          "consensus": rows, "importance": importance, "drift": drifts, "trained_m": m,
+          "trained_tokens": further["num_tokens"], "seeds": seeds,
+          "stability": summary["stability"]}
+
+
 OPEN = {"census": study_census, "trajectory": study_trajectory,
         "init_vs_data": study_init_vs_data, "arch_l0": study_arch_l0,
-        "matryoshka": study_matryoshka}
+        "matryoshka": study_matryoshka, "consensus": study_consensus}
 
 
 def main(_):
