@@ -379,7 +379,7 @@ def study_consensus(store: str, png: str) -> dict:
   # --consensus_eval_tokens tokens, which the FVU and L0 are then measured on.
   from jaxsae import store as store_lib
   sample = store_lib.Store(store).num_tokens - _CONSENSUS_EVAL.value
-  summary = matched(seeds, m_dir, freq_tokens=sample)
+  summary = matched(seeds, m_dir, freq_tokens=sample, scan_tokens=0)  # no contexts needed
   s_total = len(summary["saes"])
   rows = cs.table(cs.sweep(m_dir, out, s_total, _CONSENSUS_EVAL.value))
   importance = cs.importance_by_group(m_dir)
