@@ -20,6 +20,10 @@ And the questions it left open (analyses in experiments/open_questions.py):
   consensus     the census's seeds as one consensus SAE for M = 1..S (width, FVU, L0), the
                 importance of its latents against orphans, and how far a consensus
                 initialisation moves when trained further (experiments/consensus_study.py)
+  ground_truth  seeds on synthetic activations with known features: sharing against recovery
+                of the truth, and what orphans are (experiments/ground_truth.py)
+  absorption    first-letter absorption of k and width sweeps at a residual and an MLP site,
+                against sharing (experiments/absorption_study.py)
 
 Every point is S seeds trained at once (`jaxsae train`), all S(S-1)/2 pairs matched
 (`jaxsae match`); error bars are the standard deviation over pairs. Each stage reuses what a
@@ -47,11 +51,15 @@ from jaxsae import saes  # noqa: E402
 from jaxsae import train  # noqa: E402
 from jaxsae.sae import ARCHITECTURES  # noqa: E402
 
+import absorption_study as ab  # noqa: E402  (beside this file)
 import consensus_study as cs  # noqa: E402  (beside this file)
+import ground_truth as gt  # noqa: E402  (beside this file)
 import open_questions as oq  # noqa: E402  (beside this file)
 
 PAPER_STUDIES = ["size", "k", "arch", "length", "frequency", "threshold"]
-OPEN_STUDIES = ["census", "trajectory", "init_vs_data", "arch_l0", "matryoshka", "consensus"]
+OPEN_STUDIES = ["census", "trajectory", "init_vs_data", "arch_l0", "matryoshka", "consensus",
+                "ground_truth", "absorption"]
+OWN_STORES = ["ground_truth", "absorption"]  # studies that write (or pick) their own stores
 _STUDY = flags.DEFINE_enum("study", "size", PAPER_STUDIES + OPEN_STUDIES, "Which study to run.")
 _OUT = flags.DEFINE_string("out", "out/experiments", "Where runs, matches and figures go.")
 _STORE = flags.DEFINE_string("store", "", "Activation store; extracted here (with the flags "
@@ -97,6 +105,16 @@ _CONSENSUS_M = flags.DEFINE_integer("consensus_m", 0, "consensus study: the M wh
 _CONSENSUS_TRAIN = flags.DEFINE_integer("consensus_train_tokens", None, "consensus study: "
                                         "tokens the consensus and a random initialisation are "
                                         "trained further on; default --num_tokens / 4")
+_GT_PRESET = flags.DEFINE_enum("gt_preset", "reduced", list(gt.PRESETS), "Scale of the "
+                               "ground_truth study: reduced (this CPU, ~15 min) or full "
+                               "(SynthSAEBench's 16,384 features in d = 768; an accelerator).")
+_ABS_TOKENS = flags.DEFINE_integer("absorption_tokens", 65_536, "Tokens of the absorption "
+                                   "study's two-site store (residual and MLP of layer 15).")
+_ABS_TRAIN = flags.DEFINE_integer("absorption_train_tokens", 262_144, "Training tokens per seed "
+                                  "of the absorption study's SAEs.")
+_ABS_SEEDS = flags.DEFINE_integer("absorption_seeds", 2, "Seeds per absorption point.")
+_ABS_WORDS = flags.DEFINE_integer("absorption_words", 2000, "Alphabetic tokens prompted (0: "
+                                  "every one, as SAEBench; ~47K for SmolLM2).")
 _ARCH_TOKENS = flags.DEFINE_integer("arch_tokens", None, "Training tokens per seed of the "
                                     "arch_l0 and matryoshka studies; default --num_tokens.")
 
@@ -413,16 +431,36 @@ def study_consensus(store: str, png: str) -> dict:
           "stability": summary["stability"]}
 
 
+def study_ground_truth(_, png: str) -> dict:
+  return gt.study(_OUT.value, gt.PRESETS[_GT_PRESET.value], trained, matched, png)
+
+
+def study_absorption(_, png: str) -> dict:
+  root = os.path.join(_OUT.value, "absorption")
+  store = os.path.join(root, "store")
+  if not os.path.exists(os.path.join(store, "manifest.json")):
+    extract.run(extract.ExtractConfig(model=_MODEL.value, dataset=_DATASET.value,
+                                      sites=tuple(ab.SITES.values()),
+                                      num_tokens=_ABS_TOKENS.value, ctx_len=_CTX.value,
+                                      out=store))
+
+  def train_point(group, name, store, **kw):
+    return trained(group, name, store, num_seeds=_ABS_SEEDS.value,
+                   num_tokens=_ABS_TRAIN.value, **kw)
+  return ab.study(root, _MODEL.value, _ABS_WORDS.value, train_point, matched, store, png)
+
+
 OPEN = {"census": study_census, "trajectory": study_trajectory,
         "init_vs_data": study_init_vs_data, "arch_l0": study_arch_l0,
-        "matryoshka": study_matryoshka, "consensus": study_consensus}
+        "matryoshka": study_matryoshka, "consensus": study_consensus,
+        "ground_truth": study_ground_truth, "absorption": study_absorption}
 
 
 def main(_):
   if not flags.FLAGS["verbosity"].present:
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
-  store = store_dir()
+  store = None if _STUDY.value in OWN_STORES else store_dir()
   if _STUDY.value in OPEN:
     return main_open(store)
   rows = sweep(store)

@@ -1,0 +1,196 @@
+"""The absorption study: does first-letter feature absorption go with seed dependence?
+
+experiments/run.py --study=absorption extracts one small store holding two sites of SmolLM2
+(the layer-15 residual stream, the metric's own setting, and the layer-15 MLP output, the
+demo's), trains k and width sweeps of S seeds at each, matches their pairs, and here:
+
+  - measures every SAE's absorption with jaxsae.absorption (one letter probe per site, shared
+    by the SAEs there), its probes' F1 beside it
+  - asks whether absorbing latents are orphans more often than other latents of the same
+    firing frequency (`orphan_rates`), and whether absorption rises with k and width as
+    sharing falls (the table and the figure)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+
+from jaxsae import absorption
+from jaxsae import files
+from jaxsae import saes as saes_lib
+
+import open_questions as oq  # beside this file
+
+SITES = {"resid": "model.layers.15", "mlp": "model.layers.15.mlp"}
+SWEEP = [("k", {"num_latents": 1024, "k": 16}), ("k", {"num_latents": 1024, "k": 32}),
+         ("k", {"num_latents": 1024, "k": 64}), ("width", {"num_latents": 512, "k": 32}),
+         ("width", {"num_latents": 2048, "k": 32})]
+
+
+def probe_data(root: str, model_spec: str, max_words: int, seed: int = 0
+               ) -> absorption.ProbeData:
+  """Every site's activations on the prompts, computed once and kept in ROOT/probe_data.npz."""
+  path = os.path.join(root, "probe_data.npz")
+  sites = list(SITES.values())
+  if os.path.exists(path):
+    with np.load(path, allow_pickle=False) as z:
+      return absorption.ProbeData(words=[str(w) for w in z["words"]], token_ids=z["token_ids"],
+                                  labels=z["labels"], acts={s: z[f"acts_{s}"] for s in sites},
+                                  train=z["train"])
+  from jaxsae import extract
+  model, tok = extract.load_model(extract.model_source(model_spec))
+  d = absorption.collect(model, tok, sites, max_words=max_words, seed=seed)
+  buf = io.BytesIO()
+  np.savez(buf, words=np.array(d.words), token_ids=d.token_ids, labels=d.labels, train=d.train,
+           **{f"acts_{s}": a for s, a in d.acts.items()})
+  os.makedirs(root, exist_ok=True)
+  files.atomic_write_bytes(path, buf.getvalue())
+  return d
+
+
+def evaluate_run(run_dir: str, match_dir: str, site: str, data, probe: dict) -> dict:
+  """Absorption of every seed of a run and, per latent, what it is and whether it is shared."""
+  summary, table, freqs = oq.load_match(match_dir)
+  names = [s["name"] for s in summary["saes"]]
+  per_seed, latents = [], []
+  for i, s in enumerate(summary["saes"]):
+    sae = saes_lib.load_sae(s["path"])
+    r = absorption.evaluate(sae, data, site, probe)
+    orphan = _orphan_of(table, summary, names, i, sae.n_latents)
+    latents.append({"main": r.pop("main_letter") >= 0, "absorbing": r.pop("absorbing") > 0,
+                    "orphan": orphan, "frequency": freqs[i] if freqs is not None else None})
+    per_seed.append({"name": s["name"], **{k: v for k, v in r.items() if k != "per_letter"},
+                     "per_letter": r["per_letter"]})
+  return {"seeds": per_seed, "latents": latents, "summary": summary}
+
+
+def _orphan_of(table, summary: dict, names: list[str], i: int, n: int) -> np.ndarray:
+  """A latent of SAE i is an orphan when no other seed shares it (both_above at 0.7)."""
+  shared = np.zeros(n, bool)
+  for (a, b), pair in table.groupby(["a", "b"], sort=False):
+    if names[i] == a:
+      shared |= oq.shared_flags(pair, "a", "both_above", summary["threshold"])
+    elif names[i] == b:
+      shared |= oq.shared_flags(pair, "b", "both_above", summary["threshold"], n)
+  return ~shared
+
+
+def orphan_rates(latents: list[dict], decade_bins: int = 4) -> dict:
+  """Orphan rate of absorbing latents, of letters' main latents, and of the other latents at the
+  absorbing latents' own firing frequencies (each absorbing latent's frequency bin, 1/4
+  decade, weighted as they fall)."""
+  main = np.concatenate([l["main"] for l in latents])
+  absorbing = np.concatenate([l["absorbing"] for l in latents])
+  orphan = np.concatenate([l["orphan"] for l in latents])
+  out = {"absorbing": int(absorbing.sum()), "main": int(main.sum()), "latents": len(orphan),
+         "orphan_rate_all": float(orphan.mean()),
+         "orphan_rate_absorbing": float(orphan[absorbing].mean()) if absorbing.any() else None,
+         "orphan_rate_main": float(orphan[main].mean()) if main.any() else None}
+  if latents[0]["frequency"] is None or not absorbing.any():
+    return out
+  freq = np.concatenate([l["frequency"] for l in latents])
+  b = np.floor(np.log10(np.maximum(freq, 1e-7)) * decade_bins).astype(int)
+  rest = ~absorbing & ~main
+  expected = []
+  for bin_ in b[absorbing]:
+    same = rest & (b == bin_)
+    if same.sum() >= 5:
+      expected.append(orphan[same].mean())
+  out["orphan_rate_same_frequency"] = float(np.mean(expected)) if expected else None
+  out["frequency_matched"] = len(expected)
+  return out
+
+
+def study(root: str, model_spec: str, max_words: int, trained, matched, store: str,
+          png: str) -> dict:
+  data = probe_data(root, model_spec, max_words)
+  probes = {s: absorption.site_probe(data, s) for s in SITES.values()}
+  points, latents = [], {name: [] for name in SITES}
+  for name, site in SITES.items():
+    for sweep, train in SWEEP:
+      run_dir = trained("absorption", f"{name}_n{train['num_latents']}_k{train['k']}", store,
+                        site=site, **train)
+      summary = matched(run_dir, run_dir + "-match", freq_tokens=65_536, scan_tokens=0,
+                        importance_tokens=0)
+      r = evaluate_run(run_dir, run_dir + "-match", site, data, probes[site])
+      latents[name] += r["latents"]
+      seeds = r["seeds"]
+      af = [s["mean_absorption_fraction"] for s in seeds if s["mean_absorption_fraction"]
+            is not None]
+      fa = [s["mean_full_absorption"] for s in seeds if s["mean_full_absorption"] is not None]
+      points.append({
+          "site": name, "module": site, "sweep": sweep, **train, "run": run_dir,
+          "shared": oq.rule_point(summary, "both_above"), "decoder_mcc": oq.mcc(summary),
+          "absorption_fraction": {"mean": float(np.mean(af)) if af else None,
+                                  "std": float(np.std(af)) if af else None},
+          "full_absorption": {"mean": float(np.mean(fa)) if fa else None,
+                              "std": float(np.std(fa)) if fa else None},
+          "letters_counted": seeds[0]["letters_counted"],
+          "split_features": float(np.mean([s["mean_num_split_features"] or 0 for s in seeds])),
+          "orphans": orphan_rates(r["latents"]), "seeds": seeds})
+      p = points[-1]
+      print(f"{name} n={train['num_latents']} k={train['k']}: shared {p['shared']['mean']:.3f}, "
+            f"absorption {p['absorption_fraction']['mean']}, full {p['full_absorption']['mean']}"
+            f", letters {p['letters_counted']}", flush=True)
+  pooled = {name: orphan_rates(ls) for name, ls in latents.items()}
+  f1 = {name: [round(float(v), 3) for v in probes[s]["f1"]] for name, s in SITES.items()}
+  plot(points, pooled, f1, png)
+  return {"rows": [{"x": f"{p['site']} n{p['num_latents']} k{p['k']}",
+                    "mean": p["absorption_fraction"]["mean"] or 0.0,
+                    "std": p["absorption_fraction"]["std"] or 0.0} for p in points],
+          "points": points, "orphans_pooled": pooled, "probe_f1": f1,
+          "words": {"train": int(data.train.sum()), "test": int((~data.train).sum())},
+          "min_probe_f1": absorption.MIN_PROBE_F1}
+
+
+def plot(points: list[dict], pooled: dict, f1: dict, png: str) -> None:
+  plt = oq._plt()
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), dpi=120)
+  ax = axes[0]
+  for j, name in enumerate(SITES):
+    for sweep, marker in (("k", "o"), ("width", "s")):
+      ps = [p for p in points if p["site"] == name and p["sweep"] == sweep
+            and p["absorption_fraction"]["mean"] is not None]
+      ax.scatter([p["shared"]["mean"] for p in ps], [p["absorption_fraction"]["mean"] for p in ps],
+                 color=f"C{j}", marker=marker, label=f"{name}, {sweep} sweep")
+      for p in ps:
+        ax.annotate(f"n{p['num_latents']} k{p['k']}", (p["shared"]["mean"],
+                    p["absorption_fraction"]["mean"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+  ax.set_xlabel("fraction of latents shared between seeds (both_above, 0.7)")
+  ax.set_ylabel("mean absorption fraction (letters with probe F1 > 0.6)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  ax.set_title("Absorption against sharing, per SAE run")
+  bx = axes[1]
+  keys = [("orphan_rate_absorbing", "absorbing latents"), ("orphan_rate_same_frequency",
+          "other latents, same frequency"), ("orphan_rate_main", "letters' main latents"),
+          ("orphan_rate_all", "all latents")]
+  for j, name in enumerate(SITES):
+    vals = [pooled[name].get(k) or 0.0 for k, _ in keys]
+    bx.bar(np.arange(len(keys)) + 0.4 * j, vals, width=0.4, color=f"C{j}", label=name)
+  bx.set_xticks(np.arange(len(keys)) + 0.2, [lab for _, lab in keys], fontsize=7, rotation=15)
+  bx.set_ylabel("orphan rate (no other seed shares it)")
+  bx.set_ylim(0, 1)
+  bx.legend(fontsize=8)
+  bx.set_title("Are absorbing latents orphans more often?")
+  cx = axes[2]
+  for j, name in enumerate(SITES):
+    cx.bar(np.arange(26) + 0.4 * j, f1[name], width=0.4, color=f"C{j}", label=name)
+  cx.axhline(absorption.MIN_PROBE_F1, color="gray", ls="--", lw=1)
+  cx.set_xticks(range(26), list(absorption.LETTERS), fontsize=7)
+  cx.set_ylabel("letter probe F1 (test words)")
+  cx.set_ylim(0, 1)
+  cx.legend(fontsize=8)
+  cx.set_title("Is SmolLM2-135M fit for the metric?")
+  fig.tight_layout()
+  fig.savefig(png)
+
+
+def load(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
