@@ -26,9 +26,11 @@ from jaxsae import saes as saes_lib
 import open_questions as oq  # beside this file
 
 SITES = {"resid": "model.layers.15", "mlp": "model.layers.15.mlp"}
-SWEEP = [("k", {"num_latents": 1024, "k": 16}), ("k", {"num_latents": 1024, "k": 32}),
-         ("k", {"num_latents": 1024, "k": 64}), ("width", {"num_latents": 512, "k": 32}),
-         ("width", {"num_latents": 2048, "k": 32})]
+# Narrower than the demo's 1,024 latents so that 262K tokens train them somewhere on a
+# shared 2-core CPU; `reuse` adds runs that exist already (the demo's, 1,024 x k = 32, 1M tokens).
+SWEEP = [("k", {"num_latents": 512, "k": 16}), ("k", {"num_latents": 512, "k": 32}),
+         ("k", {"num_latents": 512, "k": 64}), ("width", {"num_latents": 256, "k": 32}),
+         ("width", {"num_latents": 1024, "k": 32})]
 
 
 def probe_data(root: str, model_spec: str, max_words: int, seed: int = 0
@@ -105,37 +107,51 @@ def orphan_rates(latents: list[dict], decade_bins: int = 4) -> dict:
   return out
 
 
-def study(root: str, model_spec: str, max_words: int, trained, matched, store: str,
-          png: str) -> dict:
-  data = probe_data(root, model_spec, max_words)
-  probes = {s: absorption.site_probe(data, s) for s in SITES.values()}
-  points, latents = [], {name: [] for name in SITES}
+def _runs(trained, matched, store: str, reuse: list[tuple[str, str]]):
+  """(site name, sweep, settings, run, its match summary), the reused runs last."""
   for name, site in SITES.items():
     for sweep, train in SWEEP:
       run_dir = trained("absorption", f"{name}_n{train['num_latents']}_k{train['k']}", store,
                         site=site, **train)
       summary = matched(run_dir, run_dir + "-match", freq_tokens=65_536, scan_tokens=0,
                         importance_tokens=0)
-      r = evaluate_run(run_dir, run_dir + "-match", site, data, probes[site])
-      latents[name] += r["latents"]
-      seeds = r["seeds"]
-      af = [s["mean_absorption_fraction"] for s in seeds if s["mean_absorption_fraction"]
-            is not None]
-      fa = [s["mean_full_absorption"] for s in seeds if s["mean_full_absorption"] is not None]
-      points.append({
-          "site": name, "module": site, "sweep": sweep, **train, "run": run_dir,
-          "shared": oq.rule_point(summary, "both_above"), "decoder_mcc": oq.mcc(summary),
-          "absorption_fraction": {"mean": float(np.mean(af)) if af else None,
-                                  "std": float(np.std(af)) if af else None},
-          "full_absorption": {"mean": float(np.mean(fa)) if fa else None,
-                              "std": float(np.std(fa)) if fa else None},
-          "letters_counted": seeds[0]["letters_counted"],
-          "split_features": float(np.mean([s["mean_num_split_features"] or 0 for s in seeds])),
-          "orphans": orphan_rates(r["latents"]), "seeds": seeds})
-      p = points[-1]
-      print(f"{name} n={train['num_latents']} k={train['k']}: shared {p['shared']['mean']:.3f}, "
-            f"absorption {p['absorption_fraction']['mean']}, full {p['full_absorption']['mean']}"
-            f", letters {p['letters_counted']}", flush=True)
+      yield name, sweep, train, run_dir, run_dir + "-match", summary
+  for run_dir, match_dir in reuse:
+    sae = saes_lib.load_sae(saes_lib.discover([run_dir])[0])
+    with open(os.path.join(match_dir, "match.json")) as f:
+      summary = json.load(f)
+    yield ("mlp", "reused", {"num_latents": sae.n_latents, "k": sae.k}, run_dir, match_dir,
+           summary)
+
+
+def study(root: str, model_spec: str, max_words: int, trained, matched, store: str,
+          png: str, reuse: list[tuple[str, str]] = ()) -> dict:
+  """`reuse`: (run, match directory) of existing runs at the MLP site to evaluate too."""
+  data = probe_data(root, model_spec, max_words)
+  probes = {s: absorption.site_probe(data, s) for s in SITES.values()}
+  points, latents = [], {name: [] for name in SITES}
+  for name, sweep, train, run_dir, match_dir, summary in _runs(trained, matched, store, reuse):
+    site = SITES[name]
+    r = evaluate_run(run_dir, match_dir, site, data, probes[site])
+    latents[name] += r["latents"]
+    seeds = r["seeds"]
+    af = [s["mean_absorption_fraction"] for s in seeds if s["mean_absorption_fraction"]
+          is not None]
+    fa = [s["mean_full_absorption"] for s in seeds if s["mean_full_absorption"] is not None]
+    points.append({
+        "site": name, "module": site, "sweep": sweep, **train, "run": run_dir,
+        "shared": oq.rule_point(summary, "both_above"), "decoder_mcc": oq.mcc(summary),
+        "absorption_fraction": {"mean": float(np.mean(af)) if af else None,
+                                "std": float(np.std(af)) if af else None},
+        "full_absorption": {"mean": float(np.mean(fa)) if fa else None,
+                            "std": float(np.std(fa)) if fa else None},
+        "letters_counted": seeds[0]["letters_counted"],
+        "split_features": float(np.mean([s["mean_num_split_features"] or 0 for s in seeds])),
+        "orphans": orphan_rates(r["latents"]), "seeds": seeds})
+    p = points[-1]
+    print(f"{name} n={train['num_latents']} k={train['k']}: shared {p['shared']['mean']:.3f}, "
+          f"absorption {p['absorption_fraction']['mean']}, full {p['full_absorption']['mean']}"
+          f", letters {p['letters_counted']}", flush=True)
   pooled = {name: orphan_rates(ls) for name, ls in latents.items()}
   f1 = {name: [round(float(v), 3) for v in probes[s]["f1"]] for name, s in SITES.items()}
   plot(points, pooled, f1, png)
@@ -152,7 +168,7 @@ def plot(points: list[dict], pooled: dict, f1: dict, png: str) -> None:
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), dpi=120)
   ax = axes[0]
   for j, name in enumerate(SITES):
-    for sweep, marker in (("k", "o"), ("width", "s")):
+    for sweep, marker in (("k", "o"), ("width", "s"), ("reused", "*")):
       ps = [p for p in points if p["site"] == name and p["sweep"] == sweep
             and p["absorption_fraction"]["mean"] is not None]
       ax.scatter([p["shared"]["mean"] for p in ps], [p["absorption_fraction"]["mean"] for p in ps],

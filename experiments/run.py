@@ -113,8 +113,11 @@ _ABS_TOKENS = flags.DEFINE_integer("absorption_tokens", 65_536, "Tokens of the a
 _ABS_TRAIN = flags.DEFINE_integer("absorption_train_tokens", 262_144, "Training tokens per seed "
                                   "of the absorption study's SAEs.")
 _ABS_SEEDS = flags.DEFINE_integer("absorption_seeds", 2, "Seeds per absorption point.")
-_ABS_WORDS = flags.DEFINE_integer("absorption_words", 2000, "Alphabetic tokens prompted (0: "
+_ABS_WORDS = flags.DEFINE_integer("absorption_words", 1200, "Alphabetic tokens prompted (0: "
                                   "every one, as SAEBench; ~47K for SmolLM2).")
+_ABS_REUSE = flags.DEFINE_list("absorption_reuse", [], "RUN=MATCH_DIR of existing runs at the "
+                               "layer-15 MLP site to evaluate too (e.g. the demo's "
+                               "out/demo/run=out/demo/match).")
 _ARCH_TOKENS = flags.DEFINE_integer("arch_tokens", None, "Training tokens per seed of the "
                                     "arch_l0 and matryoshka studies; default --num_tokens.")
 
@@ -447,7 +450,8 @@ def study_absorption(_, png: str) -> dict:
   def train_point(group, name, store, **kw):
     return trained(group, name, store, num_seeds=_ABS_SEEDS.value,
                    num_tokens=_ABS_TRAIN.value, **kw)
-  return ab.study(root, _MODEL.value, _ABS_WORDS.value, train_point, matched, store, png)
+  reuse = [tuple(r.split("=", 1)) for r in _ABS_REUSE.value]
+  return ab.study(root, _MODEL.value, _ABS_WORDS.value, train_point, matched, store, png, reuse)
 
 
 OPEN = {"census": study_census, "trajectory": study_trajectory,

@@ -85,3 +85,39 @@ def test_probe_learns_letters_and_prompts_hold_the_word():
   assert all(q.endswith(w + " has the first letter:") for q, w in zip(p, [" cat", "Dog", " egg"]))
   assert "Dog has the first letter: D" in p[0] + p[2]
   assert absorption.letter_of(" Cat") == 2
+
+
+def test_evaluate_one_sae_end_to_end(tmp_path):
+  """The whole metric on activations whose letters are directions and an SAE that reads them:
+  every letter's probe is perfect, its main latent is its own, and the a-words whose direction
+  one of ten token-specific latents carries instead are the absorbed ones (each absorber too
+  rare to pass the k-sparse probe's F1 rule, as in Chanin et al.)."""
+  from conftest import save_sae
+  from jaxsae import saes
+  rng = np.random.default_rng(0)
+  y = np.r_[np.zeros(400, int), np.repeat(np.arange(1, 26), 40)]
+  m, d, n = len(y), 40, 36
+  x = 3 * np.eye(d)[y] + 0.05 * rng.standard_normal((m, d))
+  taker = np.full(m, -1)
+  taker[np.arange(0, 400, 10)] = np.arange(40) % 10  # a tenth of the a-words, 4 per absorber
+  w_enc = np.zeros((n, d))
+  w_enc[:26, :26] = np.eye(26)
+  w_dec = w_enc.copy()
+  for j in range(10):
+    u = (np.eye(d)[0] + np.eye(d)[26 + j]) / np.sqrt(2)
+    x[taker == j] = 3 * u
+    w_enc[0, 26 + j] = -10.0  # the a-latent is silent where an absorber's direction is
+    w_enc[26 + j, 26 + j] = np.sqrt(2)
+    w_dec[26 + j] = u
+  path = save_sae(str(tmp_path / "sae"), w_enc, np.zeros(n), w_dec, np.zeros(d), arch="relu")
+  train = rng.random(m) < 0.8
+  data = absorption.ProbeData(words=[f"w{i}" for i in range(m)], token_ids=np.arange(m),
+                              labels=y, acts={"s": x.astype(np.float32)}, train=train)
+  r = absorption.evaluate(saes.load_sae(path), data, "s")
+  a = r["per_letter"][0]
+  assert r["letters_counted"] == 26 and min(r["probe_f1"]) > 0.9
+  assert a["main_latents"] == [0]
+  absorbed = (taker >= 0)[(y == 0) & ~train]
+  assert a["mean_absorption_fraction"] == pytest.approx(absorbed.mean())
+  assert a["full_absorption_rate"] == pytest.approx(absorbed.mean())
+  assert r["absorbing"][26:].sum() == absorbed.sum() and r["main_letter"][0] == 0
