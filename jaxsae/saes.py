@@ -59,6 +59,7 @@ class CanonicalSAE:
   subtract_b_dec: bool = True  # SAELens' and jaxsae's apply_b_dec_to_input
   input_scale: float = 1.0  # the factor the trainer applied to store activations
   site: str | None = None  # the store site the SAE was trained on
+  input_norm: str = "none"  # a per-row normalisation before encoding (INPUT_NORMS)
 
   @property
   def n_latents(self) -> int:
@@ -104,6 +105,11 @@ def _arch(name: str) -> str:
   if name not in FAMILY_OF:
     raise JaxsaeError(f"unknown SAE architecture {name!r}; jaxsae matches {', '.join(READERS)}")
   return FAMILY_OF[name]
+
+
+def _family_or_none(name: str) -> str | None:
+  from jaxsae.sae import FAMILY_OF
+  return FAMILY_OF.get(name.lower())
 
 
 def _need(tensors: dict, keys: Sequence[str], path: str) -> None:
@@ -164,45 +170,164 @@ def load_sae(path: str, name: str | None = None) -> CanonicalSAE:
   return sae
 
 
+def _refuse(file: str, what: str) -> JaxsaeError:
+  return JaxsaeError(f"{file}: {what}")
+
+
+def _unknown_tensors(t: dict, known: set[str], file: str, arch: str) -> None:
+  """A tensor no firing rule of jaxsae's reads would change the SAE's output unseen: refused."""
+  extra = sorted(set(t) - known)
+  if extra:
+    raise _refuse(file, f"tensor{'s' if len(extra) > 1 else ''} {', '.join(extra)} "
+                  f"{'are' if len(extra) > 1 else 'is'} not part of a {arch} SAE as jaxsae "
+                  "encodes it; jaxsae does not read SAEs that need them")
+
+
 def _from_sparsify(path: str, name: str, cfg: dict) -> CanonicalSAE:
+  """sparsify's own files (its SparseCoder: TopK, or groupmax, optionally a transcoder or with a
+  skip connection) and jaxsae's exports in that layout (cfg.json's "jaxsae" names the arch)."""
+  from jaxsae.sae import READERS
   file = os.path.join(path, SPARSIFY_FILE)
   t = _read_tensors(file)
   _need(t, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), file)
   own = cfg.get("jaxsae") or {}
-  # sparsify itself only trains TopK; jaxsae's exporter records its architecture.
-  arch = _arch(own.get("arch", "topk"))
-  known = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
-  k = cfg.get("k", own.get("k"))
+  cfg_file = os.path.join(path, CFG_FILE)
+  activation = cfg.get("activation", "topk")
+  if not own and activation not in ("topk", "groupmax"):
+    raise _refuse(cfg_file, f"activation {activation!r}: jaxsae encodes sparsify's topk and "
+                  "groupmax")
+  if cfg.get("skip_connection") or "W_skip" in t:
+    raise _refuse(cfg_file, "skip_connection: the SAE's output adds x W_skip, which jaxsae's "
+                  "decoders do not; jaxsae does not read it")
+  arch = _arch(own.get("arch", activation))
+  n, k = t["W_dec"].shape[0], cfg.get("k", own.get("k"))
+  if arch == "groupmax" and (not isinstance(k, int) or k <= 0 or n % k):
+    raise _refuse(cfg_file, f"activation groupmax with k={k}: its {n} latents do not split "
+                  "into k groups of equal size")
+  known = {"encoder.weight", "encoder.bias", "W_dec", "b_dec", *READERS[arch].extra_tensors()}
+  _unknown_tensors(t, known, file, arch)
+  # A transcoder's encoder reads its input as it is (sparsify subtracts b_dec only from an
+  # autoencoder's); its decoder writes another site's activations.
+  transcode = bool(cfg.get("transcode"))
   return CanonicalSAE(name=name, path=path, layout="sparsify", arch=arch,
                       W_enc=t["encoder.weight"], b_enc=t["encoder.bias"], W_dec=t["W_dec"],
                       b_dec=t["b_dec"], k=None if k is None else int(k),
-                      extras={key: v for key, v in t.items() if key not in known}, cfg=cfg,
-                      subtract_b_dec=bool(own.get("apply_b_dec_to_input", True)),
+                      extras={key: v for key, v in t.items() if key not in
+                              ("encoder.weight", "encoder.bias", "W_dec", "b_dec")}, cfg=cfg,
+                      subtract_b_dec=bool(own.get("apply_b_dec_to_input", True))
+                      and not transcode,
                       input_scale=float(own.get("input_scale", 1.0)), site=own.get("site"))
 
 
+# SAELens's per-row input normalisations that jaxsae applies (sae_lens.SAE's
+# run_time_activation_norm_fn_in, mirrored in `normalized_input`).
+INPUT_NORMS = ("none", "layer_norm", "constant_norm_rescale")
+# SAELens cfg.json fields that change how a file encodes, each applied below; the rest of its
+# fields (hook and model metadata, dtype, device, training settings) do not.
+_SAELENS_TENSORS = {"relu": set(), "topk": set(), "jumprelu": {"threshold"},
+                    "gated": {"b_gate", "b_mag", "r_mag"}, "batchtopk": {"topk_threshold"}}
+ACTIVATION_SCALER_FILE = "activation_scaler.json"  # SAELens's trainer-state scaling factor
+
+
 def _from_saelens(path: str, name: str, cfg: dict) -> CanonicalSAE:
-  file = os.path.join(path, SAELENS_FILE)
+  """SAELens's files, inference SAEs (save_model / save_inference_model) and training
+  checkpoints alike, encoded as `sae_lens.SAE.load_from_disk` (or, for a BatchTopK training
+  checkpoint, its save_inference_model) encodes them."""
+  file, cfg_file = os.path.join(path, SAELENS_FILE), os.path.join(path, CFG_FILE)
   t = _read_tensors(file)
-  _need(t, ("W_enc", "b_enc", "W_dec", "b_dec"), file)
-  arch = cfg.get("architecture", "standard")
+  lens_arch = cfg.get("architecture", "standard")
   act = cfg.get("activation_fn_str") or cfg.get("activation_fn")
-  if arch == "standard" and act == "topk":  # older SAELens marked TopK by activation only
-    arch = "topk"
-  k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+  if lens_arch == "standard" and act == "topk":  # older SAELens marked TopK by activation only
+    lens_arch = "topk"
+  elif lens_arch == "standard" and act not in (None, "relu"):
+    raise _refuse(cfg_file, f"activation_fn {act!r}: jaxsae encodes SAELens's standard SAEs "
+                  "with relu only")
+  try:
+    arch = _arch(lens_arch)
+  except JaxsaeError:
+    raise _refuse(cfg_file, f"architecture {lens_arch!r} is not one jaxsae encodes (it reads "
+                  "SAELens's standard, topk, jumprelu, gated, batchtopk and "
+                  "matryoshka_batchtopk)") from None
+  if "log_threshold" in t and "threshold" not in t:  # as SAELens's JumpReLU loader converts
+    t["threshold"] = np.exp(t.pop("log_threshold"))
+  enc_bias = "b_gate" if arch == "gated" else "b_enc"
+  _need(t, ("W_enc", enc_bias, "W_dec", "b_dec", *sorted(_SAELENS_TENSORS[arch] - {"b_gate"})),
+        file)
+  if "scaling_factor" in t and np.allclose(t["scaling_factor"], 1.0):
+    del t["scaling_factor"]  # SAELens drops an all-ones one too
+  if "scaling_factor" in t:
+    raise _refuse(file, "scaling_factor (the finetuning scaling factor of early SAELens): "
+                  "jaxsae does not read it; fold it into W_dec and save the SAE again")
+  _unknown_tensors(t, {"W_enc", "b_enc", "W_dec", "b_dec", *_SAELENS_TENSORS[arch]}, file,
+                   lens_arch)
   w_enc = t["W_enc"]
   d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
   if w_enc.ndim != 2 or (d_in is not None and w_enc.shape[0] != d_in) or (
       d_sae is not None and w_enc.shape[1] != d_sae):
     raise JaxsaeError(f"{file}: W_enc has shape {list(w_enc.shape)}, but SAELens stores it as "
                       f"[d_in, d_sae] = [{d_in}, {d_sae}] per {CFG_FILE}; fix d_in/d_sae there")
-  known = {"W_enc", "b_enc", "W_dec", "b_dec"}
-  return CanonicalSAE(name=name, path=path, layout="saelens", arch=_arch(arch),
-                      W_enc=w_enc.T.copy(), b_enc=t["b_enc"], W_dec=t["W_dec"], b_dec=t["b_dec"],
-                      k=None if k is None else int(k),
-                      extras={key: v for key, v in t.items() if key not in known}, cfg=cfg,
-                      subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
-                      site=cfg.get("hook_name"))
+  w_enc, b_enc, w_dec = w_enc.T.copy(), t[enc_bias], t["W_dec"]
+  extras = {"threshold": t["threshold"]} if arch == "jumprelu" else {}
+  if arch == "gated":
+    extras = {"b_mag": t["b_mag"], "r_mag": t["r_mag"]}
+  if arch == "jumprelu":
+    # SAELens fires where pre > threshold on ReLU(pre): where pre > max(threshold, 0).
+    extras["threshold"] = np.maximum(extras["threshold"], 0.0)
+  if arch == "batchtopk":  # a training checkpoint: its inference rule is one threshold
+    extras = {"threshold": np.maximum(t["topk_threshold"].reshape(()), 0.0)}
+  own_arch = str((cfg.get("jaxsae") or {}).get("arch", ""))
+  if (arch == "jumprelu" and _family_or_none(own_arch) == "batchtopk"
+      and np.unique(extras["threshold"]).size == 1):
+    # jaxsae's own BatchTopK or Matryoshka export: the same rule, read back under its name.
+    arch, extras = "batchtopk", {"threshold": extras["threshold"][0]}
+  b_dec = t["b_dec"]
+  norm_mode = cfg.get("normalize_activations") or "none"
+  if norm_mode == "expected_average_only_in":
+    # Folded as SAELens's fold_activation_norm_scaling_factor folds it at the end of training,
+    # before the decoder norms below: with rescale_acts_by_decoder_norm the order sets the
+    # codes' scale, and this is the order SAELens's final SAE has.
+    s = np.float32(_saelens_scaling_factor(path, cfg_file))
+    w_enc, w_dec, b_dec, norm_mode = w_enc * s, w_dec / s, b_dec / s, "none"
+  if cfg.get("rescale_acts_by_decoder_norm"):
+    # SAELens selects and fires on pre * |W_dec[i]| and decodes z / |W_dec[i]|: the same
+    # codes as decoder rows of unit norm with the norms folded into the encoder.
+    norm = np.maximum(np.linalg.norm(w_dec, axis=1), 1e-8)
+    w_enc, b_enc, w_dec = w_enc * norm[:, None], b_enc * norm, w_dec / norm[:, None]
+  if norm_mode not in INPUT_NORMS:
+    raise _refuse(cfg_file, f"normalize_activations {norm_mode!r}: jaxsae applies "
+                  f"{', '.join(INPUT_NORMS)} and expected_average_only_in; fold it into the "
+                  "weights with SAELens (fold_activation_whitening) and save again")
+  if cfg.get("reshape_activations", "none") not in ("none", "hook_z"):
+    # hook_z only flattens heads, as the store's rows already are.
+    raise _refuse(cfg_file, f"reshape_activations {cfg['reshape_activations']!r} is not one "
+                  "jaxsae reads")
+  if cfg.get("finetuning_scaling_factor"):
+    raise _refuse(cfg_file, "finetuning_scaling_factor: jaxsae does not read it; fold it into "
+                  "W_dec and save the SAE again")
+  meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+  k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+  return CanonicalSAE(name=name, path=path, layout="saelens", arch=arch,
+                      W_enc=np.ascontiguousarray(w_enc), b_enc=b_enc,
+                      W_dec=np.ascontiguousarray(w_dec), b_dec=b_dec,
+                      k=None if k is None or arch != "topk" else int(k),
+                      extras={key: np.asarray(v, np.float32) for key, v in extras.items()},
+                      cfg=cfg, subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
+                      input_norm=norm_mode,
+                      site=meta.get("hook_name") or cfg.get("hook_name")
+                      or (cfg.get("jaxsae") or {}).get("site"))
+
+
+def _saelens_scaling_factor(path: str, cfg_file: str) -> float:
+  """The factor a SAELens checkpoint trained with expected_average_only_in scales its inputs
+  by: its trainer folds it into the weights at the end, a checkpoint before keeps it beside."""
+  scaler = os.path.join(path, ACTIVATION_SCALER_FILE)
+  factor = _read_json(scaler).get("scaling_factor") if os.path.isfile(scaler) else None
+  if factor is None:
+    raise _refuse(cfg_file, "normalize_activations \"expected_average_only_in\" with no "
+                  f"scaling_factor in {ACTIVATION_SCALER_FILE} beside it: the factor its "
+                  "inputs were scaled by is unknown; fold it with SAELens "
+                  "(fold_activation_norm_scaling_factor) and save again")
+  return float(factor)
 
 
 class _DlClass(NamedTuple):
@@ -279,6 +404,10 @@ def _from_dictionary_learning(path: str, name: str, cfg: dict) -> CanonicalSAE:
                       f"{', '.join(_DL_CLASSES)}")
   c = _DL_CLASSES[dict_class]
   t = _read_state_dict(file)
+  if dict_class == "AutoEncoder" and "bias" not in t and "decoder.bias" in t:
+    # dictionary_learning's StandardTrainerAprilUpdate trains an AutoEncoderNew but records
+    # dict_class "AutoEncoder"; the state dict's keys say which it is.
+    c = _DL_CLASSES["AutoEncoderNew"]
   weights = ("encoder.weight", "decoder.weight") if c.linear else ("W_enc", "W_dec")
   _need(t, (*weights, c.b_enc, c.b_dec, *c.extras.values()), file)
   w_enc, w_dec = t[weights[0]], t[weights[1]]
@@ -383,7 +512,7 @@ def _expand(inp: str, shown: str) -> list[str]:
     for _, d in seeds:
       sub = os.path.join(inp, d)
       if not is_sae_dir(sub):
-        raise JaxsaeError(f"{sub} lacks {CFG_FILE} or {SPARSIFY_FILE}; the run's export is "
+        raise JaxsaeError(f"{sub} lacks {CFG_FILE} or its weights; the run's export is "
                           "incomplete: rerun `jaxsae train` with the same --out to finish it")
       out.append(sub)
     return out
@@ -481,6 +610,7 @@ def module(sae: CanonicalSAE):
   cfg = sae_lib.SaeConfig(k=sae.k or 1, cpu_kernels=cpu_kernels.available())
   m = sae_lib.READERS[sae.arch].from_weights(weights, cfg)
   m.subtracts_b_dec = sae.subtract_b_dec
+  m.input_norm = sae.input_norm
   return m
 
 
@@ -492,9 +622,26 @@ def encoder(sae: CanonicalSAE):
   return nnx.split(module(sae))
 
 
+def sae_input(m, x, input_scale):
+  """What the module `m` encodes for raw store rows x [batch, d_in]: scaled by the trainer's
+  input scale, then normalised per row as its file says (SAELens's
+  run_time_activation_norm_fn_in, whose inverse maps a reconstruction back). Reconstructions,
+  errors and variances are measured in this space: the SAE's own."""
+  import jax.numpy as jnp
+  x = x * input_scale
+  if m.input_norm == "layer_norm":
+    x = x - x.mean(-1, keepdims=True)
+    return x / (jnp.std(x, -1, keepdims=True, ddof=1) + 1e-5)  # torch's std is unbiased
+  if m.input_norm == "constant_norm_rescale":
+    return x * (x.shape[-1] ** 0.5 / jnp.linalg.norm(x, axis=-1, keepdims=True))
+  return x
+
+
 def encode(graphdef, state, x, input_scale):
   """Latent activations [batch, n] of raw store rows x [batch, d_in]; pure, jittable (graphdef
-  static). The trainer's input scale is applied here."""
+  static, and with it the file's input normalisation). The trainer's input scale is applied
+  here."""
   from flax import nnx
-  return nnx.merge(graphdef, state).encode(x * input_scale)
+  m = nnx.merge(graphdef, state)
+  return m.encode(sae_input(m, x, input_scale))
 

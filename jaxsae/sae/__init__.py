@@ -11,6 +11,7 @@ from __future__ import annotations
 from jaxsae.sae.batchtopk import BatchTopK
 from jaxsae.sae.common import SAE, LossOut, SaeConfig, Statistic
 from jaxsae.sae.gated import Gated
+from jaxsae.sae.groupmax import GroupMax
 from jaxsae.sae.jumprelu import JumpReLU
 from jaxsae.sae.matryoshka import Matryoshka
 from jaxsae.sae.relu_l1 import ReluL1, ReluL1UnitNorm
@@ -26,10 +27,13 @@ READERS: dict[str, type[SAE]] = {}
 for _cls in ARCHITECTURES.values():
   READERS.setdefault(_cls.family, _cls)
 
+# Rules jaxsae reads other libraries' files by but does not train.
+READERS[GroupMax.family] = GroupMax
+
 # Every name a file may give an architecture, jaxsae's own and other libraries', to its family.
 FAMILY_OF: dict[str, str] = {
-    name: cls.family for cls in ARCHITECTURES.values()
+    name: cls.family for cls in (*ARCHITECTURES.values(), GroupMax)
     for name in (cls.family, cls.name, *cls.other_names)}
 
 __all__ = ["ARCHITECTURES", "FAMILY_OF", "READERS", "SAE", "LossOut", "SaeConfig", "Statistic",
-           "BatchTopK", "Gated", "JumpReLU", "Matryoshka", "ReluL1", "ReluL1UnitNorm", "TopK"]
+           "BatchTopK", "Gated", "GroupMax", "JumpReLU", "Matryoshka", "ReluL1", "ReluL1UnitNorm", "TopK"]

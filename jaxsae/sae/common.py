@@ -108,10 +108,18 @@ class SAE(nnx.Module):
   unit_norm_decoder: ClassVar[bool] = True
   # The activation sparsify's loader needs to reproduce this SAE, or None where it cannot.
   sparsify_activation: ClassVar[str | None] = None
+  # The SAELens class (its cfg.json "architecture") that encodes this SAE exactly, and what
+  # SAELens calls those of its tensors it names differently (Gated's gate bias is b_gate).
+  saelens_architecture: ClassVar[str] = "standard"
+  saelens_names: ClassVar[dict[str, str]] = {}
 
   cfg: SaeConfig
   # The encoder sees x - b_dec (exported as apply_b_dec_to_input).
   subtracts_b_dec: bool = True
+  # How a file's SAE normalises each input row before encoding (SAELens's
+  # normalize_activations): "none", "layer_norm" or "constant_norm_rescale". The trainer's own
+  # input scale is a constant, folded into the weights on export; these are per-row.
+  input_norm: str = "none"
 
   def init_dictionary(self, w_enc: jax.Array, w_dec: jax.Array, cfg: SaeConfig) -> None:
     d_in, n = w_enc.shape
