@@ -19,6 +19,7 @@ import time
 from jaxsae import extract
 from jaxsae import match
 from jaxsae import report
+from jaxsae import saes
 from jaxsae import store as store_lib
 from jaxsae import train
 from jaxsae.config import field
@@ -94,8 +95,7 @@ def run(cfg: DemoConfig) -> dict:
 
   print(f"[2/4] train {cfg.num_seeds} TopK seeds ({cfg.num_latents} latents, k={cfg.k}) on "
         f"{cfg.train_tokens:,} tokens each -> {run_dir}", flush=True)
-  last = os.path.join(run_dir, f"seed{cfg.num_seeds - 1}", "sae.safetensors")
-  if os.path.exists(last):
+  if saes.is_sae_dir(os.path.join(run_dir, f"seed{cfg.num_seeds - 1}")):
     print("      done before: reusing the trained seeds")
   else:
     train.run(train.TrainConfig(

@@ -33,7 +33,10 @@ def batch_topk(pre: jax.Array, k: int, kernel: bool) -> tuple[jax.Array, jax.Arr
 
 class BatchTopK(common.SAE):
   name = family = "batchtopk"
-  other_names = ("batch_topk",)
+  # SAELens saves BatchTopK (and its Matryoshka) for inference as JumpReLU, one threshold per
+  # latent; its training checkpoints keep the names below and a scalar topk_threshold.
+  other_names = ("batch_topk", "matryoshka_batchtopk")
+  saelens_architecture = "jumprelu"
   selects_top_k = True
 
   def __init__(self, d_in: int, num_latents: int, cfg: SaeConfig, *, rngs: nnx.Rngs):

@@ -26,6 +26,8 @@ from jaxsae.sae.common import SaeConfig
 
 class Gated(common.SAE):
   name = family = "gated"
+  saelens_architecture = "gated"
+  saelens_names = {"b_enc": "b_gate"}
   penalty = "l1_coeff"
   normalize_by_default = True
 

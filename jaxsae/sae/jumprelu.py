@@ -78,6 +78,7 @@ PUBLISHED_THRESHOLD = 1e-3
 class JumpReLU(common.SAE):
   name = family = "jumprelu"
   other_names = ("jump_relu",)
+  saelens_architecture = "jumprelu"
   penalty = "l0_coeff"
   normalize_by_default = True
   # JumpReLU's L0 integrates the coefficient's error (`train.step.adapt_penalty`), and at a

@@ -37,6 +37,7 @@ def auxk_loss(w_dec: jax.Array, pre: jax.Array, e: jax.Array, var: jax.Array,
 
 class TopK(common.SAE):
   name = family = "topk"
+  saelens_architecture = "topk"
   selects_top_k = encodes_with_k = True
   sparsify_activation = "topk"
 

@@ -16,12 +16,13 @@ them:
   step.py         the jitted step: every seed's update, the --target_l0 controller
   checkpoints.py  orbax checkpoints with digests, restored exactly; a failed write in one line
   hooks.py        what runs after steps: metrics.jsonl, the clock, the hooks
-  export.py       every seed to RUN/seed{N}/ in sparsify's layout
+  export.py       every seed to RUN/seed{N}/ in the layouts of --layouts
   loop.py         run(): all of the above, in order
 
 Outputs under RUN/: run.json, checkpoints/ (rerunning the same command resumes from the newest
-complete one), metrics.jsonl, and at the end seed{N}/cfg.json + seed{N}/sae.safetensors for
-every seed (plus tokens{T}/seed{N}/ for each --keep_at_tokens). With --data_seeds each seed
+complete one), metrics.jsonl, and at the end seed{N}/ for every seed (cfg.json +
+sae.safetensors, sparsify's layout, for TopK; cfg.json + sae_weights.safetensors, SAELens's, for
+the rest; --layouts adds RUN/{layout}/seed{N}/) (plus tokens{T}/seed{N}/ for each --keep_at_tokens). With --data_seeds each seed
 reads its own batch order and exports to seed{N}_data{D}/.
 """
 

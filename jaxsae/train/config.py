@@ -103,6 +103,11 @@ class TrainConfig:
                               "on local disk.")
   keep_at_tokens: tuple[int, ...] = field((), "Also keep checkpoints and export every seed (under "
                                           "RUN/tokens{T}/) at these token counts.")
+  layouts: tuple[str, ...] = field((), "The layouts every seed is exported in (sparsify, saelens), "
+                                   "each only where that library encodes the SAE as jaxsae "
+                                   "does: the first at RUN/seed{N}/, the others at "
+                                   "RUN/{layout}/seed{N}/. Default: sparsify for topk, saelens "
+                                   "for every other architecture (sparsify encodes TopK only).")
   log_every: int = field(10, "Write metrics every this many steps.")
   progress: bool = field(True, "Show a progress bar.")
   distributed: bool = field(False, "Join the other hosts with jax.distributed.initialize() first "

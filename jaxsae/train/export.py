@@ -1,4 +1,5 @@
-"""Every seed of a run to RUN/seed{N}/ (or seed{N}_data{D}/), in the layout sparsify loads."""
+"""Every seed of a run to RUN/seed{N}/ (or seed{N}_data{D}/) in the plan's first layout, and to
+RUN/{layout}/seed{N}/ in each other (jaxsae.sae.io says which library reads which)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def export(directory: str, graphdef: nnx.GraphDef, state: nnx.State, sae: SAE, p
            "data_seed": data_seed, **extras[m],
            "input_scale": input_scale,
            "normalize_decoder": sae.unit_norm_decoder,
-           "apply_b_dec_to_input": sae.subtracts_b_dec,
-           "activation": sae.sparsify_activation or "topk", **sae.export_cfg()}
-    io.save_sparsify(os.path.join(directory, member),
-                     {name: np.asarray(v[m]) for name, v in saes.items()}, cfg)
+           "apply_b_dec_to_input": sae.subtracts_b_dec, **sae.export_cfg()}
+    params = {name: np.asarray(v[m]) for name, v in saes.items()}
+    for j, layout in enumerate(plan.checkpoints.layouts):
+      where = directory if j == 0 else os.path.join(directory, layout)
+      io.SAVERS[layout](os.path.join(where, member), params, cfg)

@@ -103,6 +103,7 @@ class Checkpoints:
   every: int
   keep: int
   keep_steps: tuple[int, ...]  # also kept, and exported under RUN/tokens{T}/ (--keep_at_tokens)
+  layouts: tuple[str, ...]  # the exports' layouts (jaxsae.sae.io), the first at RUN/seed{N}/
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,10 +211,28 @@ def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> RunPlan:
           directory=directory if "://" in directory else os.path.abspath(directory),
           every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
           keep_steps=tuple(sorted({t // cfg.batch_size for t in cfg.keep_at_tokens
-                                   if 0 < t // cfg.batch_size <= num_steps}))),
+                                   if 0 < t // cfg.batch_size <= num_steps})),
+          layouts=_layouts(cfg, arch)),
       num_steps=num_steps, penalty_steps=penalty_steps,
       l0_target=l0_target, dead_tokens=cfg.dead_tokens, store=cfg.store, out=cfg.out,
       skip_non_finite=cfg.skip_non_finite, log_every=cfg.log_every, progress=cfg.progress)
+
+
+def _layouts(cfg: TrainConfig, arch: type[SAE]) -> tuple[str, ...]:
+  from jaxsae.sae import io
+  if not cfg.layouts:
+    return ("sparsify",) if io.writes("sparsify", arch.name) else ("saelens",)
+  for layout in cfg.layouts:
+    if layout not in io.LAYOUTS:
+      raise JaxsaeError(f"--layouts={','.join(cfg.layouts)}: {layout!r} is not one of "
+                        f"{', '.join(io.LAYOUTS)}")
+    if not io.writes(layout, arch.name):
+      raise JaxsaeError(f"--layouts={','.join(cfg.layouts)}: sparsify encodes TopK only, so a "
+                        f"{arch.name} SAE in its layout would load there as something else; "
+                        "use --layouts=saelens")
+  if len(set(cfg.layouts)) != len(cfg.layouts):
+    raise JaxsaeError(f"--layouts={','.join(cfg.layouts)} names a layout twice")
+  return tuple(cfg.layouts)
 
 
 def _l0_target(cfg: TrainConfig, arch: type[SAE], n: int, num_steps: int,
