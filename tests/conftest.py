@@ -119,7 +119,7 @@ def save_sae(path: str, W_enc: np.ndarray, b_enc: np.ndarray, W_dec: np.ndarray,
   n, d = W_dec.shape
   f32 = lambda x: np.ascontiguousarray(x, np.float32)
   extras = {key: f32(v) for key, v in (extras or {}).items()}
-  if layout == "sparsify":
+  if layout == "sparsify" and arch == "topk":
     # The trainer's exporter writes the layout; only cfg overrides are applied on top.
     from jaxsae.sae import io
     io.save_sparsify(path, {"W_enc": f32(W_enc).T, "b_enc": f32(b_enc), "W_dec": f32(W_dec),
@@ -128,6 +128,16 @@ def save_sae(path: str, W_enc: np.ndarray, b_enc: np.ndarray, W_dec: np.ndarray,
     with open(os.path.join(path, saes.CFG_FILE)) as f:
       meta = json.load(f)
     meta["k"] = k  # None stays None, as in SAEs exported without one
+  elif layout == "sparsify":
+    # Another architecture in sparsify's layout, as jaxsae exported every one before its
+    # exporter wrote them for SAELens (sparsify itself would read it as TopK): jaxsae's block
+    # names the architecture, and jaxsae still reads these.
+    tensors = {"encoder.weight": f32(W_enc), "encoder.bias": f32(b_enc), "W_dec": f32(W_dec),
+               "b_dec": f32(b_dec), **extras}
+    meta = {"activation": "topk", "num_latents": n, "d_in": d, "k": k,
+            "jaxsae": {"arch": arch} if k is None else {"arch": arch, "k": k}}
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, saes.SPARSIFY_FILE))
   elif layout == "saelens":
     tensors = {"W_enc": f32(W_enc.T), "b_enc": f32(b_enc), "W_dec": f32(W_dec),
                "b_dec": f32(b_dec), **extras}

@@ -144,8 +144,8 @@ def test_two_processes_over_loopback_train_like_one_host(tmp_path):
       _, err = p.communicate(timeout=300)
       assert p.returncode == 0, err[-3000:]
     for seed in (0, 1):
-      a = io.load_sparsify(f"{tmp_path}/{mesh}/seed{seed}")[0]
-      b = io.load_sparsify(f"{tmp_path}/one/seed{seed}")[0]
+      a = io.load(f"{tmp_path}/{mesh}/seed{seed}")[0]
+      b = io.load(f"{tmp_path}/one/seed{seed}")[0]
       for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-6, err_msg=f"{mesh} {name}")
 

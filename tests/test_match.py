@@ -340,8 +340,9 @@ def test_cli(tmp_path):
 
 @pytest.mark.parametrize("arch", ["topk", "relu_l1", "gated", "jumprelu", "batchtopk"])
 def test_trainer_exports_load_and_count(tmp_path, arch):
-  """SAEs written by the trainer's own exporter (jaxsae.sae.io) load with their firing rule,
-  input scale and b_dec convention, and their frequencies equal a numpy count."""
+  """SAEs written by the trainer's own exporter (jaxsae.sae.io, in the layout it writes for
+  each architecture) load with their firing rule, input scale and b_dec convention, and their
+  frequencies equal a numpy count."""
   io = pytest.importorskip("jaxsae.sae.io")
   rng = np.random.default_rng(8)
   acts = rand(rng, 300, D) * 3
@@ -356,7 +357,8 @@ def test_trainer_exports_load_and_count(tmp_path, arch):
                              else np.float32(0.5))
     if arch == "gated":
       params["r_mag"], params["b_mag"] = 0.3 * rand(rng, N), 0.1 * rand(rng, N)
-    io.save_sparsify(str(run / f"seed{seed}"), params, {
+    layout = "sparsify" if io.writes("sparsify", arch) else "saelens"
+    io.SAVERS[layout](str(run / f"seed{seed}"), params, {
         "arch": arch, "seed": seed, "k": K if arch == "topk" else 0,
         "store": str(tmp_path / "store"), "site": "site", "input_scale": 0.7,
         "apply_b_dec_to_input": arch != "relu_l1"})
@@ -366,7 +368,9 @@ def test_trainer_exports_load_and_count(tmp_path, arch):
   store = store_lib.Store(str(tmp_path / "store"))
   x = np.concatenate([store.batch(s, 128) for s in range(3)])[:300]
   for s, sae in enumerate(saes.load_all([str(run)])):
-    assert sae.input_scale == pytest.approx(0.7) and sae.subtract_b_dec == (arch != "relu_l1")
+    # The input scale is folded into the weights (and recorded as folded), not left to readers.
+    assert sae.input_scale == 1.0 and sae.subtract_b_dec == (arch != "relu_l1")
+    assert (sae.cfg.get("jaxsae") or {}).get("input_scale_folded") == pytest.approx(0.7)
     np.testing.assert_allclose(freqs[s], numpy_frequencies(sae, x), atol=1e-12)
 
 

@@ -117,11 +117,14 @@ def test_trainer_exports_what_load_sae_and_match_read(store_dir, tmp_path):
   with open(out / "metrics.jsonl") as f:
     lines = [json.loads(line) for line in f]
   assert all(f < f0 for f, f0 in zip(lines[-1]["fvu"], lines[0]["fvu"]))
-  params, cfg = io.load_sparsify(str(out / "seed1"))
+  params, cfg = io.load(str(out / "seed1"))
   assert cfg["jaxsae"]["arch"] == "matryoshka"
   assert cfg["jaxsae"]["matryoshka_widths"] == [8, 32, N]
   assert set(params) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
-  assert params["threshold"].size == 1 and (params["threshold"] > 0).all()
+  # Exported as SAELens saves a BatchTopK for inference: JumpReLU, one threshold on every latent.
+  assert saes.layout_of(str(out / "seed1")) == "saelens"
+  assert np.unique(params["threshold"]).size == 1 and (params["threshold"] > 0).all()
+  params["threshold"] = params["threshold"][0]
 
   # The matcher reads it as BatchTopK, and encodes as the trained module does at inference.
   sae = saes.load_sae(str(out / "seed1"))

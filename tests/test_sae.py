@@ -216,27 +216,32 @@ def test_learns_planted_dictionary(name, data):
     np.testing.assert_array_equal(np.asarray((z > 0).sum(1)), 3)
 
 
-def test_save_sparsify_layout_and_round_trip(tmp_path):
-  sae = make("jumprelu", SaeConfig())
+@pytest.mark.parametrize("arch,layout,weights,extra", [
+    ("topk", "sparsify", "sae.safetensors", set()),
+    ("jumprelu", "saelens", "sae_weights.safetensors", {"threshold"})])
+def test_export_layout_and_round_trip(tmp_path, arch, layout, weights, extra):
+  sae = make(arch, SaeConfig(k=4))
   params = {k: np.asarray(v) for k, v in sae.export().items()}
   out = str(tmp_path / "run" / "seed3")
-  io.save_sparsify(out, params, {"arch": "jumprelu", "seed": 3, "k": 0, "num_tokens": 123})
-  assert sorted(os.listdir(out)) == ["cfg.json", "sae.safetensors"]
+  io.SAVERS[layout](out, params, {"arch": arch, "seed": 3, "k": 4, "num_tokens": 123})
+  assert sorted(os.listdir(out)) == ["cfg.json", weights]
   with open(os.path.join(out, "cfg.json")) as f:
     cfg = json.load(f)
-  assert cfg["d_in"] == D_IN and cfg["num_latents"] == N and cfg["activation"] == "topk"
+  assert cfg["d_in"] == D_IN and cfg.get("num_latents", cfg.get("d_sae")) == N
   assert cfg["jaxsae"]["seed"] == 3 and cfg["jaxsae"]["num_tokens"] == 123
+  assert cfg["jaxsae"]["input_scale_folded"] == 1.0
   from safetensors.numpy import load_file
-  tensors = load_file(os.path.join(out, "sae.safetensors"))
-  assert set(tensors) == {"encoder.weight", "encoder.bias", "W_dec", "b_dec", "threshold"}
-  np.testing.assert_array_equal(tensors["encoder.weight"], params["W_enc"].T)
-  back, _ = io.load_sparsify(out)
+  tensors = load_file(os.path.join(out, weights))
+  names = {"sparsify": {"encoder.weight", "encoder.bias", "W_dec", "b_dec"},
+           "saelens": {"W_enc", "b_enc", "W_dec", "b_dec"}}[layout]
+  assert set(tensors) == names | extra
+  back, _ = io.load(out)
   for name, value in params.items():
     np.testing.assert_array_equal(back[name], value)
   # Overwriting is atomic and leaves no temporary directories beside the export.
   params["b_dec"] = params["b_dec"] + 1
-  io.save_sparsify(out, params, {"arch": "jumprelu", "seed": 3})
-  np.testing.assert_array_equal(io.load_sparsify(out)[0]["b_dec"], params["b_dec"])
+  io.SAVERS[layout](out, params, {"arch": arch, "seed": 3, "k": 4})
+  np.testing.assert_array_equal(io.load(out)[0]["b_dec"], params["b_dec"])
   assert os.listdir(tmp_path / "run") == ["seed3"]
 
 

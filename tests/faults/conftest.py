@@ -101,7 +101,7 @@ def train_reference(train_store, tmp_path_factory):
 
 def exported(out, seeds=(0, 1)) -> dict:
   from jaxsae.sae import io
-  return {s: io.load_sparsify(os.path.join(str(out), f"seed{s}"))[0] for s in seeds}
+  return {s: io.load(os.path.join(str(out), f"seed{s}"))[0] for s in seeds}
 
 
 def same_params(a, b) -> bool:
