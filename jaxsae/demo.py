@@ -95,7 +95,8 @@ def run(cfg: DemoConfig) -> dict:
 
   print(f"[2/4] train {cfg.num_seeds} TopK seeds ({cfg.num_latents} latents, k={cfg.k}) on "
         f"{cfg.train_tokens:,} tokens each -> {run_dir}", flush=True)
-  if saes.is_sae_dir(os.path.join(run_dir, f"seed{cfg.num_seeds - 1}")):
+  last = os.path.join(run_dir, f"seed{cfg.num_seeds - 1}")
+  if saes.is_sae_dir(last):
     print("      done before: reusing the trained seeds")
   else:
     train.run(train.TrainConfig(
@@ -108,7 +109,8 @@ def run(cfg: DemoConfig) -> dict:
         flush=True)
   summary_path = os.path.join(match_dir, match.SUMMARY_FILE)
   summary = None
-  if os.path.exists(summary_path) and os.path.getmtime(summary_path) > os.path.getmtime(last):
+  if os.path.exists(summary_path) and os.path.getmtime(summary_path) > os.path.getmtime(
+      os.path.join(last, saes.CFG_FILE)):
     with open(summary_path) as f:
       summary = json.load(f)
     # A match from before the match measured the report's contexts and importance is redone.
