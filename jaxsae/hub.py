@@ -22,7 +22,9 @@ from jaxsae.errors import JaxsaeError
 
 PREFIX = "hf://"
 # What a folder of any layout jaxsae reads holds; nothing else is downloaded.
-SAE_FILES = ("cfg.json", "sae.safetensors", "sae_weights.safetensors", "config.json", "ae.pt")
+# activation_scaler.json: the input scaling factor beside a SAELens checkpoint (saes.py).
+SAE_FILES = ("cfg.json", "sae.safetensors", "sae_weights.safetensors", "config.json", "ae.pt",
+             "activation_scaler.json")
 _TRUE = {"1", "on", "yes", "true"}
 # A snapshot folder of the Hub cache: .../models--OWNER--REPO/snapshots/<commit>/<rest>.
 _SNAPSHOT = re.compile(r"models--(?P<repo>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})(?:/(?P<rest>.*))?$")

@@ -110,7 +110,7 @@ class SAE(nnx.Module):
   sparsify_activation: ClassVar[str | None] = None
   # The SAELens class (its cfg.json "architecture") that encodes this SAE exactly, and what
   # SAELens calls those of its tensors it names differently (Gated's gate bias is b_gate).
-  saelens_architecture: ClassVar[str] = "standard"
+  saelens_architecture: ClassVar[str | None] = "standard"
   saelens_names: ClassVar[dict[str, str]] = {}
 
   cfg: SaeConfig

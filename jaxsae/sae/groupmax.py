@@ -21,6 +21,7 @@ class GroupMax(common.SAE):
   name = family = "groupmax"
   encodes_with_k = True
   sparsify_activation = "groupmax"
+  saelens_architecture = None  # SAELens has no groupmax
 
   def __init__(self, d_in: int, num_latents: int, cfg: SaeConfig, *, rngs: nnx.Rngs):
     w_enc = common.kaiming_uniform(rngs.params(), d_in, num_latents)

@@ -55,8 +55,11 @@ def fold_input_scale(params: dict[str, np.ndarray], scale: float) -> dict[str, n
 
 
 def _arch_class(cfg: dict[str, Any]):
-  from jaxsae.sae import ARCHITECTURES
-  return ARCHITECTURES[cfg.get("arch", "topk")]
+  """The class of cfg's "arch": a jaxsae architecture, or the family an SAE read from another
+  library encodes by (a consensus of SAELens's standard SAEs is "relu")."""
+  from jaxsae.sae import ARCHITECTURES, FAMILY_OF, READERS
+  name = cfg.get("arch", "topk")
+  return ARCHITECTURES.get(name) or READERS[FAMILY_OF[name]]
 
 
 def _own(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -108,9 +111,11 @@ def save_saelens(directory: str, params: dict[str, np.ndarray], cfg: dict[str, A
   architecture exactly, so that `sae_lens.SAE.load_from_disk` reproduces jaxsae's codes and
   reconstructions. Arguments as `save_sparsify`'s; cfg's "site" becomes metadata.hook_name."""
   cls = _arch_class(cfg)
+  arch = cls.saelens_architecture
+  if arch is None:
+    raise ValueError(f"SAELens has no class that encodes a {cls.name} SAE")
   p = fold_input_scale(params, float(cfg.get("input_scale", 1.0)))
   d_in, n = _check(p)
-  arch = cls.saelens_architecture
   if "threshold" in p:  # BatchTopK's one threshold, on every latent as JumpReLU keeps it
     p["threshold"] = np.broadcast_to(p["threshold"], (n,)).copy()
   expected = {"standard": set(), "topk": set(), "jumprelu": {"threshold"},
@@ -140,8 +145,9 @@ SAVERS: dict[str, Callable[[str, dict, dict], None]] = {"sparsify": save_sparsif
 def writes(layout: str, arch: str) -> bool:
   """Whether `layout` can hold an SAE of architecture `arch` so that its library encodes it as
   jaxsae does."""
-  from jaxsae.sae import ARCHITECTURES
-  return layout == "saelens" or ARCHITECTURES[arch].sparsify_activation is not None
+  cls = _arch_class({"arch": arch})
+  attr = {"saelens": cls.saelens_architecture, "sparsify": cls.sparsify_activation}[layout]
+  return attr is not None
 
 
 def _check(p: dict[str, np.ndarray]) -> tuple[int, int]:
