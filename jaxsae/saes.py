@@ -220,10 +220,11 @@ def _from_sparsify(path: str, name: str, cfg: dict) -> CanonicalSAE:
 
 
 # SAELens's per-row input normalisations that jaxsae applies (sae_lens.SAE's
-# run_time_activation_norm_fn_in, mirrored in `normalized_input`).
+# run_time_activation_norm_fn_in, mirrored in `sae_input`).
 INPUT_NORMS = ("none", "layer_norm", "constant_norm_rescale")
-# SAELens cfg.json fields that change how a file encodes, each applied below; the rest of its
-# fields (hook and model metadata, dtype, device, training settings) do not.
+# The tensors each family's SAELens file holds beside W_enc, b_enc, W_dec and b_dec. Of its
+# cfg.json, the fields that change how it encodes are each applied or refused in
+# `_from_saelens`; the rest (hook and model metadata, dtype, device, training settings) do not.
 _SAELENS_TENSORS = {"relu": set(), "topk": set(), "jumprelu": {"threshold"},
                     "gated": {"b_gate", "b_mag", "r_mag"}, "batchtopk": {"topk_threshold"}}
 ACTIVATION_SCALER_FILE = "activation_scaler.json"  # SAELens's trainer-state scaling factor
