@@ -329,6 +329,19 @@ def test_dictionary_learning_encodes_as_its_class(tmp_path, dict_class):
                              rtol=1e-4, atol=1e-4)
 
 
+def test_dictionary_learning_autoencodernew_recorded_as_autoencoder(tmp_path):
+  """StandardTrainerAprilUpdate records dict_class "AutoEncoder" for the AutoEncoderNew it
+  trains: the state dict's keys say which it is, and it encodes as AutoEncoderNew."""
+  rng = np.random.default_rng(9)
+  state = dl_state("AutoEncoderNew", rng)
+  sae = saes.load_sae(write_dl(tmp_path / "trainer_0", state, "AutoEncoder"))
+  x = 2 * rand(rng, 64, D)
+  want = dl_encode("AutoEncoderNew", state, torch.from_numpy(x)).numpy()
+  assert not sae.subtract_b_dec and (want > 0).any() and (want == 0).any()
+  np.testing.assert_allclose(np.asarray(saes.module(sae).encode(x)), want, rtol=1e-4,
+                             atol=1e-4)
+
+
 def test_dictionary_learning_trainers_dir_and_checkpoint(tmp_path):
   """trainSAE's save_dir holds trainer_{i}/ per trainer: it expands like a run directory; a
   training checkpoint {"ae": state_dict, ...} and bfloat16 weights read as well."""
