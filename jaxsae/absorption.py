@@ -39,6 +39,7 @@ LETTERS = string.ascii_lowercase
 TEMPLATE = "{word} has the first letter:"
 EPS = 1e-8
 MIN_PROBE_F1 = 0.6
+MIN_LETTERS = 20  # SAEBench refuses to score a model with fewer letters above MIN_PROBE_F1
 MAX_K = 10
 F1_JUMP = 0.03
 FULL_COS = 0.025  # the top latent's probe cosine, for full absorption
@@ -361,7 +362,9 @@ def evaluate(sae, data: ProbeData, site: str, probe: dict | None = None) -> dict
   return {"site": site, "letters_counted": len(counted),
           "mean_absorption_fraction": mean("mean_absorption_fraction"),
           "mean_full_absorption": mean("full_absorption_rate"),
-          "mean_num_split_features": float(np.mean([len(r["main_latents"]) - 1
-                                                    for r in counted])) if counted else None,
+          # SAEBench's aggregate counts a letter's main latents (its k), not k - 1.
+          "mean_num_split_features": float(np.mean([len(r["main_latents"]) for r in counted]))
+          if counted else None,
+          "enough_letters": len(counted) >= MIN_LETTERS,
           "probe_f1": [round(float(v), 4) for v in probe["f1"]],
           "per_letter": per_letter, "main_letter": main_letter, "absorbing": absorbing}
