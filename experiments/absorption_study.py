@@ -54,8 +54,10 @@ def probe_data(root: str, model_spec: str, max_words: int, seed: int = 0
   return d
 
 
-def evaluate_run(run_dir: str, match_dir: str, site: str, data, probe: dict) -> dict:
-  """Absorption of every seed of a run and, per latent, what it is and whether it is shared."""
+def evaluate_run(run_dir: str, match_dir: str, site: str, data, probe: dict,
+                 latents_file: str) -> dict:
+  """Absorption of every seed of a run and, per latent, what it is and whether it is shared
+  (written to `latents_file`)."""
   summary, table, freqs = oq.load_match(match_dir)
   names = [s["name"] for s in summary["saes"]]
   per_seed, latents = [], []
@@ -63,11 +65,30 @@ def evaluate_run(run_dir: str, match_dir: str, site: str, data, probe: dict) -> 
     sae = saes_lib.load_sae(s["path"])
     r = absorption.evaluate(sae, data, site, probe)
     orphan = _orphan_of(table, summary, names, i, sae.n_latents)
-    latents.append({"main": r.pop("main_letter") >= 0, "absorbing": r.pop("absorbing") > 0,
-                    "orphan": orphan, "frequency": freqs[i] if freqs is not None else None})
+    main_letter, absorbing = r.pop("main_letter"), r.pop("absorbing")
+    latents.append({"main": main_letter >= 0, "absorbing": absorbing > 0, "orphan": orphan,
+                    "frequency": freqs[i] if freqs is not None else None,
+                    "main_letter": main_letter, "absorbed_words": absorbing})
     per_seed.append({"name": s["name"], **{k: v for k, v in r.items() if k != "per_letter"},
                      "per_letter": r["per_letter"]})
+  _save_latents(latents_file, names, latents)
   return {"seeds": per_seed, "latents": latents, "summary": summary}
+
+
+def _save_latents(path: str, names: list[str], latents: list[dict]) -> None:
+  """Per seed and latent: the letter it is a main latent of (-1: none), the test words it
+  absorbed a letter on, whether it is an orphan, its firing frequency (NaN: not measured)."""
+  arrays = {}
+  for name, l in zip(names, latents):
+    arrays.update({f"{name}_main_letter": l["main_letter"],
+                   f"{name}_absorbed_words": l["absorbed_words"],
+                   f"{name}_orphan": l["orphan"],
+                   f"{name}_frequency": (l["frequency"] if l["frequency"] is not None
+                                         else np.full(len(l["orphan"]), np.nan))})
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  files.atomic_write_bytes(path, buf.getvalue())
 
 
 def _orphan_of(table, summary: dict, names: list[str], i: int, n: int) -> np.ndarray:
@@ -132,7 +153,9 @@ def study(root: str, model_spec: str, max_words: int, trained, matched, store: s
   points, latents = [], {name: [] for name in SITES}
   for name, sweep, train, run_dir, match_dir, summary in _runs(trained, matched, store, reuse):
     site = SITES[name]
-    r = evaluate_run(run_dir, match_dir, site, data, probes[site])
+    label = f"{name}_{sweep}_n{train['num_latents']}_k{train['k']}"
+    r = evaluate_run(run_dir, match_dir, site, data, probes[site],
+                     os.path.join(root, "latents", label + ".npz"))
     latents[name] += r["latents"]
     seeds = r["seeds"]
     af = [s["mean_absorption_fraction"] for s in seeds if s["mean_absorption_fraction"]
