@@ -197,8 +197,8 @@ def export_cfg(members: list[saes_lib.CanonicalSAE], k: int | None, summary: dic
 def write_sae(out: str, params: dict[str, np.ndarray], cfg: dict) -> None:
   """DIR in sparsify's layout and DIR/saelens/ in SAELens's where sparsify encodes the
   architecture (TopK), else DIR in SAELens's: DIR is one SAE directory either way."""
-  from jaxsae.sae import ARCHITECTURES, io
-  if ARCHITECTURES[cfg["arch"]].sparsify_activation is None:
+  from jaxsae.sae import io
+  if not io.writes("sparsify", cfg["arch"]):  # also a family: a consensus of SAELens's ReLUs
     io.save_saelens(out, params, cfg)
     return
   io.save_sparsify(out, params, cfg)  # first: it replaces DIR whole

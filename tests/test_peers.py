@@ -337,3 +337,18 @@ def test_jaxsae_refuses_sparsify_what_it_cannot_encode(tmp_path, sparsify):
   cfg = json.load(open(cfg_path))
   json.dump({**cfg, "skip_connection": False}, open(cfg_path, "w"))
   one_line_refusal(tmp_path / "skip", "skip")
+
+
+def test_an_sae_named_by_its_family_exports(tmp_path, lens):
+  """What a consensus of other libraries' SAEs carries is a family ("relu", "groupmax"), not a
+  jaxsae architecture: it exports where its library encodes it, and only there."""
+  params, x = trainer_params("relu_l1"), rows()
+  io.save_saelens(str(tmp_path / "sae"), params, {**export_cfg("relu_l1", 1.0, params),
+                                                  "arch": "relu"})
+  z, _ = jaxsae_codes("relu_l1", params, x, 1.0)
+  close(lens_dense(lens.SAE.load_from_disk(str(tmp_path / "sae")).encode(torch.from_numpy(x))),
+        z, "codes")
+  assert not io.writes("sparsify", "relu") and io.writes("sparsify", "groupmax")
+  assert not io.writes("saelens", "groupmax")
+  with pytest.raises(ValueError, match="SAELens has no class"):
+    io.save_saelens(str(tmp_path / "g"), params, {"arch": "groupmax", "k": K})
