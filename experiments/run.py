@@ -164,7 +164,7 @@ def trained(group: str, name: str, store: str, **overrides) -> str:
   seeds = cfg.get("seeds") or range(cfg["num_seeds"])
   data = cfg.get("data_seeds")
   members = train.member_names(list(seeds), list(data or ()))
-  if not all(os.path.exists(os.path.join(run_dir, m, "sae.safetensors")) for m in members):
+  if not all(saes.is_sae_dir(os.path.join(run_dir, m)) for m in members):
     if data:
       cfg.pop("num_seeds")
     train.run(train.TrainConfig(**cfg))
