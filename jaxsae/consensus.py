@@ -114,6 +114,10 @@ def load_members(summary: dict) -> list[saes_lib.CanonicalSAE]:
                         "rerun `jaxsae match` on where the SAEs are now")
     members.append(saes_lib.load_sae(s["path"], s["name"]))
   first = members[0]
+  for m in members:
+    if m.input_norm != "none":  # a per-row normalisation no exported layout of jaxsae's holds
+      raise JaxsaeError(f"{m.path} normalises each input row ({m.input_norm}); a consensus is "
+                        "exported without it, so it would encode differently: leave this SAE out")
   for m in members[1:]:
     for what, a, b in (("architecture", m.arch, first.arch),
                        ("input scale", m.input_scale, first.input_scale),
