@@ -219,3 +219,15 @@ def test_union_of_two_saes_that_share_nothing_adds_both_widths(tmp_path):
   with pytest.raises(JaxsaeError, match="rerun `jaxsae match"):
     consensus.run(consensus.ConsensusConfig(inputs=(str(m),), out=str(out), min_seeds=1,
                                             eval_tokens=0))
+
+
+def test_a_seed_that_normalises_each_row_is_refused(tmp_path):
+  """A consensus exports no per-row normalisation (SAELens's layer_norm): such seeds are one
+  clear error, not a dictionary that encodes differently from them."""
+  rng = np.random.default_rng(4)
+  paths = [write(tmp_path / f"s{i}", random_sae_weights(rng, N, D), layout="saelens",
+                 arch="topk", cfg={"normalize_activations": "layer_norm" if i else "none"})
+           for i in range(2)]
+  summary = {"saes": [{"path": p, "name": os.path.basename(p)} for p in paths]}
+  with pytest.raises(JaxsaeError, match="layer_norm"):
+    consensus.load_members(summary)
