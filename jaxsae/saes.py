@@ -2,15 +2,18 @@
 
 Three layouts on disk:
 
-  sparsify (EleutherAI; jaxsae's own export)   cfg.json + sae.safetensors
+  sparsify (EleutherAI; jaxsae's TopK export)  cfg.json + sae.safetensors
       encoder.weight [n, d_in], encoder.bias [n], W_dec [n, d_in], b_dec [d_in]
-  SAELens                                      cfg.json + sae_weights.safetensors
-      W_enc [d_in, n], b_enc [n], W_dec [n, d_in], b_dec [d_in] (+ threshold)
+  SAELens (jaxsae's export of the others)      cfg.json + sae_weights.safetensors
+      W_enc [d_in, n], b_enc [n] (Gated: b_gate), W_dec [n, d_in], b_dec [d_in] (+ threshold,
+      b_mag and r_mag, or a training checkpoint's topk_threshold)
   dictionary_learning (saprmarks)              config.json + ae.pt (a torch state dict)
       per dict_class, e.g. AutoEncoderTopK: encoder.weight [n, d_in], encoder.bias [n],
       decoder.weight [d_in, n], b_dec [d_in], k []; JumpReluAutoEncoder: W_enc [d_in, n], ...
 
 All become a `CanonicalSAE` whose encoder AND decoder are `[n_latents, d_in]`: one row per latent.
+Every field of a file that changes how it encodes is applied here or refused in one line naming
+it (README, "SAEs in other libraries"); none is ignored.
 Normalising a SAELens `W_enc` along its stored last axis would normalise across latents instead
 of within one, a mistake made in the paper's own notebook; canonicalising on load rules it out.
 
