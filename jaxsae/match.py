@@ -39,7 +39,6 @@ stability.py) and DIR/match.json (the summary, written last). The formats are in
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import itertools
 import math
