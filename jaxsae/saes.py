@@ -100,19 +100,20 @@ def _read_tensors(path: str) -> dict[str, np.ndarray]:
                       "or not safetensors: re-export the SAE")
 
 
+def _family_or_none(name: str) -> str | None:
+  from jaxsae.sae import FAMILY_OF
+  return FAMILY_OF.get(str(name).lower())
+
+
 def _arch(name: str) -> str:
   """The family of an architecture named by any library (SAELens's "standard" is ReLU, jaxsae's
   matryoshka encodes as batchtopk once trained): the architecture classes say which."""
-  from jaxsae.sae import FAMILY_OF, READERS
-  name = str(name).lower()
-  if name not in FAMILY_OF:
-    raise JaxsaeError(f"unknown SAE architecture {name!r}; jaxsae matches {', '.join(READERS)}")
-  return FAMILY_OF[name]
-
-
-def _family_or_none(name: str) -> str | None:
-  from jaxsae.sae import FAMILY_OF
-  return FAMILY_OF.get(name.lower())
+  family = _family_or_none(name)
+  if family is None:
+    from jaxsae.sae import READERS
+    raise JaxsaeError(f"unknown SAE architecture {str(name).lower()!r}; jaxsae matches "
+                      f"{', '.join(READERS)}")
+  return family
 
 
 def _need(tensors: dict, keys: Sequence[str], path: str) -> None:

@@ -79,6 +79,14 @@ def close(a, b, what):
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()), err_msg=what)
 
 
+def sparsify_encode(coder, x):
+  """(dense codes, reconstruction) of rows x by sparsify's own encode and decode."""
+  with torch.no_grad():
+    acts, idx, _ = coder.encode(torch.from_numpy(x))
+    return (torch.zeros(len(x), coder.num_latents).scatter(-1, idx, acts).numpy(),
+            coder.decode(acts, idx).numpy())
+
+
 def lens_dense(t):
   return t.detach().to_dense().numpy() if t.is_sparse else t.detach().numpy()
 
@@ -102,9 +110,9 @@ def test_saelens_loads_every_export_with_jaxsae_codes(tmp_path, lens, arch, scal
   codes = peer.encode(torch.from_numpy(x))
   close(lens_dense(codes), z, "codes")
   close(peer.decode(codes).detach().numpy(), x_hat, "reconstructions")
-  back = saes.load_sae(str(tmp_path / "sae"))
+  back, codes_back = jaxsae_reads(tmp_path / "sae", x)
   assert back.site == "model.layers.3.mlp" and back.input_scale == 1.0
-  close(saes.encode(*saes.encoder(back), x, back.input_scale), z, "read back")
+  close(codes_back, z, "read back")
 
 
 @pytest.mark.parametrize("scale", [1.0, 2.5], ids=["raw", "normalize"])
@@ -114,12 +122,9 @@ def test_sparsify_loads_topk_export_with_jaxsae_codes(tmp_path, sparsify, scale)
   params, x = trainer_params("topk"), rows()
   io.save_sparsify(str(tmp_path / "sae"), params, export_cfg("topk", scale, params))
   z, x_hat = jaxsae_codes("topk", params, x, scale)
-  peer = sparsify.SparseCoder.load_from_disk(str(tmp_path / "sae"))
-  with torch.no_grad():
-    acts, idx, _ = peer.encode(torch.from_numpy(x))
-    dense = torch.zeros(len(x), N).scatter(-1, idx, acts).numpy()
-    close(dense, z, "codes")
-    close(peer.decode(acts, idx).numpy(), x_hat, "reconstructions")
+  codes, recon = sparsify_encode(sparsify.SparseCoder.load_from_disk(str(tmp_path / "sae")), x)
+  close(codes, z, "codes")
+  close(recon, x_hat, "reconstructions")
   mode = os.stat(tmp_path / "sae" / io.WEIGHTS).st_mode
   assert mode & stat.S_IROTH and mode & stat.S_IRGRP  # for others to read, not owner-only
 
@@ -147,14 +152,12 @@ def test_trainer_writes_both_layouts_the_peers_read_alike(tmp_path, lens, sparsi
   train.run(train_config(store, run, num_latents=N, seeds=(0,), normalize=True,
                          layouts=("sparsify", "saelens")))
   x = store_lib.Store(str(store)).batch(0, 128)
-  ours = saes.load_sae(str(run / "seed0"))
+  ours, z = jaxsae_reads(run / "seed0", x)
   assert ours.layout == "sparsify" and ours.cfg["jaxsae"]["input_scale_folded"] != 1.0
-  z = np.asarray(saes.encode(*saes.encoder(ours), x, ours.input_scale))
   assert saes.load_sae(str(run / "saelens" / "seed0")).layout == "saelens"
+  close(sparsify_encode(sparsify.SparseCoder.load_from_disk(str(run / "seed0")), x)[0], z,
+        "sparsify")
   with torch.no_grad():
-    acts, idx, _ = sparsify.SparseCoder.load_from_disk(str(run / "seed0")).encode(
-        torch.from_numpy(x))
-    close(torch.zeros(len(x), N).scatter(-1, idx, acts).numpy(), z, "sparsify")
     close(lens_dense(lens.SAE.load_from_disk(str(run / "saelens" / "seed0")).encode(
         torch.from_numpy(x))), z, "SAELens")
   relu = tmp_path / "relu"
@@ -315,10 +318,7 @@ def test_jaxsae_reads_sparsify_own_saves(tmp_path, sparsify, kind):
   if kind == "groupmax":
     assert saes.load_sae(str(tmp_path / "sae")).arch == "groupmax"
   x = rows()
-  with torch.no_grad():
-    acts, idx, _ = peer.encode(torch.from_numpy(x))
-    want = torch.zeros(len(x), N).scatter(-1, idx, acts).numpy()
-    recon = peer.decode(acts, idx).numpy()
+  want, recon = sparsify_encode(peer, x)
   sae, z = jaxsae_reads(tmp_path / "sae", x)
   assert sae.subtract_b_dec == (not transcode)
   close(z, want, "codes")
