@@ -10,6 +10,8 @@ Studies (Paulo & Belrose 2025, arXiv 2501.16615):
   length     sharing against training tokens, a run per length that completes its schedule
   frequency  sharing against firing frequency, from the base run
   threshold  sharing against the cosine threshold (0.5 to 0.9), from the base run
+  layers     sharing of the MLP output against relative depth, one store of --layers
+  sites      the residual stream against the MLP output at the same layers (same store)
 
 And the questions it left open (analyses in experiments/open_questions.py):
   census        nine seeds in one program: in how many of them each latent is found
@@ -53,13 +55,16 @@ from jaxsae.sae import ARCHITECTURES  # noqa: E402
 
 import absorption_study as ab  # noqa: E402  (beside this file)
 import consensus_study as cs  # noqa: E402  (beside this file)
+import depth_study as ds  # noqa: E402  (beside this file)
 import ground_truth as gt  # noqa: E402  (beside this file)
 import open_questions as oq  # noqa: E402  (beside this file)
 
 PAPER_STUDIES = ["size", "k", "arch", "length", "frequency", "threshold"]
-OPEN_STUDIES = ["census", "trajectory", "init_vs_data", "arch_l0", "matryoshka", "consensus",
+OPEN_STUDIES = ["layers", "sites", "census", "trajectory", "init_vs_data", "arch_l0",
+                "matryoshka", "consensus",
                 "ground_truth", "absorption"]
-OWN_STORES = ["ground_truth", "absorption"]  # studies that write (or pick) their own stores
+# Studies that write (or pick) their own stores.
+OWN_STORES = ["layers", "sites", "ground_truth", "absorption"]
 _STUDY = flags.DEFINE_enum("study", "size", PAPER_STUDIES + OPEN_STUDIES, "Which study to run.")
 _OUT = flags.DEFINE_string("out", "out/experiments", "Where runs, matches and figures go.")
 _STORE = flags.DEFINE_string("store", "", "Activation store; extracted here (with the flags "
@@ -118,18 +123,45 @@ _ABS_WORDS = flags.DEFINE_integer("absorption_words", 1200, "Alphabetic tokens p
 _ABS_REUSE = flags.DEFINE_list("absorption_reuse", [], "RUN=MATCH_DIR of existing runs at the "
                                "layer-15 MLP site to evaluate too (e.g. the demo's "
                                "out/demo/run=out/demo/match).")
+_LAYERS = flags.DEFINE_list("layers", ["0", "4", "8", "12", "15", "20", "25", "-1"],
+                            "Layers of the layers and sites studies (negative: from the last; "
+                            "relative depth is over the deepest one, so end at -1).")
+_DEPTH_TOKENS = flags.DEFINE_integer("depth_extract_tokens", None, "Tokens of the layers and "
+                                     "sites studies' store (2 sites per layer); default "
+                                     "--extract_tokens.")
 _ARCH_TOKENS = flags.DEFINE_integer("arch_tokens", None, "Training tokens per seed of the "
                                     "arch_l0 and matryoshka studies; default --num_tokens.")
 
 # The paper's numbers (Pythia-160M layer-6 MLP, k = 32, 8B Pile tokens, both-above rule at 0.7
 # unless noted), as read from its analysis code's outputs: what jaxsae's curves sit beside.
+# Beside the shared fraction, where the paper's figures draw them (read off them, about +-0.002):
+# `bijections_agree`, the fraction of latents whose encoder and decoder bijections agree, with no
+# threshold, and the decoder and encoder PW-MCC (mean matched cosine); None where not drawn.
 PAPER = {
     "size": {"rule": "both_above", "x": [768, 4096, 32768, 131072],
-             "y": [0.785, 0.696, 0.416, 0.276]},
-    "k": {"rule": "both_above", "x": [32, 64, 128, 256], "y": [0.416, 0.305, 0.234, 0.177]},
+             "y": [0.785, 0.696, 0.416, 0.276],
+             "bijections_agree": [0.949, 0.916, 0.793, 0.702],
+             "decoder_mcc": [0.836, 0.805, 0.677, 0.603],
+             "encoder_mcc": [0.804, 0.744, 0.594, 0.522]},
+    "k": {"rule": "both_above", "x": [32, 64, 128, 256], "y": [0.416, 0.305, 0.234, 0.177],
+          "bijections_agree": [0.793, 0.706, 0.617, 0.624],
+          "decoder_mcc": [0.677, 0.569, 0.482, 0.456]},
     "arch": {"rule": "decoder", "x": ["gated", "relu_l1", "topk"], "y": [0.856, 0.824, 0.742]},
-    "length": {"rule": "both_above", "x": [0.8e9, 8e9, 80e9], "y": [0.073, 0.416, 0.612]},
+    "length": {"rule": "both_above", "x": [0.8e9, 8e9, 80e9], "y": [0.073, 0.416, 0.612],
+               "bijections_agree": [0.459, 0.793, 0.875],
+               "decoder_mcc": [0.391, 0.677, 0.785]},
 }
+# Pythia-160M MLP output, layers 0-11, shared fraction (both_above, 0.7) per dictionary size.
+PAPER_LAYERS = {
+    768: [0.030, 0.562, 0.656, 0.708, 0.819, 0.776, 0.785, 0.819, 0.831, 0.876, 0.846, 0.760],
+    4096: [0.001, 0.506, 0.445, 0.596, 0.719, 0.705, 0.696, 0.670, 0.726, 0.756, 0.693, 0.534],
+    32768: [0.000, 0.141, 0.155, 0.239, 0.445, 0.416, 0.416, 0.385, 0.422, 0.461, 0.408, 0.249],
+}
+# Residual stream against MLP output, 36x expansion, k = 32, decoder-only rule.
+PAPER_SITES = {"SmolLM-135M": {"resid": 0.557, "mlp": 0.716},
+               "GPT-2": {"resid": 0.622, "mlp": 0.742},
+               "Pythia-160M": {"resid": 0.632, "mlp": 0.548}}
+SERIES = ("bijections_agree", "decoder_mcc", "encoder_mcc")  # drawn beside every shared fraction
 
 
 def store_dir() -> str:
@@ -179,10 +211,22 @@ def matched(run_dir: str, out: str, **kwargs) -> dict:
     return json.load(f)
 
 
+def series(summary: dict) -> dict:
+  """Mean and std over pairs of the threshold-free views of each pair, as match.json has them:
+  `bijections_agree` (its fraction_agree: both bijections send a latent to the same partner,
+  no threshold; not the `agree` rule, which also asks both cosines >= the threshold) and the
+  decoder and encoder PW-MCC."""
+  out = {}
+  for name, key in zip(SERIES, ("fraction_agree", "decoder_mcc", "encoder_mcc")):
+    v = [p[key] for p in summary["pairs"] if key in p]
+    out[name] = {"mean": float(np.mean(v)), "std": float(np.std(v))} if v else None
+  return out
+
+
 def point(summary: dict, rule: str) -> dict:
   r = summary["rules"][rule]
-  return {"mean": r["mean"], "std": r["std"], "agree": summary["rules"]["agree"]["mean"],
-          "pairs": len(summary["pairs"])}
+  return {"mean": r["mean"], "std": r["std"], "pairs": len(summary["pairs"]),
+          **series(summary)}
 
 
 def sweep(store: str) -> list[dict]:
@@ -246,34 +290,54 @@ def plot(rows: list[dict], path: str) -> None:
   import matplotlib.pyplot as plt
   study = _STUDY.value
   rows = [r for r in rows if r["mean"] is not None]
-  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  # The sweeps over runs draw the threshold-free views beside the shared fraction; the
+  # per-latent curves (frequency, threshold) have one number per bin.
+  panels = 3 if rows and "decoder_mcc" in rows[0] else 1
+  fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), dpi=120, squeeze=False)
   categorical = study == "arch"
   xs = list(range(len(rows))) if categorical else [r["x"] for r in rows]
-  # Architectures are categories: no line between them, which would read as a trend.
-  ax.errorbar(xs, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], marker="o",
-              capsize=4, linestyle="none" if categorical else "-",
-              label=f"jaxsae ({_MODEL.value}, {_SEEDS.value} seeds)")
-  ref = PAPER.get(study)
-  if ref and not categorical:
-    ax.plot(ref["x"], ref["y"], "s--", color="gray", label="paper (Pythia-160M)")
-  if categorical:
-    ax.set_xticks(xs, [r["x"] for r in rows])
-    if ref:
-      on = [(i, ref["y"][ref["x"].index(r["x"])]) for i, r in enumerate(rows)
-            if r["x"] in ref["x"]]
-      if on:
-        ax.plot(*zip(*on), "s", color="gray", label="paper (Pythia-160M)")
-  elif study in ("size", "k", "length", "frequency"):
-    ax.set_xscale("log", base=2 if study in ("size", "k") else 10)
+  ref = PAPER.get(study) or {}
   label = {"size": "latents", "k": "k", "arch": "architecture", "length": "training tokens",
            "frequency": "firing frequency", "threshold": "cosine threshold"}[study]
-  rule = PAPER.get(study, {}).get("rule", "both_above")
-  ax.set_xlabel(label)
-  ax.set_ylabel(f"fraction shared ({rule})")
-  ax.set_ylim(0, 1)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  ax.set_title(f"Sharing across seeds against {label}")
+  rule = ref.get("rule", "both_above")
+  ours = f"jaxsae ({_MODEL.value}, {_SEEDS.value} seeds)"
+  draws = [[("mean", "std", ours, "y", None)]]
+  if panels == 3:
+    draws += [[("bijections_agree", None, ours, "bijections_agree", None)],
+              [("decoder_mcc", None, "decoder", "decoder_mcc", "C0"),
+               ("encoder_mcc", None, "encoder", "encoder_mcc", "C1")]]
+  ylabels = [f"fraction shared ({rule})", "fraction whose bijections agree (no threshold)",
+             "mean matched cosine (PW-MCC)"]
+  for ax, draw, ylabel in zip(axes[0], draws, ylabels):
+    for key, std, name, paper_key, color in draw:
+      if std:
+        y, err = [r[key] for r in rows], [r[std] for r in rows]
+      else:
+        got = [r.get(key) or {"mean": np.nan, "std": np.nan} for r in rows]
+        y, err = [g["mean"] for g in got], [g["std"] for g in got]
+      ax.errorbar(xs, y, yerr=err, marker="o", capsize=4, color=color,
+                  linestyle="none" if categorical else "-", label=name)
+      paper_y = ref.get(paper_key)
+      if not paper_y:
+        continue
+      what = "paper (Pythia-160M)" + (f", {name}" if color else "")
+      if categorical:
+        on = [(i, paper_y[ref["x"].index(r["x"])]) for i, r in enumerate(rows)
+              if r["x"] in ref["x"]]
+        if on:
+          ax.plot(*zip(*on), "s", color="gray", label=what)
+      else:
+        ax.plot(ref["x"], paper_y, "s--", color=color or "gray", alpha=0.6, label=what)
+    if categorical:
+      ax.set_xticks(xs, [r["x"] for r in rows])
+    elif study in ("size", "k", "length", "frequency"):
+      ax.set_xscale("log", base=2 if study in ("size", "k") else 10)
+    ax.set_xlabel(label)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  axes[0, 0].set_title(f"Sharing across seeds against {label}")
   fig.tight_layout()
   fig.savefig(path)
 
@@ -302,14 +366,15 @@ def study_census(store: str, png: str) -> dict:
                  f"jaxsae ({_CENSUS_SEEDS.value} seeds)")
   rows = [{"x": r["count"], "mean": r["mean"], "std": r["std"]}
           for r in res["both_above"]["found_in"]]
-  return {"rows": rows, "census": res, "paper": oq.PAPER_CENSUS,
-          "decoder_mcc": oq.mcc(summary), "seeds_from_seed0": summary["seeds"]}
+  # The only-in-the-base curve is match.json's own (seed 0 as the base, random subsets of the
+  # others), so it is what `jaxsae match` reports for the same run.
+  return {"rows": rows, "census": res, "paper": oq.PAPER_CENSUS, **series(summary),
+          "only_base": summary["seeds"]["fraction_only_base"],
+          "seeds_from_seed0": summary["seeds"]}
 
 
 def _trajectory_point(summary: dict, tokens: int) -> dict:
-  return {"tokens": tokens, "shared": oq.rule_point(summary, "both_above"),
-          "decoder_mcc": oq.mcc(summary, "decoder_mcc"),
-          "encoder_mcc": oq.mcc(summary, "encoder_mcc")}
+  return {"tokens": tokens, "shared": oq.rule_point(summary, "both_above"), **series(summary)}
 
 
 def study_trajectory(store: str, png: str) -> dict:
@@ -344,7 +409,7 @@ def study_init_vs_data(store: str, png: str) -> dict:
   kinds = oq.pair_kinds(summary)
   oq.plot_kinds(kinds, png)
   rows = [{"x": k, "mean": v["both_above"]["mean"], "std": v["both_above"]["std"],
-           "pairs": v["pairs"]} for k, v in kinds.items()]
+           "pairs": v["pairs"], **{s: v[s] for s in SERIES}} for k, v in kinds.items()]
   return {"rows": rows, "kinds": kinds, "grid": g}
 
 
@@ -361,15 +426,16 @@ def _arch_row(store: str, arch: str, l0: int) -> dict:
   _, _, freqs = oq.load_match(run_dir + "-match")
   return {"arch": arch, "l0_target": l0, "l0": oq.l0s(freqs),
           "both_above": oq.rule_point(summary, "both_above"),
-          "decoder": oq.rule_point(summary, "decoder"),
-          "decoder_mcc": oq.mcc(summary), "match": run_dir + "-match"}
+          "decoder": oq.rule_point(summary, "decoder"), **series(summary),
+          "match": run_dir + "-match"}
 
 
 def study_arch_l0(store: str, png: str) -> dict:
   rows = [_arch_row(store, a, int(l0)) for l0 in _L0S.value for a in _L0_ARCHS.value]
   oq.plot_arch_l0(rows, png)
   return {"rows": [{"x": f"{r['arch']}@{r['l0_target']}", "mean": r["both_above"]["mean"],
-                    "std": r["both_above"]["std"]} for r in rows], "points": rows}
+                    "std": r["both_above"]["std"], **{s: r[s] for s in SERIES}}
+                   for r in rows], "points": rows}
 
 
 def study_matryoshka(store: str, png: str) -> dict:
@@ -385,7 +451,8 @@ def study_matryoshka(store: str, png: str) -> dict:
                                                         freqs=fr)
   oq.plot_nested(overall, groups, png)
   return {"rows": [{"x": r["arch"], "mean": r["both_above"]["mean"],
-                    "std": r["both_above"]["std"]} for r in overall],
+                    "std": r["both_above"]["std"], **{s: r[s] for s in SERIES}}
+                   for r in overall],
           "overall": overall, "groups": groups, "bounds": bounds}
 
 
@@ -434,6 +501,55 @@ def study_consensus(store: str, png: str) -> dict:
           "stability": summary["stability"]}
 
 
+def depth_store() -> tuple[str, dict[str, list[str]]]:
+  """OUT/layers/store: the MLP output and residual stream of every --layers layer, written
+  once by one extraction (the forward stops after the deepest), shared by both studies."""
+  from jaxsae import store as store_lib
+  path = os.path.join(_OUT.value, "layers", "store")
+  if not os.path.exists(os.path.join(path, "manifest.json")):  # written once it is complete
+    extract.run(extract.ExtractConfig(model=_MODEL.value, dataset=_DATASET.value,
+                                      sites=tuple(ds.site_requests(_LAYERS.value)),
+                                      num_tokens=_DEPTH_TOKENS.value or _EXTRACT_TOKENS.value,
+                                      ctx_len=_CTX.value, out=path))
+  return path, ds.sites_by_kind(store_lib.Store(path).sites, len(_LAYERS.value))
+
+
+def depth_rows(kinds) -> tuple[str, list[dict]]:
+  store, sites = depth_store()
+  last = max(ds.layer_of(s) for kind in sites.values() for s in kind)
+  rows = []
+  for kind in kinds:
+    for site in sites[kind]:
+      run_dir = trained("layers", f"{kind}{ds.layer_of(site)}", store, site=site)
+      summary = matched(run_dir, run_dir + "-match")
+      rows.append(ds.row(kind, site, last, oq.rule_point(summary, "both_above"),
+                         oq.rule_point(summary, "decoder"), series(summary)))
+  return store, rows
+
+
+def _depth_label() -> str:
+  return f"jaxsae ({_MODEL.value}, {_SEEDS.value} seeds, {_NUM_LATENTS.value} x k={_K.value})"
+
+
+def study_layers(_, png: str) -> dict:
+  store, rows = depth_rows(("mlp",))
+  ds.plot_layers(rows, PAPER_LAYERS, _depth_label(), png)
+  return {"rows": [{**r, "x": r["layer"]} for r in rows], "rule": ds.RULE_LAYERS,
+          "paper": {"model": "Pythia-160M", "site": "MLP output", "rule": ds.RULE_LAYERS,
+                    "by_size": {str(k): v for k, v in PAPER_LAYERS.items()}},
+          "depth_store": store}
+
+
+def study_sites(_, png: str) -> dict:
+  store, rows = depth_rows(ds.KINDS)
+  ds.plot_sites(rows, PAPER_SITES, _depth_label(), png)
+  # The headline is the paper's rule for this comparison: decoder-only.
+  return {"rows": [{**r, "x": f"{r['kind']}@{r['layer']}", "mean": r["decoder"]["mean"],
+                    "std": r["decoder"]["std"]} for r in rows], "rule": ds.RULE_SITES,
+          "paper": {"rule": ds.RULE_SITES, "expansion": 36, "k": 32, "by_model": PAPER_SITES},
+          "depth_store": store}
+
+
 def study_ground_truth(_, png: str) -> dict:
   return gt.study(_OUT.value, gt.PRESETS[_GT_PRESET.value], trained, matched, png)
 
@@ -454,7 +570,8 @@ def study_absorption(_, png: str) -> dict:
   return ab.study(root, _MODEL.value, _ABS_WORDS.value, train_point, matched, store, png, reuse)
 
 
-OPEN = {"census": study_census, "trajectory": study_trajectory,
+OPEN = {"layers": study_layers, "sites": study_sites, "census": study_census,
+        "trajectory": study_trajectory,
         "init_vs_data": study_init_vs_data, "arch_l0": study_arch_l0,
         "matryoshka": study_matryoshka, "consensus": study_consensus,
         "ground_truth": study_ground_truth, "absorption": study_absorption}
@@ -492,7 +609,8 @@ def main_open(store: str) -> None:
   res = OPEN[study](store, png)
   res.update(study=study, store=store, seconds=round(time.time() - t0, 1),
              settings={h.name: h.value for h in (_MODEL, _SITE, _NUM_LATENTS, _K, _SEEDS,
-                                                 _TOKENS, _BATCH, _WARMUP, _LR, _ARCH_TOKENS)})
+                                                 _TOKENS, _BATCH, _WARMUP, _LR, _ARCH_TOKENS,
+                                                 _LAYERS, _DEPTH_TOKENS, _EXTRACT_TOKENS)})
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(res, f, indent=1)
   for r in res["rows"]:

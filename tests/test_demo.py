@@ -114,6 +114,11 @@ def test_experiment_sweep_and_figures(planted_store, tmp_path):
   assert rows[24]["mean"] > 0.5
   assert rows[96]["mean"] < rows[24]["mean"] - 0.2
   assert res["paper"]["x"] == [768, 4096, 32768, 131072]
+  assert res["paper"]["bijections_agree"] == [0.949, 0.916, 0.793, 0.702]
+  for size, r in rows.items():  # each point's series: what `jaxsae match` wrote for its run
+    with open(os.path.join(out, "size", f"num_latents{size}-match", "match.json")) as f:
+      for key, value in _series_of(json.load(f)).items():
+        assert r[key]["mean"] == pytest.approx(value, abs=1e-12), (size, key)
 
   res = run_study("threshold", planted_store, out)
   means = [r["mean"] for r in res["rows"]]
@@ -145,3 +150,48 @@ def test_open_question_studies_run_end_to_end(planted_store, tmp_path):
   assert [r["x"] for r in res["rows"]] == ["topk", "batchtopk", "matryoshka"]
   assert res["bounds"] == [[0, 2], [2, 4], [4, 8], [8, 16], [16, 32]]
   assert all(r["l0"] == [4.0] * 3 for r in res["overall"][:1])  # topk: exactly k per token
+
+
+def _series_of(match_json: dict) -> dict:
+  """The threshold-free views as `jaxsae match` itself summarises them."""
+  return {"bijections_agree": match_json["fraction_agree_mean"],
+          "decoder_mcc": match_json["decoder_mcc_mean"],
+          "encoder_mcc": match_json["encoder_mcc_mean"]}
+
+
+def test_layers_and_sites_studies_on_one_multi_site_store(tiny_model_dir, text_dir, tmp_path):
+  """Both depth studies read one extraction of MLP output and residual stream at each layer,
+  share the MLP runs, and report per point the series `jaxsae match` reports for that run."""
+  out = str(tmp_path / "exp")
+  depth = ["--model=" + tiny_model_dir, "--dataset=" + text_dir, "--layers=0,2,-1",
+           "--depth_extract_tokens=8192", "--ctx_len=64"]
+  res = run_study("layers", "", out, *depth)
+  assert [(r["kind"], r["layer"]) for r in res["rows"]] == [("mlp", 0), ("mlp", 2), ("mlp", 3)]
+  assert [r["depth"] for r in res["rows"]] == pytest.approx([0.0, 2 / 3, 1.0])
+  assert set(res["paper"]["by_size"]) == {"768", "4096", "32768"}
+  store = store_lib.Store(res["depth_store"])
+  assert store.sites == ["model.layers.0.mlp", "model.layers.2.mlp", "model.layers.3.mlp",
+                         "model.layers.0", "model.layers.2", "model.layers.3"]
+  trained_mlp = os.path.getmtime(os.path.join(out, "layers", "mlp0", "seed0"))
+
+  res = run_study("sites", "", out, *depth)
+  assert [r["x"] for r in res["rows"]] == ["mlp@0", "mlp@2", "mlp@3", "resid@0", "resid@2",
+                                           "resid@3"]
+  assert os.path.getmtime(os.path.join(out, "layers", "mlp0", "seed0")) == trained_mlp
+  for r in res["rows"]:
+    assert r["mean"] == r["decoder"]["mean"] and r["pairs"] == 3
+
+  # The driver's series against a fresh `jaxsae match` of the same run.
+  run_dir = os.path.join(out, "layers", "resid2")
+  fresh = str(tmp_path / "fresh-match")
+  proc = subprocess.run([sys.executable, "-m", "jaxsae", "match", run_dir, f"--out={fresh}",
+                         "--freq_tokens=0"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(fresh, "match.json")) as f:
+    reported = json.load(f)
+  row = next(r for r in res["rows"] if r["x"] == "resid@2")
+  for key, value in _series_of(reported).items():
+    assert row[key]["mean"] == pytest.approx(value, abs=1e-12), key
+  assert row["both_above"]["mean"] == pytest.approx(reported["rules"]["both_above"]["mean"])
+  assert row["decoder"]["mean"] == pytest.approx(reported["rules"]["decoder"]["mean"])
