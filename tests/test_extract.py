@@ -288,3 +288,26 @@ def test_real_smollm2_on_the_default_corpus(tmp_path):
       m["tokenizer"]["gguf_dir"], gguf_file=m["tokenizer"]["gguf_file"])
   ids, at = s.context(100)
   assert tok.decode(ids).strip()  # the stored token ids decode to text
+
+
+def test_multi_site_store_equals_single_site_stores_row_for_row(tiny_model_dir, text_dir,
+                                                                 tmp_path):
+  """The layers and sites studies read eight layers' MLP output and residual stream from one
+  extraction: each site's rows must be exactly what extracting it alone stores (same tokens,
+  same order, same values), whichever layer the forward stops at."""
+  sites = ["mlp:0", "mlp:3", "resid:0", "resid:-1"]
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "all", sites=tuple(sites),
+                   dtype="float32"))
+  many = store.Store(str(tmp_path / "all"))
+  assert many.sites == ["model.layers.0.mlp", "model.layers.3.mlp", "model.layers.0",
+                        "model.layers.3"]
+  everything = np.arange(many.num_tokens)
+  for site, name in zip(sites, many.sites):
+    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / name, sites=(site,), dtype="float32"))
+    one = store.Store(str(tmp_path / name))
+    assert one.sites == [name] and one.num_tokens == many.num_tokens
+    for i in range(len(many.shards)):
+      for a, b in zip(one.tokens(i), many.tokens(i)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(many.rows(everything, site=name),
+                                  one.rows(everything, site=name))

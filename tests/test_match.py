@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -196,6 +197,15 @@ def test_run_directory_multi_seed_statistics(tmp_path):
   curve = seeds["fraction_only_base"]
   assert [c["num_saes"] for c in curve] == [1, 2, 3, 4]
   assert curve[-1]["mean"] == pytest.approx((N - 50) / N) and curve[-1]["std"] == 0
+  # Counted by hand: with m SAEs compared (seed 0 and every subset of m - 1 others, all of them
+  # enumerated since 50 subsets is more than there are), seed 0's latents found in none of the
+  # others are all but the largest of the nested shared sets, core[: 60 - 10 min(subset)].
+  for c in curve[1:]:
+    subsets = list(itertools.combinations([1, 2, 3], c["num_saes"] - 1))
+    by_hand = [(N - (60 - 10 * min(sub))) / N for sub in subsets]
+    assert c["num_subsets"] == len(subsets)
+    assert c["mean"] == pytest.approx(np.mean(by_hand))
+    assert c["std"] == pytest.approx(np.std(by_hand))
   assert all(c1["mean"] >= c2["mean"] for c1, c2 in zip(curve, curve[1:]))
   fr = [p["fraction_shared"] for p in res["pairs"]]
   assert res["fraction_shared_std"] == pytest.approx(np.std(fr))
