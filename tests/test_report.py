@@ -193,8 +193,8 @@ def test_report_importance_and_unequal_widths(tmp_path):
   inputs = [tm.write(tmp_path / "small", small), tm.write(tmp_path / "wide", wide)]
   match.run(match.MatchConfig(inputs=tuple(inputs), out=str(tmp_path / "m"),
                               store=str(tmp_path / "store"), freq_tokens=640, freq_batch=128))
-  data = report.run(report.ReportConfig(inputs=(str(tmp_path / "m"),), out=str(tmp_path / "r"),
-                                        orphan_min_frequency=0.0))
+  report.run(report.ReportConfig(inputs=(str(tmp_path / "m"),), out=str(tmp_path / "r"),
+                                 orphan_min_frequency=0.0))
   for name in PLOTS + ("report.json", "report.html"):
     assert (tmp_path / "r" / name).stat().st_size > 0, name
   saved = json.loads((tmp_path / "r" / "report.json").read_text())
