@@ -216,11 +216,8 @@ def series(summary: dict) -> dict:
   `bijections_agree` (its fraction_agree: both bijections send a latent to the same partner,
   no threshold; not the `agree` rule, which also asks both cosines >= the threshold) and the
   decoder and encoder PW-MCC."""
-  out = {}
-  for name, key in zip(SERIES, ("fraction_agree", "decoder_mcc", "encoder_mcc")):
-    v = [p[key] for p in summary["pairs"] if key in p]
-    out[name] = {"mean": float(np.mean(v)), "std": float(np.std(v))} if v else None
-  return out
+  return {name: oq.mcc(summary, key)
+          for name, key in zip(SERIES, ("fraction_agree", "decoder_mcc", "encoder_mcc"))}
 
 
 def point(summary: dict, rule: str) -> dict:
