@@ -163,7 +163,7 @@ def study(root: str, model_spec: str, max_words: int, trained, matched, store: s
     fa = [s["mean_full_absorption"] for s in seeds if s["mean_full_absorption"] is not None]
     points.append({
         "site": name, "module": site, "sweep": sweep, **train, "run": run_dir,
-        "shared": oq.rule_point(summary, "both_above"), "decoder_mcc": oq.mcc(summary),
+        "shared": oq.rule_point(summary, "both_above"), **oq.series(summary),
         "absorption_fraction": {"mean": float(np.mean(af)) if af else None,
                                 "std": float(np.std(af)) if af else None},
         "full_absorption": {"mean": float(np.mean(fa)) if fa else None,

@@ -162,7 +162,7 @@ def orphan_kinds(match_dir: str, truth_dir: str, rule: str = "both_above") -> di
 
 def point_result(pt: dict, summary: dict, run_dir: str, match_dir: str, truth_dir: str) -> dict:
   return {"sweep": pt["sweep"], "x": pt["x"], "store": pt["store"], "train": pt["train"],
-          "shared": oq.rule_point(summary, "both_above"), "decoder_mcc": oq.mcc(summary),
+          "shared": oq.rule_point(summary, "both_above"), **oq.series(summary),
           "truth": recovery(run_dir, truth_dir),
           "orphans": orphan_kinds(match_dir, truth_dir), "run": run_dir}
 

@@ -147,6 +147,18 @@ def mcc(summary: dict, key: str = "decoder_mcc") -> dict | None:
   return {"mean": float(np.mean(v)), "std": float(np.std(v))} if v else None
 
 
+SERIES = ("bijections_agree", "decoder_mcc", "encoder_mcc")  # drawn beside every shared fraction
+
+
+def series(summary: dict) -> dict:
+  """Mean and std over pairs of the threshold-free views of each pair, as match.json has them:
+  `bijections_agree` (its fraction_agree: both bijections send a latent to the same partner,
+  no threshold; not the `agree` rule, which also asks both cosines >= the threshold) and the
+  decoder and encoder PW-MCC."""
+  return {name: mcc(summary, key)
+          for name, key in zip(SERIES, ("fraction_agree", "decoder_mcc", "encoder_mcc"))}
+
+
 def rule_point(summary: dict, rule: str) -> dict:
   v = [p["rules"][rule]["fraction_shared"] for p in summary["pairs"]]
   return {"mean": float(np.mean(v)), "std": float(np.std(v)), "pairs": len(v)}

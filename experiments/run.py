@@ -161,7 +161,7 @@ PAPER_LAYERS = {
 PAPER_SITES = {"SmolLM-135M": {"resid": 0.557, "mlp": 0.716},
                "GPT-2": {"resid": 0.622, "mlp": 0.742},
                "Pythia-160M": {"resid": 0.632, "mlp": 0.548}}
-SERIES = ("bijections_agree", "decoder_mcc", "encoder_mcc")  # drawn beside every shared fraction
+SERIES = oq.SERIES
 
 
 def store_dir() -> str:
@@ -211,19 +211,10 @@ def matched(run_dir: str, out: str, **kwargs) -> dict:
     return json.load(f)
 
 
-def series(summary: dict) -> dict:
-  """Mean and std over pairs of the threshold-free views of each pair, as match.json has them:
-  `bijections_agree` (its fraction_agree: both bijections send a latent to the same partner,
-  no threshold; not the `agree` rule, which also asks both cosines >= the threshold) and the
-  decoder and encoder PW-MCC."""
-  return {name: oq.mcc(summary, key)
-          for name, key in zip(SERIES, ("fraction_agree", "decoder_mcc", "encoder_mcc"))}
-
-
 def point(summary: dict, rule: str) -> dict:
   r = summary["rules"][rule]
   return {"mean": r["mean"], "std": r["std"], "pairs": len(summary["pairs"]),
-          **series(summary)}
+          **oq.series(summary)}
 
 
 def sweep(store: str) -> list[dict]:
@@ -365,13 +356,13 @@ def study_census(store: str, png: str) -> dict:
           for r in res["both_above"]["found_in"]]
   # The only-in-the-base curve is match.json's own (seed 0 as the base, random subsets of the
   # others), so it is what `jaxsae match` reports for the same run.
-  return {"rows": rows, "census": res, "paper": oq.PAPER_CENSUS, **series(summary),
+  return {"rows": rows, "census": res, "paper": oq.PAPER_CENSUS, **oq.series(summary),
           "only_base": summary["seeds"]["fraction_only_base"],
           "seeds_from_seed0": summary["seeds"]}
 
 
 def _trajectory_point(summary: dict, tokens: int) -> dict:
-  return {"tokens": tokens, "shared": oq.rule_point(summary, "both_above"), **series(summary)}
+  return {"tokens": tokens, "shared": oq.rule_point(summary, "both_above"), **oq.series(summary)}
 
 
 def study_trajectory(store: str, png: str) -> dict:
@@ -423,7 +414,7 @@ def _arch_row(store: str, arch: str, l0: int) -> dict:
   _, _, freqs = oq.load_match(run_dir + "-match")
   return {"arch": arch, "l0_target": l0, "l0": oq.l0s(freqs),
           "both_above": oq.rule_point(summary, "both_above"),
-          "decoder": oq.rule_point(summary, "decoder"), **series(summary),
+          "decoder": oq.rule_point(summary, "decoder"), **oq.series(summary),
           "match": run_dir + "-match"}
 
 
@@ -495,7 +486,7 @@ def study_consensus(store: str, png: str) -> dict:
                     "k": r["k"], "l0": r["l0"]} for r in rows],
           "consensus": rows, "importance": importance, "drift": drifts, "trained_m": m,
           "trained_tokens": further["num_tokens"], "seeds": seeds,
-          "stability": summary["stability"]}
+          "stability": summary["stability"], **oq.series(summary)}
 
 
 def depth_store() -> tuple[str, dict[str, list[str]]]:
@@ -520,7 +511,7 @@ def depth_rows(kinds) -> tuple[str, list[dict]]:
       run_dir = trained("layers", f"{kind}{ds.layer_of(site)}", store, site=site)
       summary = matched(run_dir, run_dir + "-match")
       rows.append(ds.row(kind, site, last, oq.rule_point(summary, "both_above"),
-                         oq.rule_point(summary, "decoder"), series(summary)))
+                         oq.rule_point(summary, "decoder"), oq.series(summary)))
   return store, rows
 
 
