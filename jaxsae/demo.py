@@ -40,13 +40,14 @@ class DemoConfig:
   num_seeds: int = field(4, "SAE seeds trained at once.")
   num_latents: int = field(1024, "Latents per SAE.")
   k: int = field(32, "Active latents per token (TopK).")
-  train_tokens: int = field(1_048_576, "Training tokens per seed (the store is reused in "
-                            "reshuffled epochs).")
-  batch_size: int = field(256, "Tokens per training batch.")
-  lr: float = field(4e-3, "Adam learning rate. The paper's recipe (2e-4 / sqrt(n / 2^14), "
-                    "batches of 16,384) is for billions of tokens; in a million, its SAEs barely "
-                    "leave their random initialisation and share almost nothing (0.000 at 2,048 "
-                    "latents here), so the demo takes more, smaller steps at a higher rate.")
+  train_tokens: int = field(4_194_304, "Training tokens per seed (the store is reused in "
+                            "reshuffled epochs: 16 passes over the default store).")
+  batch_size: int = field(1024, "Tokens per training batch.")
+  lr: float = field(8e-3, "Adam learning rate. The paper's recipe (2e-4 / sqrt(n / 2^14), "
+                    "batches of 16,384) is for billions of tokens; in a few million, its SAEs "
+                    "barely leave their random initialisation and share almost nothing (0.000 "
+                    "at 2,048 latents here), so the demo takes more, smaller steps at a higher "
+                    "rate (experiments/README.md, 'The demo's recipe', for how it was chosen).")
   lr_warmup_steps: int = field(50, "Learning-rate warmup steps (the paper's 1,000 is for runs of "
                                "hundreds of thousands of steps).")
   threshold: float = field(0.7, "Cosine threshold for a shared latent.")
