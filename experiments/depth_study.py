@@ -55,6 +55,21 @@ def row(kind: str, site: str, last_layer: int, shared: dict, decoder: dict,
           "both_above": shared, "decoder": decoder, **series}
 
 
+def outliers(x: np.ndarray) -> dict:
+  """How much a few rows and one dimension dominate a site's activations (rows x d_in): the
+  largest dimension's share of the centred variance, and the fraction of rows whose norm is
+  over 5x the median. A residual stream with massive activations (SmolLM2's from layer 12 on:
+  each window's first token, ~100x the others' norm along one dimension) puts nearly all of an
+  FVU loss's weight on reconstructing those rows along it."""
+  x = np.asarray(x, np.float64)
+  var = ((x - x.mean(0)) ** 2).sum(0)
+  norms = np.linalg.norm(x, axis=1)
+  median = float(np.median(norms))
+  return {"top_dim_variance": float(var.max() / var.sum()) if var.sum() else 0.0,
+          "massive_rows": float((norms > 5 * median).mean()),
+          "max_norm_over_median": float(norms.max() / median) if median else float("inf")}
+
+
 def _plt():
   import matplotlib
   matplotlib.use("Agg")
@@ -126,6 +141,9 @@ def plot_sites(rows: list[dict], paper: dict, label: str, path: str) -> None:
           label=f"{kind}: decoder")
     _line(axes[2], by[kind], "encoder_mcc", fmt="^" + style, color="C1",
           label=f"{kind}: encoder")
+  _line(axes[1], [{**r, "outlier": {"mean": r["outliers"]["top_dim_variance"], "std": 0.0}}
+                  for r in by["resid"] if "outliers" in r], "outlier", fmt="x:", color="0.3",
+        label="resid: top dimension's share of variance")
   _axis(axes[1], "fraction of latents")
   _axis(axes[2], "mean matched cosine (PW-MCC)")
   fig.tight_layout()

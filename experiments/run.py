@@ -530,6 +530,11 @@ def study_layers(_, png: str) -> dict:
 
 def study_sites(_, png: str) -> dict:
   store, rows = depth_rows(ds.KINDS)
+  from jaxsae import store as store_lib
+  st = store_lib.Store(store)
+  sample = np.arange(0, st.num_tokens, max(st.num_tokens // 32_768, 1))
+  for r in rows:  # what each site's activations look like, beside how it shares
+    r["outliers"] = ds.outliers(st.rows(sample, site=r["site"]))
   ds.plot_sites(rows, PAPER_SITES, _depth_label(), png)
   # The headline is the paper's rule for this comparison: decoder-only.
   return {"rows": [{**r, "x": f"{r['kind']}@{r['layer']}", "mean": r["decoder"]["mean"],

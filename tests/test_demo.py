@@ -180,6 +180,7 @@ def test_layers_and_sites_studies_on_one_multi_site_store(tiny_model_dir, text_d
   assert os.path.getmtime(os.path.join(out, "layers", "mlp0", "seed0")) == trained_mlp
   for r in res["rows"]:
     assert r["mean"] == r["decoder"]["mean"] and r["pairs"] == 3
+    assert 0 < r["outliers"]["top_dim_variance"] <= 1
 
   # The driver's series against a fresh `jaxsae match` of the same run.
   run_dir = os.path.join(out, "layers", "resid2")

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 
+import depth_study as ds  # noqa: E402
 import open_questions as oq  # noqa: E402
 
 
@@ -98,3 +99,17 @@ def test_nested_groups_by_index_and_by_frequency():
 def test_l0_is_the_sum_of_firing_frequencies():
   assert oq.l0s(np.array([[0.5, 0.25], [1.0, 1.0]])) == [0.75, 2.0]
   assert oq.l0s(None) is None
+
+
+def test_outliers_finds_the_rows_and_the_dimension_that_dominate():
+  """One row in a hundred 300 units out along dimension 3, as a residual stream's first token
+  of each window is: that dimension holds nearly all the variance, and those rows are counted."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(10_000, 16))
+  x[::100, 3] += 300.0
+  got = ds.outliers(x)
+  assert got["top_dim_variance"] > 0.95
+  assert got["massive_rows"] == pytest.approx(0.01)
+  assert got["max_norm_over_median"] > 20
+  plain = ds.outliers(rng.normal(size=(10_000, 16)))
+  assert plain["top_dim_variance"] < 0.1 and plain["massive_rows"] == 0.0
