@@ -50,6 +50,7 @@ from jaxsae import consensus  # noqa: E402
 from jaxsae import extract  # noqa: E402
 from jaxsae import match  # noqa: E402
 from jaxsae import saes  # noqa: E402
+from jaxsae import store as store_lib  # noqa: E402
 from jaxsae import train  # noqa: E402
 from jaxsae.sae import ARCHITECTURES  # noqa: E402
 
@@ -161,7 +162,6 @@ PAPER_LAYERS = {
 PAPER_SITES = {"SmolLM-135M": {"resid": 0.557, "mlp": 0.716},
                "GPT-2": {"resid": 0.622, "mlp": 0.742},
                "Pythia-160M": {"resid": 0.632, "mlp": 0.548}}
-SERIES = oq.SERIES
 
 
 def store_dir() -> str:
@@ -397,7 +397,7 @@ def study_init_vs_data(store: str, png: str) -> dict:
   kinds = oq.pair_kinds(summary)
   oq.plot_kinds(kinds, png)
   rows = [{"x": k, "mean": v["both_above"]["mean"], "std": v["both_above"]["std"],
-           "pairs": v["pairs"], **{s: v[s] for s in SERIES}} for k, v in kinds.items()]
+           "pairs": v["pairs"], **{s: v[s] for s in oq.SERIES}} for k, v in kinds.items()]
   return {"rows": rows, "kinds": kinds, "grid": g}
 
 
@@ -422,7 +422,7 @@ def study_arch_l0(store: str, png: str) -> dict:
   rows = [_arch_row(store, a, int(l0)) for l0 in _L0S.value for a in _L0_ARCHS.value]
   oq.plot_arch_l0(rows, png)
   return {"rows": [{"x": f"{r['arch']}@{r['l0_target']}", "mean": r["both_above"]["mean"],
-                    "std": r["both_above"]["std"], **{s: r[s] for s in SERIES}}
+                    "std": r["both_above"]["std"], **{s: r[s] for s in oq.SERIES}}
                    for r in rows], "points": rows}
 
 
@@ -439,7 +439,7 @@ def study_matryoshka(store: str, png: str) -> dict:
                                                         freqs=fr)
   oq.plot_nested(overall, groups, png)
   return {"rows": [{"x": r["arch"], "mean": r["both_above"]["mean"],
-                    "std": r["both_above"]["std"], **{s: r[s] for s in SERIES}}
+                    "std": r["both_above"]["std"], **{s: r[s] for s in oq.SERIES}}
                    for r in overall],
           "overall": overall, "groups": groups, "bounds": bounds}
 
@@ -453,7 +453,6 @@ def study_consensus(store: str, png: str) -> dict:
   m_dir = os.path.join(out, "match")
   # The match measures (k's frequencies, importance) all but the store's last
   # --consensus_eval_tokens tokens, which the FVU and L0 are then measured on.
-  from jaxsae import store as store_lib
   sample = store_lib.Store(store).num_tokens - _CONSENSUS_EVAL.value
   summary = matched(seeds, m_dir, freq_tokens=sample, scan_tokens=0)  # no contexts needed
   s_total = len(summary["saes"])
@@ -492,7 +491,6 @@ def study_consensus(store: str, png: str) -> dict:
 def depth_store() -> tuple[str, dict[str, list[str]]]:
   """OUT/layers/store: the MLP output and residual stream of every --layers layer, written
   once by one extraction (the forward stops after the deepest), shared by both studies."""
-  from jaxsae import store as store_lib
   path = os.path.join(_OUT.value, "layers", "store")
   if not os.path.exists(os.path.join(path, "manifest.json")):  # written once it is complete
     extract.run(extract.ExtractConfig(model=_MODEL.value, dataset=_DATASET.value,
@@ -530,7 +528,6 @@ def study_layers(_, png: str) -> dict:
 
 def study_sites(_, png: str) -> dict:
   store, rows = depth_rows(ds.KINDS)
-  from jaxsae import store as store_lib
   st = store_lib.Store(store)
   sample = np.arange(0, st.num_tokens, max(st.num_tokens // 32_768, 1))
   for r in rows:  # what each site's activations look like, beside how it shares
