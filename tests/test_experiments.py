@@ -113,3 +113,29 @@ def test_outliers_finds_the_rows_and_the_dimension_that_dominate():
   assert got["max_norm_over_median"] > 20
   plain = ds.outliers(rng.normal(size=(10_000, 16)))
   assert plain["top_dim_variance"] < 0.1 and plain["massive_rows"] == 0.0
+
+
+def test_drop_massive_rows_keeps_all_but_each_windows_first_row(tiny_model_dir, text_dir,
+                                                                tmp_path):
+  import drop_massive_rows as dm
+  from jaxsae import extract
+  from jaxsae import store as store_lib
+  extract.run(extract.ExtractConfig(model=tiny_model_dir, dataset=text_dir,
+                                    sites=("model.layers.1",), num_tokens=2048, ctx_len=64,
+                                    dtype="float32", out=str(tmp_path / "s"), shard_tokens=512,
+                                    batch_size=4))
+  st = store_lib.Store(str(tmp_path / "s"))
+  rows, ids = dm.kept_rows(st)
+  windows = set()
+  for i in range(len(st.shards)):
+    w_ids, pos = st.tokens(i)
+    windows |= {(i, int(w)) for w in pos // w_ids.shape[1]}
+  assert len(rows) == st.num_tokens - len(windows)  # one row less per window with rows
+  for i in range(len(st.shards)):  # no kept row is its window's first, every other one is kept
+    w_ids, pos = st.tokens(i)
+    local = rows[(rows >= st.offsets[i]) & (rows < st.offsets[i] + len(pos))] - st.offsets[i]
+    window = pos // w_ids.shape[1]
+    firsts = np.r_[0, np.flatnonzero(window[1:] != window[:-1]) + 1]
+    assert set(local.tolist()) == set(range(len(pos))) - set(firsts.tolist())
+    assert (ids[np.searchsorted(rows, local + st.offsets[i])] ==
+            w_ids.reshape(-1)[pos[local]]).all()
