@@ -17,6 +17,7 @@ import numpy as np
 KINDS = ("mlp", "resid")
 RULE_LAYERS = "both_above"  # the paper's layer figure: shared fraction at 0.7
 RULE_SITES = "decoder"  # its residual-vs-MLP table: the decoder-only rule
+MASSIVE = 5.0  # a row whose norm is over this x the median counts as massive
 
 
 def site_requests(layers) -> list[str]:
@@ -58,15 +59,15 @@ def row(kind: str, site: str, last_layer: int, shared: dict, decoder: dict,
 def outliers(x: np.ndarray) -> dict:
   """How much a few rows and one dimension dominate a site's activations (rows x d_in): the
   largest dimension's share of the centred variance, and the fraction of rows whose norm is
-  over 5x the median. A residual stream with massive activations (SmolLM2's from layer 12 on:
-  each window's first token, ~100x the others' norm along one dimension) puts nearly all of an
-  FVU loss's weight on reconstructing those rows along it."""
+  over MASSIVE x the median. A residual stream with massive activations (SmolLM2's from layer
+  12 on: each window's first token, ~100x the others' norm along one dimension) puts nearly
+  all of an FVU loss's weight on reconstructing those rows along it."""
   x = np.asarray(x, np.float64)
   var = ((x - x.mean(0)) ** 2).sum(0)
   norms = np.linalg.norm(x, axis=1)
   median = float(np.median(norms))
   return {"top_dim_variance": float(var.max() / var.sum()) if var.sum() else 0.0,
-          "massive_rows": float((norms > 5 * median).mean()),
+          "massive_rows": float((norms > MASSIVE * median).mean()),
           "max_norm_over_median": float(norms.max() / median) if median else float("inf")}
 
 

@@ -29,7 +29,8 @@ import depth_study as ds  # noqa: E402  (beside this file)
 _STORE = flags.DEFINE_string("store", None, "Store to read.", required=True)
 _SITE = flags.DEFINE_string("site", None, "Site to keep.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Directory of the new store.", required=True)
-_OVER = flags.DEFINE_float("over", 5.0, "Also drop rows whose norm is over this x the median.")
+_OVER = flags.DEFINE_float("over", ds.MASSIVE, "Also drop rows whose norm is over this x the "
+                           "median; default what the sites study counts as massive.")
 
 
 def kept_rows(st: store_lib.Store) -> tuple[np.ndarray, np.ndarray]:
