@@ -318,6 +318,22 @@ def _special_ids(tokenizer) -> list[int]:
 # The job.
 
 
+# The cpuinfo flags under which oneDNN runs a model_dtype's matmuls natively.
+_NATIVE_FLAGS = {"bfloat16": ("avx512_bf16", "amx_bf16"), "float16": ("avx512_fp16", "amx_fp16")}
+
+
+def cpu_lacks_half_matmul(model_dtype: str, cpuinfo: str = "/proc/cpuinfo") -> str | None:
+  """The flags this CPU lacks to run `model_dtype` matmuls natively, or None when it has one
+  of them or cannot say (no /proc/cpuinfo: not Linux)."""
+  try:
+    with open(cpuinfo) as f:
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    return None
+  wanted = _NATIVE_FLAGS[model_dtype]
+  return None if set(wanted) & set(flags) else " or ".join(wanted)
+
+
 def _parse_range(text: str, num_shards: int) -> range:
   if not text:
     return range(num_shards)
@@ -355,6 +371,12 @@ def run(cfg: ExtractConfig) -> dict | None:
     raise JaxsaeError(f"--device={cfg.device} is not a torch device; use auto, cpu, cuda or "
                       "cuda:N")
 
+  if device == "cpu" and cfg.model_dtype != "float32":
+    missing = cpu_lacks_half_matmul(cfg.model_dtype)
+    if missing:
+      print(f"warning: --model_dtype={cfg.model_dtype} on a CPU without {missing}: torch "
+            "emulates its matmuls, 7.8x slower than float32 on one such CPU (BENCHMARKS.md); "
+            "float32 is the faster choice here", flush=True)
   source = model_source(cfg.model, cfg.revision)
   t0 = time.time()
   print(f"loading {source['id']} ...", flush=True)

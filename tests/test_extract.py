@@ -311,3 +311,14 @@ def test_multi_site_store_equals_single_site_stores_row_for_row(tiny_model_dir, 
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(many.rows(everything, site=name),
                                   one.rows(everything, site=name))
+
+
+def test_half_precision_warning_reads_the_cpus_flags(tmp_path):
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n\nprocessor\t: 1\n")
+  assert extract.cpu_lacks_half_matmul("bfloat16", str(info)) == "avx512_bf16 or amx_bf16"
+  assert extract.cpu_lacks_half_matmul("float16", str(info)) == "avx512_fp16 or amx_fp16"
+  info.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+  assert extract.cpu_lacks_half_matmul("bfloat16", str(info)) is None
+  assert extract.cpu_lacks_half_matmul("float16", str(info)) == "avx512_fp16 or amx_fp16"
+  assert extract.cpu_lacks_half_matmul("bfloat16", str(tmp_path / "absent")) is None
