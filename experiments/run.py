@@ -130,6 +130,11 @@ _LAYERS = flags.DEFINE_list("layers", ["0", "4", "8", "12", "15", "20", "25", "-
 _DEPTH_TOKENS = flags.DEFINE_integer("depth_extract_tokens", None, "Tokens of the layers and "
                                      "sites studies' store (2 sites per layer); default "
                                      "--extract_tokens.")
+_BESIDE = flags.DEFINE_multi_string("beside", [], "LABEL=PATH: draw the rows of another "
+                                    "results.json of the same study beside this one's (e.g. the "
+                                    "same lengths on another store); repeatable.")
+_LABEL = flags.DEFINE_string("label", "", "What tells this run's curve apart from --beside's "
+                             "(e.g. '4M-token store'), added to its legend entry.")
 _ARCH_TOKENS = flags.DEFINE_integer("arch_tokens", None, "Training tokens per seed of the "
                                     "arch_l0 and matryoshka studies; default --num_tokens.")
 
@@ -272,6 +277,25 @@ def per_latent_curve(match_dir: str, summary: dict, study: str) -> list[dict]:
            "pairs": len(curves)} for i, x in enumerate(xs)]
 
 
+def beside(study: str) -> list[tuple[str, list[dict]]]:
+  """(label, rows) of each --beside results.json, refused unless it holds `study`."""
+  out = []
+  for spec in _BESIDE.value:
+    label, sep, path = spec.partition("=")
+    if not sep or not label or not path:
+      raise app.UsageError(f"--beside={spec!r}: expected LABEL=PATH/results.json")
+    try:
+      with open(path) as f:
+        res = json.load(f)
+    except (OSError, ValueError) as e:
+      raise app.UsageError(f"--beside={spec!r}: cannot read {path}: {e}")
+    if res.get("study") != study:
+      raise app.UsageError(f"--beside={spec!r}: {path} holds the {res.get('study')!r} study, "
+                           f"not {study!r}")
+    out.append((label, [r for r in res["rows"] if r["mean"] is not None]))
+  return out
+
+
 def plot(rows: list[dict], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -288,7 +312,8 @@ def plot(rows: list[dict], path: str) -> None:
   label = {"size": "latents", "k": "k", "arch": "architecture", "length": "training tokens",
            "frequency": "firing frequency", "threshold": "cosine threshold"}[study]
   rule = ref.get("rule", "both_above")
-  ours = f"jaxsae ({_MODEL.value}, {_SEEDS.value} seeds)"
+  ours = f"jaxsae ({_MODEL.value}, {_SEEDS.value} seeds{', ' * bool(_LABEL.value)}{_LABEL.value})"
+  others = beside(study)
   draws = [[("mean", "std", ours, "y", None)]]
   if panels == 3:
     draws += [[("bijections_agree", None, ours, "bijections_agree", None)],
@@ -305,6 +330,12 @@ def plot(rows: list[dict], path: str) -> None:
         y, err = [g["mean"] for g in got], [g["std"] for g in got]
       ax.errorbar(xs, y, yerr=err, marker="o", capsize=4, color=color,
                   linestyle="none" if categorical else "-", label=name)
+      for i, (other, other_rows) in enumerate(others):
+        got = [r[key] if std else (r.get(key) or {"mean": np.nan}).get("mean")
+               for r in other_rows]
+        ox = list(range(len(other_rows))) if categorical else [r["x"] for r in other_rows]
+        ax.plot(ox, got, "^:", color=color or f"C{i + 2}", alpha=0.7,
+                label=f"{other}, {name}" if color else other)
       paper_y = ref.get(paper_key)
       if not paper_y:
         continue
@@ -574,6 +605,7 @@ def main(_):
   store = None if _STUDY.value in OWN_STORES else store_dir()
   if _STUDY.value in OPEN:
     return main_open(store)
+  beside(_STUDY.value)  # a bad --beside fails before the runs, not after them
   rows = sweep(store)
   out = os.path.join(_OUT.value, _STUDY.value)
   os.makedirs(out, exist_ok=True)
@@ -582,7 +614,8 @@ def main(_):
                                           _NUM_LATENTS, _K, _SEEDS, _TOKENS, _BATCH, _WARMUP,
                                           _LR)}
     json.dump({"study": _STUDY.value, "rows": rows, "paper": PAPER.get(_STUDY.value),
-               "store": store, "settings": settings}, f, indent=1)
+               "store": store, "settings": settings, "label": _LABEL.value,
+               "beside": _BESIDE.value}, f, indent=1)
   plot(rows, os.path.join(out, f"{_STUDY.value}.png"))
   for r in rows:
     print(f"{r['x']!s:>12}  {r['mean'] if r['mean'] is None else round(r['mean'], 3)!s:>6} "

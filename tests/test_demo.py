@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -119,6 +120,21 @@ def test_experiment_sweep_and_figures(planted_store, tmp_path):
     with open(os.path.join(out, "size", f"num_latents{size}-match", "match.json")) as f:
       for key, value in _series_of(json.load(f)).items():
         assert r[key]["mean"] == pytest.approx(value, abs=1e-12), (size, key)
+
+  # Another results.json of the study drawn beside this one's (the runs are reused, not
+  # retrained); one of another study is refused before anything trains.
+  first = str(tmp_path / "size-first.json")
+  shutil.copy(os.path.join(out, "size", "results.json"), first)
+  res = run_study("size", planted_store, out, "--sizes=24,96", f"--beside=first={first}",
+                  "--label=again")
+  assert res["beside"] == [f"first={first}"] and res["label"] == "again"
+  assert [r["mean"] for r in res["rows"]] == [rows[24]["mean"], rows[96]["mean"]]
+  proc = subprocess.run([sys.executable, "experiments/run.py", "--study=threshold",
+                         f"--store={planted_store}", f"--out={tmp_path / 'refused'}",
+                         f"--beside=size={first}"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode != 0 and "holds the 'size' study, not 'threshold'" in proc.stderr
+  assert not os.path.exists(tmp_path / "refused" / "threshold")
 
   res = run_study("threshold", planted_store, out)
   means = [r["mean"] for r in res["rows"]]
