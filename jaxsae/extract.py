@@ -71,6 +71,9 @@ class ExtractConfig:
   shard_range: str = field("", "Write only shards A:B (0-based, B exclusive) so independent "
                            "workers can split a store; empty for all.")
   keep_special_tokens: bool = field(False, "Store BOS/EOS/pad positions too (left out by default).")
+  skip_first: int = field(0, "Also leave out each window's first N positions: many models' "
+                          "residual stream carries massive activations at a window's first "
+                          "token, whatever it is (the attention sink; experiments/README.md).")
   device: str = field("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
   model_dtype: str = field("float32", "torch dtype the model runs in: float32, bfloat16 or "
                            "float16. bfloat16 is faster on a CPU with AMX but its rows are ~2% "
@@ -358,6 +361,9 @@ def run(cfg: ExtractConfig) -> dict | None:
   if cfg.ctx_len < 2 or cfg.num_tokens < cfg.ctx_len:
     raise JaxsaeError(f"--num_tokens={cfg.num_tokens} must be at least one window "
                       f"(--ctx_len={cfg.ctx_len} >= 2)")
+  if not 0 <= cfg.skip_first < cfg.ctx_len:
+    raise JaxsaeError(f"--skip_first={cfg.skip_first}: must be 0 to --ctx_len - 1 "
+                      f"({cfg.ctx_len - 1})")
   wps = cfg.shard_tokens // cfg.ctx_len
   if wps < 1:
     raise JaxsaeError(f"--shard_tokens={cfg.shard_tokens} is below one window "
@@ -402,6 +408,8 @@ def run(cfg: ExtractConfig) -> dict | None:
       "excluded_token_strings": tokenizer.convert_ids_to_tokens(excluded),
       "model_dtype": cfg.model_dtype, "extractor": "jaxsae.extract",
   }
+  if cfg.skip_first:  # only when set, so stores made before the flag still resume
+    spec["skip_first"] = cfg.skip_first
   store_writer.init_store(cfg.out, spec)
   todo = [i for i in _parse_range(cfg.shard_range, num_shards)
           if i not in store.written_shards(cfg.out)]
@@ -475,7 +483,9 @@ def extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, dev
         model_seconds += time.perf_counter() - t
         bar.update(x.numel())
       acts = np.concatenate(acts)  # [windows, ctx_len, n_sites, d_in]
-      keep = ~np.isin(ids, excluded).reshape(-1)
+      keep = ~np.isin(ids, excluded)
+      keep[:, :cfg.skip_first] = False
+      keep = keep.reshape(-1)
       pos = np.nonzero(keep)[0].astype(np.int32)
       rows = acts.reshape(-1, *acts.shape[2:])[pos]  # float32: write_shard quantizes to cfg.dtype
       _wait(pending, cfg.out)

@@ -322,3 +322,30 @@ def test_half_precision_warning_reads_the_cpus_flags(tmp_path):
   assert extract.cpu_lacks_half_matmul("bfloat16", str(info)) is None
   assert extract.cpu_lacks_half_matmul("float16", str(info)) == "avx512_fp16 or amx_fp16"
   assert extract.cpu_lacks_half_matmul("bfloat16", str(tmp_path / "absent")) is None
+
+
+def test_skip_first_leaves_out_each_windows_first_positions_only(tiny_model_dir, text_dir,
+                                                                 tmp_path):
+  """--skip_first=2 stores exactly the default store's rows at window positions >= 2, with
+  their token ids and positions; it is part of the store's identity, and bounded by the
+  window."""
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "all", dtype="float32"))
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "skip", dtype="float32", skip_first=2))
+  full, skip = store.Store(str(tmp_path / "all")), store.Store(str(tmp_path / "skip"))
+  assert skip.manifest["skip_first"] == 2 and "skip_first" not in full.manifest
+  kept = []
+  for i in range(len(full.shards)):
+    ids, pos = full.tokens(i)
+    keep = pos % ids.shape[1] >= 2
+    assert keep.mean() < 1
+    s_ids, s_pos = skip.tokens(i)
+    np.testing.assert_array_equal(s_ids, ids)
+    np.testing.assert_array_equal(s_pos, pos[keep])
+    kept.append(full.offsets[i] + np.flatnonzero(keep))
+  kept = np.concatenate(kept)
+  assert skip.num_tokens == len(kept)
+  np.testing.assert_array_equal(skip.rows(np.arange(skip.num_tokens)), full.rows(kept))
+  with pytest.raises(JaxsaeError, match="holds a different store"):
+    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "skip", dtype="float32"))
+  with pytest.raises(JaxsaeError, match="--skip_first=64"):
+    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "bad", skip_first=64))
