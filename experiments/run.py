@@ -317,8 +317,8 @@ def plot(rows: list[dict], path: str) -> None:
   draws = [[("mean", "std", ours, "y", None)]]
   if panels == 3:
     draws += [[("bijections_agree", None, ours, "bijections_agree", None)],
-              [("decoder_mcc", None, "decoder", "decoder_mcc", "C0"),
-               ("encoder_mcc", None, "encoder", "encoder_mcc", "C1")]]
+              [(f"{side}_mcc", None, f"{_LABEL.value}, {side}".lstrip(", "), f"{side}_mcc",
+                f"C{i}") for i, side in enumerate(("decoder", "encoder"))]]
   ylabels = [f"fraction shared ({rule})", "fraction whose bijections agree (no threshold)",
              "mean matched cosine (PW-MCC)"]
   for ax, draw, ylabel in zip(axes[0], draws, ylabels):
@@ -335,11 +335,11 @@ def plot(rows: list[dict], path: str) -> None:
                for r in other_rows]
         ox = list(range(len(other_rows))) if categorical else [r["x"] for r in other_rows]
         ax.plot(ox, got, "^:", color=color or f"C{i + 2}", alpha=0.7,
-                label=f"{other}, {name}" if color else other)
+                label=f"{other}, {key.split('_')[0]}" if color else other)
       paper_y = ref.get(paper_key)
       if not paper_y:
         continue
-      what = "paper (Pythia-160M)" + (f", {name}" if color else "")
+      what = "paper (Pythia-160M)" + (f", {key.split('_')[0]}" if color else "")
       if categorical:
         on = [(i, paper_y[ref["x"].index(r["x"])]) for i, r in enumerate(rows)
               if r["x"] in ref["x"]]
