@@ -312,13 +312,14 @@ def plot(rows: list[dict], path: str) -> None:
   label = {"size": "latents", "k": "k", "arch": "architecture", "length": "training tokens",
            "frequency": "firing frequency", "threshold": "cosine threshold"}[study]
   rule = ref.get("rule", "both_above")
-  ours = f"jaxsae ({_MODEL.value}, {_SEEDS.value} seeds{', ' * bool(_LABEL.value)}{_LABEL.value})"
+  tag = f"{_LABEL.value}, " if _LABEL.value else ""
+  ours = f"jaxsae ({_MODEL.value}, {tag}{_SEEDS.value} seeds)"
   others = beside(study)
   draws = [[("mean", "std", ours, "y", None)]]
   if panels == 3:
     draws += [[("bijections_agree", None, ours, "bijections_agree", None)],
-              [(f"{side}_mcc", None, f"{_LABEL.value}, {side}".lstrip(", "), f"{side}_mcc",
-                f"C{i}") for i, side in enumerate(("decoder", "encoder"))]]
+              [(f"{side}_mcc", None, tag + side, f"{side}_mcc", f"C{i}")
+               for i, side in enumerate(("decoder", "encoder"))]]
   ylabels = [f"fraction shared ({rule})", "fraction whose bijections agree (no threshold)",
              "mean matched cosine (PW-MCC)"]
   for ax, draw, ylabel in zip(axes[0], draws, ylabels):
