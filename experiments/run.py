@@ -296,7 +296,7 @@ def beside(study: str) -> list[tuple[str, list[dict]]]:
   return out
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, others: list[tuple[str, list[dict]]]) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -314,7 +314,6 @@ def plot(rows: list[dict], path: str) -> None:
   rule = ref.get("rule", "both_above")
   tag = f"{_LABEL.value}, " if _LABEL.value else ""
   ours = f"jaxsae ({_MODEL.value}, {tag}{_SEEDS.value} seeds)"
-  others = beside(study)
   draws = [[("mean", "std", ours, "y", None)]]
   if panels == 3:
     draws += [[("bijections_agree", None, ours, "bijections_agree", None)],
@@ -606,7 +605,7 @@ def main(_):
   store = None if _STUDY.value in OWN_STORES else store_dir()
   if _STUDY.value in OPEN:
     return main_open(store)
-  beside(_STUDY.value)  # a bad --beside fails before the runs, not after them
+  others = beside(_STUDY.value)  # read first: a bad --beside fails before the runs
   rows = sweep(store)
   out = os.path.join(_OUT.value, _STUDY.value)
   os.makedirs(out, exist_ok=True)
@@ -617,7 +616,7 @@ def main(_):
     json.dump({"study": _STUDY.value, "rows": rows, "paper": PAPER.get(_STUDY.value),
                "store": store, "settings": settings, "label": _LABEL.value,
                "beside": _BESIDE.value}, f, indent=1)
-  plot(rows, os.path.join(out, f"{_STUDY.value}.png"))
+  plot(rows, os.path.join(out, f"{_STUDY.value}.png"), others)
   for r in rows:
     print(f"{r['x']!s:>12}  {r['mean'] if r['mean'] is None else round(r['mean'], 3)!s:>6} "
           f"+- {r['std'] if r['std'] is None else round(r['std'], 3)}")

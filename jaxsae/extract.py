@@ -381,7 +381,7 @@ def run(cfg: ExtractConfig) -> dict | None:
     missing = cpu_lacks_half_matmul(cfg.model_dtype)
     if missing:
       print(f"warning: --model_dtype={cfg.model_dtype} on a CPU without {missing}: torch "
-            "emulates its matmuls, 7.8x slower than float32 on one such CPU (BENCHMARKS.md); "
+            "emulates its matmuls, ~8x slower than float32 on one such CPU (BENCHMARKS.md); "
             "float32 is the faster choice here", flush=True)
   source = model_source(cfg.model, cfg.revision)
   t0 = time.time()
