@@ -9,7 +9,8 @@ of the stored rows by default: their norms are outliers an SAE would spend laten
 
 Shard i holds windows [i * W, (i + 1) * W) with W = shard_tokens // ctx_len, so every shard is
 a pure function of the corpus and the flags: a killed run resumes at the first missing shard,
-and workers given disjoint `--shard_range`s fill one store with the same bytes as one worker.
+workers given disjoint `--shard_range`s fill one store with the same bytes as one worker, and
+a longer store takes a shorter one's full shards as they are (`--grow_from`).
 This is the only module that uses PyTorch.
 """
 
@@ -70,6 +71,9 @@ class ExtractConfig:
   shard_tokens: int = field(65536, "Token positions per shard (rounded down to whole windows).")
   shard_range: str = field("", "Write only shards A:B (0-based, B exclusive) so independent "
                            "workers can split a store; empty for all.")
+  grow_from: str = field("", "A store of the same model, sites, corpus and settings with fewer "
+                         "tokens: its full shards are linked (or copied) instead of run through "
+                         "the model again, since a shard is a pure function of those.")
   keep_special_tokens: bool = field(False, "Store BOS/EOS/pad positions too (left out by default).")
   skip_first: int = field(0, "Also leave out each window's first N positions: many models' "
                           "residual stream carries massive activations at a window's first "
@@ -421,15 +425,21 @@ def run(cfg: ExtractConfig) -> dict | None:
     for name in os.listdir(cfg.out):
       if ".tmp-" in name and name.split(".")[0] in mine:
         os.remove(os.path.join(cfg.out, name))
+    run_todo = todo
+    if cfg.grow_from:
+      taken = set(store_writer.adopt_shards(cfg.out, cfg.grow_from, todo))
+      run_todo = [i for i in todo if i not in taken]
+      print(f"--grow_from: {len(taken)} shard(s) taken from {cfg.grow_from}", flush=True)
     print(f"model ready in {time.time() - t0:.0f}s: {len(sites)} site(s) {site_names}, "
           f"d_in={d_in}, forward stops once they are captured; "
-          f"{len(todo)} of {num_shards} shards to write", flush=True)
-    if todo:
+          f"{len(run_todo)} of {num_shards} shards to write", flush=True)
+    if run_todo:
       threads = torch.get_num_threads()
       if cfg.threads:
         torch.set_num_threads(cfg.threads)
       try:
-        stats = extract_shards(cfg, hooked, tokenizer, todo, wps, num_windows, excluded, device)
+        stats = extract_shards(cfg, hooked, tokenizer, run_todo, wps, num_windows, excluded,
+                               device)
       finally:
         torch.set_num_threads(threads)
       print(f"{stats['tokens'] / stats['seconds']:,.0f} tokens/s; "

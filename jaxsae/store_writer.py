@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import time
 from typing import Sequence
@@ -198,6 +199,65 @@ def release_shards(directory: str, indices: Sequence[int]) -> None:
     claim = _read_claim(path)
     if claim and (claim.get("pid"), claim.get("host")) == me:
       os.remove(path)
+
+
+# Spec keys that only say how long a store is. Windows are packed from the corpus in order and
+# shard i holds windows i*W..(i+1)*W-1, so two stores whose specs differ in nothing else hold
+# the same bytes in every shard that is full in both.
+LENGTH_KEYS = ("requested_tokens", "num_windows", "num_shards")
+
+
+def adopt_shards(directory: str, source: str, indices: Sequence[int]) -> list[int]:
+  """Takes shards `indices` from the store at `source` where it holds them whole; returns those.
+
+  The stores' specs must agree in everything but their length (else JaxsaeError names the
+  first keys that differ). A shard is taken only when it is full in both stores, so a shorter
+  last shard on either side is left to be extracted. Files are hard-linked (copied across
+  filesystems) under temporary names and renamed, the ledger entry last, as write_shard does.
+  The caller must hold the claims on `indices`.
+  """
+  if os.path.abspath(source) == os.path.abspath(directory):
+    raise JaxsaeError(f"--grow_from={source} is the store being written")
+  src_spec_path = os.path.join(source, store.SPEC)
+  if not os.path.exists(src_spec_path):
+    raise JaxsaeError(f"--grow_from={source}: not an activation store (no {store.SPEC})")
+  with open(src_spec_path) as f:
+    theirs = json.load(f)
+  with open(os.path.join(directory, store.SPEC)) as f:
+    ours = json.load(f)
+  diff = sorted(k for k in set(theirs) | set(ours)
+                if k not in LENGTH_KEYS and theirs.get(k) != ours.get(k))
+  if diff:
+    details = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diff[:4])
+    raise JaxsaeError(f"--grow_from={source} is another store than this one, not a shorter "
+                      f"one ({details})")
+  wps = ours["windows_per_shard"]
+  whole_here = ours["num_windows"] // wps
+  theirs_done = store.written_shards(source)
+  taken = []
+  for i in indices:
+    entry = theirs_done.get(i)
+    if i >= whole_here or entry is None or entry["num_windows"] != wps:
+      continue
+    for key in ("file", "tokens_file", "scales_file"):
+      if entry.get(key):
+        _link_or_copy(os.path.join(source, entry[key]), os.path.join(directory, entry[key]))
+    files.atomic_write_json(os.path.join(directory, store.shard_name(i) + ".json"), entry)
+    taken.append(i)
+  return taken
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+  tmp = f"{dst}.tmp-{os.getpid()}"
+  try:
+    try:
+      os.link(src, tmp)
+    except OSError:  # another filesystem, or one without hard links
+      shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def finalize(directory: str) -> dict | None:

@@ -211,6 +211,34 @@ def test_worker_split_gives_the_same_store(tiny_model_dir, text_dir, tmp_path):
   assert store.Store(str(tmp_path / "two")).dtype == store.np_dtype("bfloat16")
 
 
+def test_grow_from_takes_the_shorter_stores_full_shards_and_runs_the_rest(
+    tiny_model_dir, text_dir, tmp_path, monkeypatch):
+  """A store grown from a shorter one has the bytes of one extracted whole, and the model ran
+  only over the windows of shards the shorter store lacks or holds short."""
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "whole"))
+  # 18 windows of 64 at 8 per shard: shards 0 and 1 are full, shard 2 holds 2 windows.
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "short", num_tokens=1100))
+  ran = []
+  forward = extract.Hooked.__call__
+  monkeypatch.setattr(extract.Hooked, "__call__",
+                      lambda self, ids: ran.append(ids.shape[0]) or forward(self, ids))
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "grown",
+                   grow_from=str(tmp_path / "short")))
+  assert files(tmp_path / "grown") == files(tmp_path / "whole")
+  assert sum(ran[1:]) == 16  # shards 2 and 3; ran[0] is the width probe
+  # Linked, not copied, on one filesystem: the grown store costs no extra disk for them.
+  assert os.path.samefile(tmp_path / "short" / "shard_00000.bin",
+                          tmp_path / "grown" / "shard_00000.bin")
+  with pytest.raises(JaxsaeError, match="another store than this one.*dtype"):
+    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "other", dtype="bfloat16",
+                     grow_from=str(tmp_path / "short")))
+  with pytest.raises(JaxsaeError, match="not an activation store"):
+    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "none", grow_from=str(tmp_path)))
+  with pytest.raises(JaxsaeError, match="is the store being written"):
+    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "short", num_tokens=1100,
+                     grow_from=str(tmp_path / "short")))
+
+
 def test_threads_flag_sets_torch_threads_for_the_run_only(tiny_model_dir, text_dir, tmp_path,
                                                           monkeypatch):
   seen = []
