@@ -43,9 +43,8 @@ def init_store(directory: str, spec: dict) -> None:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
-    if diff:
-      details = "; ".join(f"{k}: {old.get(k)!r} there, {spec.get(k)!r} now" for k in diff[:4])
+    details = _spec_differences(old, spec, "now")
+    if details:
       raise JaxsaeError(
           f"{directory} holds a different store ({details}); "
           "choose a new --out or delete that directory")
@@ -54,6 +53,12 @@ def init_store(directory: str, spec: dict) -> None:
     raise JaxsaeError(f"{directory} is not empty and is not an activation store; "
                       "choose a new --out")
   files.atomic_write_json(path, spec)
+
+
+def _spec_differences(there: dict, ours: dict, ours_word: str, skip: Sequence[str] = ()) -> str:
+  """The first four keys outside `skip` where two specs differ, with both values; '' if none."""
+  diff = sorted(k for k in set(there) | set(ours) if k not in skip and there.get(k) != ours.get(k))
+  return "; ".join(f"{k}: {there.get(k)!r} there, {ours.get(k)!r} {ours_word}" for k in diff[:4])
 
 
 def write_shard(directory: str, index: int, acts: np.ndarray, ids: np.ndarray,
@@ -225,10 +230,8 @@ def adopt_shards(directory: str, source: str, indices: Sequence[int]) -> list[in
     theirs = json.load(f)
   with open(os.path.join(directory, store.SPEC)) as f:
     ours = json.load(f)
-  diff = sorted(k for k in set(theirs) | set(ours)
-                if k not in LENGTH_KEYS and theirs.get(k) != ours.get(k))
-  if diff:
-    details = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diff[:4])
+  details = _spec_differences(theirs, ours, "here", skip=LENGTH_KEYS)
+  if details:
     raise JaxsaeError(f"--grow_from={source} is another store than this one, not a shorter "
                       f"one ({details})")
   wps = ours["windows_per_shard"]
