@@ -250,31 +250,44 @@ def sweep(store: str) -> list[dict]:
 
 
 def per_latent_curve(match_dir: str, summary: dict, study: str) -> list[dict]:
-  """Sharing per frequency bin or per threshold, mean and std over pairs, from latents.csv."""
+  """Sharing per frequency bin or per threshold, mean and std over pairs, from latents.csv.
+
+  A frequency bin also carries the threshold-free views restricted to its latents (the
+  fraction whose bijections agree, the mean matched decoder and encoder cosine), since
+  whether frequent latents are settled need not hang on the 0.7 cut. Those views do not
+  depend on the threshold, so each threshold point carries the whole run's."""
   import csv
   by_pair: dict[tuple, list[dict]] = {}
   with open(os.path.join(match_dir, match.LATENTS_FILE)) as f:
     for r in csv.DictReader(f):
       by_pair.setdefault((r["a"], r["b"]), []).append(r)
-  curves = []
+  curves = {name: [] for name in ("shared", *oq.SERIES)}
   for rows in by_pair.values():
     enc = np.array([float(r["enc_cos"]) for r in rows])
     dec = np.array([float(r["dec_cos"]) for r in rows])
     if study == "threshold":
       xs = np.round(np.arange(0.5, 0.91, 0.05), 2)
-      curves.append([float(np.mean((enc >= t) & (dec >= t))) for t in xs])
-    else:
-      freq = np.array([float(r.get("frequency") or "nan") for r in rows])
-      edges = np.logspace(-6, 0, 13)
-      xs = np.sqrt(edges[:-1] * edges[1:])
-      shared = (enc >= summary["threshold"]) & (dec >= summary["threshold"])
-      curves.append([float(shared[(freq >= lo) & (freq < hi)].mean())
-                     if ((freq >= lo) & (freq < hi)).sum() >= 5 else float("nan")
-                     for lo, hi in zip(edges[:-1], edges[1:])])
-  c = np.array(curves)
-  return [{"x": float(x), "mean": float(np.nanmean(c[:, i])) if np.isfinite(c[:, i]).any()
-           else None, "std": float(np.nanstd(c[:, i])) if np.isfinite(c[:, i]).any() else None,
-           "pairs": len(curves)} for i, x in enumerate(xs)]
+      curves["shared"].append([float(np.mean((enc >= t) & (dec >= t))) for t in xs])
+      continue
+    agree = np.array([r["agree"] == "True" for r in rows])
+    freq = np.array([float(r.get("frequency") or "nan") for r in rows])
+    edges = np.logspace(-6, 0, 13)
+    xs = np.sqrt(edges[:-1] * edges[1:])
+    shared = (enc >= summary["threshold"]) & (dec >= summary["threshold"])
+    bins = [(freq >= lo) & (freq < hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    for name, v in zip(curves, (shared, agree, dec, enc)):
+      curves[name].append([float(v[b].mean()) if b.sum() >= 5 else float("nan") for b in bins])
+
+  def stats(c: np.ndarray, i: int) -> dict:
+    ok = np.isfinite(c[:, i]).any()
+    return {"mean": float(np.nanmean(c[:, i])) if ok else None,
+            "std": float(np.nanstd(c[:, i])) if ok else None}
+
+  c = {name: np.array(v) for name, v in curves.items() if v}
+  whole = oq.series(summary)
+  return [{"x": float(x), **stats(c["shared"], i), "pairs": len(by_pair),
+           **({name: stats(c[name], i) for name in oq.SERIES} if study == "frequency"
+              else whole)} for i, x in enumerate(xs)]
 
 
 def beside(study: str) -> list[tuple[str, list[dict]]]:
@@ -302,9 +315,9 @@ def plot(rows: list[dict], path: str, others: list[tuple[str, list[dict]]]) -> N
   import matplotlib.pyplot as plt
   study = _STUDY.value
   rows = [r for r in rows if r["mean"] is not None]
-  # The sweeps over runs draw the threshold-free views beside the shared fraction; the
-  # per-latent curves (frequency, threshold) have one number per bin.
-  panels = 3 if rows and "decoder_mcc" in rows[0] else 1
+  # The threshold-free views beside the shared fraction, per point; the threshold curve's are
+  # the same at every threshold, so they are one line on its own panel instead.
+  panels = 3 if rows and "decoder_mcc" in rows[0] and study != "threshold" else 1
   fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), dpi=120, squeeze=False)
   categorical = study == "arch"
   xs = list(range(len(rows))) if categorical else [r["x"] for r in rows]
@@ -356,6 +369,12 @@ def plot(rows: list[dict], path: str, others: list[tuple[str, list[dict]]]) -> N
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+  if study == "threshold" and rows and rows[0].get("bijections_agree"):
+    # Where the curve heads as the threshold falls: both-above with no cosine cut is the
+    # fraction whose bijections agree.
+    axes[0, 0].axhline(rows[0]["bijections_agree"]["mean"], color="C1", linestyle="--",
+                       label="bijections agree (no threshold)")
+    axes[0, 0].legend(fontsize=8)
   axes[0, 0].set_title(f"Sharing across seeds against {label}")
   fig.tight_layout()
   fig.savefig(path)

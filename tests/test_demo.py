@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import planted_sparse
@@ -140,6 +141,29 @@ def test_experiment_sweep_and_figures(planted_store, tmp_path):
   means = [r["mean"] for r in res["rows"]]
   assert [r["x"] for r in res["rows"]][0] == 0.5 and len(means) == 9
   assert all(a >= b for a, b in zip(means, means[1:]))  # a stricter threshold shares fewer
+  base = os.path.join(out, "shared", "base-match")
+  with open(os.path.join(base, "match.json")) as f:
+    whole = _series_of(json.load(f))
+  for r in res["rows"]:  # threshold-free, so every threshold carries the whole run's
+    assert {k: r[k]["mean"] for k in whole} == pytest.approx(whole, abs=1e-12)
+
+  # Frequency bins (the same base run) carry the series restricted to their latents: counted
+  # here with pandas from latents.csv, per pair, then averaged over the pairs.
+  res = run_study("frequency", planted_store, out)
+  latents = pd.read_csv(os.path.join(base, "latents.csv"))
+  edges = np.logspace(-6, 0, 13)
+  latents["bin"] = np.digitize(latents["frequency"], edges) - 1
+  counted = 0
+  for i, r in enumerate(res["rows"]):
+    per_pair = latents[latents["bin"] == i].groupby(["a", "b"])
+    if r["mean"] is None or per_pair.size().min() < 5:
+      continue
+    by_hand = per_pair[["agree", "dec_cos", "enc_cos"]].mean().mean()
+    for key, col in (("bijections_agree", "agree"), ("decoder_mcc", "dec_cos"),
+                     ("encoder_mcc", "enc_cos")):
+      assert r[key]["mean"] == pytest.approx(by_hand[col], abs=1e-6), (i, key)
+    counted += 1
+  assert counted >= 1
 
 
 def test_open_question_studies_run_end_to_end(planted_store, tmp_path):
