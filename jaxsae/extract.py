@@ -356,6 +356,8 @@ def _parse_range(text: str, num_shards: int) -> range:
 
 def run(cfg: ExtractConfig) -> dict | None:
   store.np_dtype(cfg.dtype)  # fail on bad settings before loading anything
+  if cfg.grow_from:
+    store_writer.check_grow_source(cfg.out, cfg.grow_from)
   if cfg.model_dtype not in ("float32", "bfloat16", "float16"):
     raise JaxsaeError(f"--model_dtype={cfg.model_dtype}: use float32, bfloat16 or float16")
   if cfg.batch_size < 1:

@@ -212,6 +212,17 @@ def release_shards(directory: str, indices: Sequence[int]) -> None:
 LENGTH_KEYS = ("requested_tokens", "num_windows", "num_shards")
 
 
+def check_grow_source(directory: str, source: str) -> str:
+  """The spec path of the store `source` a store at `directory` may grow from; JaxsaeError
+  where it cannot be one, checked before a model loads (its spec is compared later)."""
+  if os.path.abspath(source) == os.path.abspath(directory):
+    raise JaxsaeError(f"--grow_from={source} is the store being written")
+  src_spec_path = os.path.join(source, store.SPEC)
+  if not os.path.exists(src_spec_path):
+    raise JaxsaeError(f"--grow_from={source}: not an activation store (no {store.SPEC})")
+  return src_spec_path
+
+
 def adopt_shards(directory: str, source: str, indices: Sequence[int]) -> list[int]:
   """Takes shards `indices` from the store at `source` where it holds them whole; returns those.
 
@@ -221,11 +232,7 @@ def adopt_shards(directory: str, source: str, indices: Sequence[int]) -> list[in
   filesystems) under temporary names and renamed, the ledger entry last, as write_shard does.
   The caller must hold the claims on `indices`.
   """
-  if os.path.abspath(source) == os.path.abspath(directory):
-    raise JaxsaeError(f"--grow_from={source} is the store being written")
-  src_spec_path = os.path.join(source, store.SPEC)
-  if not os.path.exists(src_spec_path):
-    raise JaxsaeError(f"--grow_from={source}: not an activation store (no {store.SPEC})")
+  src_spec_path = check_grow_source(directory, source)
   with open(src_spec_path) as f:
     theirs = json.load(f)
   with open(os.path.join(directory, store.SPEC)) as f:

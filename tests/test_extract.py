@@ -232,6 +232,8 @@ def test_grow_from_takes_the_shorter_stores_full_shards_and_runs_the_rest(
   with pytest.raises(JaxsaeError, match="another store than this one.*dtype"):
     extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "other", dtype="bfloat16",
                      grow_from=str(tmp_path / "short")))
+  # What needs no spec is refused before the model loads.
+  monkeypatch.setattr(extract, "load_model", lambda *a: pytest.fail("loaded the model"))
   with pytest.raises(JaxsaeError, match="not an activation store"):
     extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "none", grow_from=str(tmp_path)))
   with pytest.raises(JaxsaeError, match="is the store being written"):
