@@ -261,21 +261,23 @@ def per_latent_curve(match_dir: str, summary: dict, study: str) -> list[dict]:
   with open(os.path.join(match_dir, match.LATENTS_FILE)) as f:
     for r in csv.DictReader(f):
       by_pair.setdefault((r["a"], r["b"]), []).append(r)
-  curves = {name: [] for name in ("shared", *oq.SERIES)}
+  curves = {name: [] for name in ("shared", "agree_rule", *oq.SERIES)}
   for rows in by_pair.values():
     enc = np.array([float(r["enc_cos"]) for r in rows])
     dec = np.array([float(r["dec_cos"]) for r in rows])
+    agree = np.array([r["agree"] == "True" for r in rows])
     if study == "threshold":
       xs = np.round(np.arange(0.5, 0.91, 0.05), 2)
-      curves["shared"].append([float(np.mean((enc >= t) & (dec >= t))) for t in xs])
+      above = [(enc >= t) & (dec >= t) for t in xs]
+      curves["shared"].append([float(np.mean(a)) for a in above])
+      curves["agree_rule"].append([float(np.mean(a & agree)) for a in above])
       continue
-    agree = np.array([r["agree"] == "True" for r in rows])
     freq = np.array([float(r.get("frequency") or "nan") for r in rows])
     edges = np.logspace(-6, 0, 13)
     xs = np.sqrt(edges[:-1] * edges[1:])
     shared = (enc >= summary["threshold"]) & (dec >= summary["threshold"])
     bins = [(freq >= lo) & (freq < hi) for lo, hi in zip(edges[:-1], edges[1:])]
-    for name, v in zip(curves, (shared, agree, dec, enc)):
+    for name, v in zip(("shared", *oq.SERIES), (shared, agree, dec, enc)):
       curves[name].append([float(v[b].mean()) if b.sum() >= 5 else float("nan") for b in bins])
 
   def stats(c: np.ndarray, i: int) -> dict:
@@ -285,9 +287,12 @@ def per_latent_curve(match_dir: str, summary: dict, study: str) -> list[dict]:
 
   c = {name: np.array(v) for name, v in curves.items() if v}
   whole = oq.series(summary)
+  # A threshold point also carries the agree rule (same partner in both bijections as well),
+  # whose limit as the threshold falls is the bijections' agreement.
   return [{"x": float(x), **stats(c["shared"], i), "pairs": len(by_pair),
            **({name: stats(c[name], i) for name in oq.SERIES} if study == "frequency"
-              else whole)} for i, x in enumerate(xs)]
+              else {**whole, "agree_rule": stats(c["agree_rule"], i)})}
+          for i, x in enumerate(xs)]
 
 
 def beside(study: str) -> list[tuple[str, list[dict]]]:
@@ -370,11 +375,15 @@ def plot(rows: list[dict], path: str, others: list[tuple[str, list[dict]]]) -> N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   if study == "threshold" and rows and rows[0].get("bijections_agree"):
-    # Where the curve heads as the threshold falls: both-above with no cosine cut is the
-    # fraction whose bijections agree.
-    axes[0, 0].axhline(rows[0]["bijections_agree"]["mean"], color="C1", linestyle="--",
-                       label="bijections agree (no threshold)")
-    axes[0, 0].legend(fontsize=8)
+    # The agree rule, and where it heads as the threshold falls: with no cosine cut it is the
+    # fraction whose bijections agree (both_above heads to 1).
+    ax = axes[0, 0]
+    ax.errorbar(xs, [r["agree_rule"]["mean"] for r in rows],
+                yerr=[r["agree_rule"]["std"] for r in rows], marker="o", capsize=4,
+                color="C1", label=f"{ours}, agree rule")
+    ax.axhline(rows[0]["bijections_agree"]["mean"], color="C1", linestyle="--",
+               label="bijections agree (no threshold): the agree rule's limit")
+    ax.legend(fontsize=8, loc="lower left")
   axes[0, 0].set_title(f"Sharing across seeds against {label}")
   fig.tight_layout()
   fig.savefig(path)

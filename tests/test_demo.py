@@ -143,9 +143,15 @@ def test_experiment_sweep_and_figures(planted_store, tmp_path):
   assert all(a >= b for a, b in zip(means, means[1:]))  # a stricter threshold shares fewer
   base = os.path.join(out, "shared", "base-match")
   with open(os.path.join(base, "match.json")) as f:
-    whole = _series_of(json.load(f))
+    base_match = json.load(f)
+  whole = _series_of(base_match)
   for r in res["rows"]:  # threshold-free, so every threshold carries the whole run's
     assert {k: r[k]["mean"] for k in whole} == pytest.approx(whole, abs=1e-12)
+    assert r["agree_rule"]["mean"] <= r["mean"]
+  at_07 = next(r for r in res["rows"] if r["x"] == base_match["threshold"])
+  assert at_07["mean"] == pytest.approx(base_match["rules"]["both_above"]["mean"], abs=1e-12)
+  assert at_07["agree_rule"]["mean"] == pytest.approx(base_match["rules"]["agree"]["mean"],
+                                                      abs=1e-12)
 
   # Frequency bins (the same base run) carry the series restricted to their latents: counted
   # here with pandas from latents.csv, per pair, then averaged over the pairs.
