@@ -352,7 +352,7 @@ def plot(rows: list[dict], path: str, others: list[tuple[str, list[dict]]]) -> N
         got = [r[key] if std else (r.get(key) or {"mean": np.nan}).get("mean")
                for r in other_rows]
         ox = list(range(len(other_rows))) if categorical else [r["x"] for r in other_rows]
-        ax.plot(ox, got, "^:", color=color or f"C{i + 2}", alpha=0.7,
+        ax.plot(ox, got, "^" if categorical else "^:", color=color or f"C{i + 2}", alpha=0.7,
                 label=f"{other}, {key.split('_')[0]}" if color else other)
       paper_y = ref.get(paper_key)
       if not paper_y:
