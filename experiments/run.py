@@ -321,7 +321,7 @@ def plot(rows: list[dict], path: str, others: list[tuple[str, list[dict]]]) -> N
   study = _STUDY.value
   rows = [r for r in rows if r["mean"] is not None]
   # The threshold-free views beside the shared fraction, per point; the threshold curve's are
-  # the same at every threshold, so they are one line on its own panel instead.
+  # the same at every threshold, so its one panel draws the agree rule's limit instead.
   panels = 3 if rows and "decoder_mcc" in rows[0] and study != "threshold" else 1
   fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), dpi=120, squeeze=False)
   categorical = study == "arch"
