@@ -261,20 +261,20 @@ def per_latent_curve(match_dir: str, summary: dict, study: str) -> list[dict]:
   with open(os.path.join(match_dir, match.LATENTS_FILE)) as f:
     for r in csv.DictReader(f):
       by_pair.setdefault((r["a"], r["b"]), []).append(r)
+  edges = np.logspace(-6, 0, 13)
+  xs = (np.round(np.arange(0.5, 0.91, 0.05), 2) if study == "threshold"
+        else np.sqrt(edges[:-1] * edges[1:]))
   curves = {name: [] for name in ("shared", "agree_rule", *oq.SERIES)}
   for rows in by_pair.values():
     enc = np.array([float(r["enc_cos"]) for r in rows])
     dec = np.array([float(r["dec_cos"]) for r in rows])
     agree = np.array([r["agree"] == "True" for r in rows])
     if study == "threshold":
-      xs = np.round(np.arange(0.5, 0.91, 0.05), 2)
       above = [(enc >= t) & (dec >= t) for t in xs]
       curves["shared"].append([float(np.mean(a)) for a in above])
       curves["agree_rule"].append([float(np.mean(a & agree)) for a in above])
       continue
     freq = np.array([float(r.get("frequency") or "nan") for r in rows])
-    edges = np.logspace(-6, 0, 13)
-    xs = np.sqrt(edges[:-1] * edges[1:])
     shared = (enc >= summary["threshold"]) & (dec >= summary["threshold"])
     bins = [(freq >= lo) & (freq < hi) for lo, hi in zip(edges[:-1], edges[1:])]
     for name, v in zip(("shared", *oq.SERIES), (shared, agree, dec, enc)):
