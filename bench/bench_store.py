@@ -1,17 +1,29 @@
 """What each store dtype costs: bytes per token, read speed, and error against float32.
 
+  python bench/bench_store.py --d_in=768 --rows=262144 --rows_per_shard=65536 \
+      --batch_size=16384 --steps=8 --rounds=3 --dtypes=bfloat16,int8
   python bench/bench_store.py --source=out/demo/store --rows=65536 --d_in=576
   python bench/bench_store.py --reference=F32_STORE --stores=BF16,INT8,FP8  # stored-row error
 
-The first form writes the same rows (read from --source, or heavy-tailed random ones) as a
-store in each --dtypes, then reads each through `Store.batches` (the trainer's path: batch
-order, checksums on first use, dequantize, finite check) for --rounds interleaved rounds (float32,
-bfloat16, int8, ..., float32, ...), so that a busy machine slows every dtype alike. The
-stores are freshly written, so their files sit in the page cache: this is the dequantize and copy
-cost, not a disk's. One JSON row per dtype: bytes per token on disk (codes + scales; token
-ids apart), median rows/s, and the relative L2 error per row against the float32 rows written.
+The first forms write the same rows (read from --source, or heavy-tailed random ones) as a
+store in each --dtypes, then time, for --rounds interleaved rounds (so that a busy machine
+slows every dtype alike), --steps batches of each of:
 
-The second form compares stores of the same tokens (e.g. `jaxsae extract` run at each --dtype)
+  device_rows_per_s   the trainer's path: `Store.batches(stored=True)` with its prefetch and
+                      worker threads, rows as stored placed on the devices (jax.device_put
+                      with the trainer's batch sharding), each batch waited for
+  host_rows_per_s     float32 rows on the host, one batch after another (`Store.batch`: what
+                      match and consensus read)
+  gather_rows_per_s   the machine's own limit for the work, beside them: one thread taking
+                      the same number of random rows of the same width and dtype from an
+                      array in memory with np.take into a preallocated array
+
+The stores are freshly written and read once untimed, so their files sit in the page cache:
+this is the gather, copy and placement cost, not a disk's. One JSON row per dtype: bytes per
+token on disk (codes + scales; token ids apart), the rates (medians over rounds), and the
+relative L2 error per row against the float32 rows written.
+
+The last form compares stores of the same tokens (e.g. `jaxsae extract` run at each --dtype)
 row by row against --reference: the error each dtype really stores.
 """
 
@@ -35,6 +47,9 @@ _ROWS_PER_SHARD = flags.DEFINE_integer("rows_per_shard", 16384, "Rows per shard.
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Rows per batch, as the trainer reads them.")
 _STEPS = flags.DEFINE_integer("steps", 64, "Batches per timed round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds per dtype.")
+_PREFETCH = flags.DEFINE_integer("prefetch", 4, "Batches read ahead on the trainer's path.")
+_WORKERS = flags.DEFINE_integer("workers", 0, "Reader threads on the trainer's path; 0: the "
+                                "reader's default (one per core, at most 4).")
 _REFERENCE = flags.DEFINE_string("reference", None, "A float32 store to compare --stores with.")
 _STORES = flags.DEFINE_list("stores", [], "Stores of --reference's tokens, compared row by row.")
 
@@ -84,31 +99,60 @@ def compare() -> None:
           flush=True)
 
 
+def gather_rate(like: np.ndarray, n: int, steps: int) -> float:
+  """Rows/s of one thread taking `n` random rows of `like`'s width and dtype from memory."""
+  raw = like.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[like.dtype.itemsize])
+  out = np.empty((n, raw.shape[1]), raw.dtype)
+  idx = np.random.default_rng(0).integers(0, len(raw), (steps, n))
+  np.take(raw, idx[0], axis=0, out=out)
+  t = time.perf_counter()
+  for i in idx:
+    np.take(raw, i, axis=0, out=out)
+  return steps * n / (time.perf_counter() - t)
+
+
 def bench() -> None:
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
   from jaxsae import store_writer
   x = source_rows()
+  sharding = NamedSharding(jax.make_mesh((1, jax.device_count()), ("seed", "data")),
+                           P("data", None))
   with tempfile.TemporaryDirectory() as tmp:
     stores = {d: store_writer.write_store(os.path.join(tmp, d), x, dtype=d,
                                           rows_per_shard=_ROWS_PER_SHARD.value)
               for d in _DTYPES.value}
+    # The codes as stored, in memory: what the gather-rate reference takes rows from.
+    codes = {d: np.ascontiguousarray(st.stored(0)[0][:, 0]) for d, st in stores.items()}
     steps_per_epoch = len(x) // _BATCH.value
     for st in stores.values():  # one untimed pass: checksums, memory maps, page cache
       for _ in st.batches(_BATCH.value, num_steps=steps_per_epoch, prefetch=0):
         pass
-    times = {d: [] for d in stores}
+    times = {d: {"device": [], "host": [], "gather": []} for d in stores}
+    n = _STEPS.value * _BATCH.value
     for r in range(_ROUNDS.value):
       start = (r * _STEPS.value) % max(steps_per_epoch, 1)
       for d, st in stores.items():
         t = time.perf_counter()
-        for _ in st.batches(_BATCH.value, start_step=start, num_steps=_STEPS.value, prefetch=0):
-          pass
-        times[d].append(time.perf_counter() - t)
+        for b in st.batches(_BATCH.value, start_step=start, num_steps=_STEPS.value,
+                            sharding=sharding, stored=True, prefetch=_PREFETCH.value,
+                            workers=_WORKERS.value or None):
+          jax.block_until_ready(b.x)
+        times[d]["device"].append(n / (time.perf_counter() - t))
+        t = time.perf_counter()
+        for step in range(start, start + _STEPS.value):
+          st.batch(step, _BATCH.value)
+        times[d]["host"].append(n / (time.perf_counter() - t))
+        times[d]["gather"].append(gather_rate(codes[d], _BATCH.value, _STEPS.value))
     for d, st in stores.items():
       e = rel_err(st.rows(np.arange(len(x))), x)
+      rate = {k: float(np.median(v)) for k, v in times[d].items()}
       print(json.dumps({
-          "dtype": d, "d_in": x.shape[1], "rows": len(x),
+          "dtype": d, "d_in": x.shape[1], "rows": len(x), "batch_size": _BATCH.value,
           "bytes_per_token": store_bytes(st) / len(x),
-          "read_rows_per_s": round(_STEPS.value * _BATCH.value / float(np.median(times[d]))),
+          "device_rows_per_s": round(rate["device"]), "host_rows_per_s": round(rate["host"]),
+          "gather_rows_per_s": round(rate["gather"]),
+          "device_over_gather": round(rate["device"] / rate["gather"], 3),
           "rel_l2_err_mean": float(e.mean()), "rel_l2_err_max": float(e.max())}), flush=True)
 
 

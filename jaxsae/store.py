@@ -25,9 +25,9 @@ seeds see the identical sequence, and a run resumed at step N reads exactly batc
 
 from __future__ import annotations
 
+import collections
 import json
 import os
-import queue
 import threading
 from typing import Any, Iterator, NamedTuple
 
@@ -60,6 +60,63 @@ _CODE_MAX_OF = {np_dt: CODE_MAX[name] for name, np_dt in DTYPES.items() if name 
 # float8 dequantizes through a 256-entry table: ml_dtypes' float8 -> float32 cast is an
 # element-by-element loop, 5.6x slower than the table's np.take ([256, 576] rows: 4.2 ms, 0.75 ms).
 _FLOAT8_TABLE = np.arange(256, dtype=np.uint8).view(DTYPES["float8_e4m3fn"]).astype(np.float32)
+
+
+# Integers of each stored width: rows are gathered as these (see `Store.gather`).
+_RAW = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
+# Per float dtype, the exponent bits: a value is NaN or Inf exactly when they are all set.
+_EXPONENT = {"bfloat16": 0x7F80, "float16": 0x7C00, "float32": 0x7F800000}
+_SCAN_ROWS = 8192  # rows per step of the non-finite scan (its temporaries stay small)
+
+
+def _non_finite_rows(codes: np.ndarray) -> np.ndarray:
+  """Which rows [..., d_in] of stored codes hold NaN/Inf: [...] bool, from their bits alone
+  (np.isfinite on ml_dtypes' types loops element by element)."""
+  name = next(k for k, v in DTYPES.items() if v == codes.dtype)
+  if name == "int8":
+    return np.zeros(codes.shape[:-1], bool)
+  raw = codes.view(_RAW[codes.dtype.itemsize])
+  if name == "float8_e4m3fn":  # no Inf; NaN is S.1111.111
+    return ((raw & 0x7F) == 0x7F).any(axis=-1)
+  e = raw.dtype.type(_EXPONENT[name])
+  return ((raw & e) == e).any(axis=-1)
+
+
+class Rows(NamedTuple):
+  """Rows as the store holds them, as they travel to the devices: codes [..., d_in] in the
+  store's dtype and, for 8-bit stores, each row's factor scale / code_of_max [...] float32
+  (None for float stores). A bfloat16 batch moves half the bytes of its float32 rows, an int8
+  one a quarter; the devices decode them inside the jitted step (`decode`)."""
+  codes: Any
+  factor: Any = None
+
+  def decoded(self) -> np.ndarray:
+    """Float32 rows on the host: what `decode` computes on the devices, bit for bit."""
+    return dequantize_factor(self.codes, self.factor)
+
+
+def dequantize_factor(codes: np.ndarray, factor: np.ndarray | None) -> np.ndarray:
+  codes = np.asarray(codes)
+  if codes.dtype == DTYPES["float8_e4m3fn"]:
+    x = np.take(_FLOAT8_TABLE, codes.view(np.uint8))
+  else:
+    x = codes.astype(np.float32)
+  if factor is not None:
+    x *= np.asarray(factor, np.float32)[..., None]
+  return x
+
+
+def decode(rows: Rows, input_scale: float = 1.0):
+  """Float32 rows from `Rows` inside a jitted program, equal bit for bit to the host's
+  `dequantize` followed by the reader's `normalize` (one product per factor, in that order:
+  XLA does not reassociate float products)."""
+  import jax.numpy as jnp
+  x = rows.codes.astype(jnp.float32)
+  if rows.factor is not None:
+    x = x * rows.factor[..., None]
+  if input_scale != 1.0:
+    x = x * jnp.float32(input_scale)
+  return x
 
 
 class Batch(NamedTuple):
@@ -101,16 +158,14 @@ def quantize(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
 def dequantize(codes: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
   """Float32 rows of stored `codes` [..., d_in] and their `scales` [...] (None if unscaled).
 
-  Every read of a store goes through here, so no reader sees 8-bit codes.
+  Every read of a store goes through here or `Rows.decoded` (the same arithmetic), so no
+  reader on the host sees 8-bit codes.
   """
   codes = np.asarray(codes)
-  if codes.dtype == DTYPES["float8_e4m3fn"]:
-    x = np.take(_FLOAT8_TABLE, codes.view(np.uint8))
-  else:
-    x = codes.astype(np.float32)
-  if scales is not None:
-    x *= (np.asarray(scales, np.float32) / np.float32(_CODE_MAX_OF[codes.dtype]))[..., None]
-  return x
+  if scales is None:
+    return dequantize_factor(codes, None)
+  return dequantize_factor(codes, np.asarray(scales, np.float32) /
+                           np.float32(_CODE_MAX_OF[codes.dtype]))
 
 
 def shard_name(index: int) -> str:
@@ -223,6 +278,8 @@ class Store:
     self.offsets = np.concatenate([[0], np.cumsum(counts)])
     self.num_tokens: int = int(m["num_tokens"])
     self._verified: set[int] = set()
+    self._non_finite: dict[int, list[np.ndarray]] = {}  # shard -> per site, global rows
+    self._shard_locks = [threading.Lock() for _ in self.shards]
     self._maps: dict[int, np.ndarray] = {}
     self._perm_cache: dict[tuple, np.ndarray] = {}
     self._lock = threading.Lock()
@@ -323,10 +380,50 @@ class Store:
     codes, scales = self.stored(i)
     return codes if scales is None else dequantize(codes, scales)
 
-  def _dequantized(self, i: int, local: np.ndarray, j: int) -> np.ndarray:
-    """Rows `local` (sorted) of shard `i`, site `j`, as float32 [len(local), d_in]."""
-    codes, scales = self.stored(i)
-    return dequantize(codes[local, j], None if scales is None else scales[local, j])
+  def prepare(self, i: int, verify: bool = True) -> None:
+    """Makes shard `i` ready to read, once: its checksums (with `verify`) and the rows of each
+    site holding NaN/Inf, found from the stored bits in one pass over the shard. The stream
+    prepares the shards ahead of the batches that need them (`batches`), so neither waits in
+    the step's path; a batch then checks finiteness by row index alone."""
+    with self._shard_locks[i]:
+      if verify:
+        self.verify_shard(i)
+      if i not in self._non_finite:
+        codes, scales = self.stored(i)
+        bad = np.zeros(codes.shape[:2], bool)
+        for lo in range(0, len(codes), _SCAN_ROWS):
+          bad[lo:lo + _SCAN_ROWS] = _non_finite_rows(codes[lo:lo + _SCAN_ROWS])
+        if scales is not None:
+          bad |= ~np.isfinite(scales)
+        self._non_finite[i] = [np.nonzero(bad[:, j])[0] + self.offsets[i]
+                               for j in range(bad.shape[1])]
+
+  def _all_prepared(self, verify: bool) -> bool:
+    return len(self._non_finite) == len(self.shards) and (
+        not verify or len(self._verified) == len(self.shards))
+
+  def gather(self, indices: np.ndarray, site: str | None = None) -> "Rows":
+    """Rows at global `indices` (any order) for one site, as stored: codes [n, d_in] in the
+    store's dtype and, for 8-bit stores, each row's factor scale / code_of_max [n] float32, to
+    be decoded on the devices (`decode`) or on the host (`Rows.decoded`)."""
+    j = self.site_index(site)
+    indices = np.asarray(indices, np.int64)
+    codes = np.empty((len(indices), self.d_in), self.dtype)
+    scales = np.empty(len(indices), SCALE_DTYPE) if self.scaled else None
+    raw = codes.view(_RAW[self.dtype.itemsize])
+    shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
+    for i in np.unique(shard_of):
+      sel = shard_of == i
+      local = indices[sel] - self.offsets[i]
+      c, s = self.stored(int(i))
+      # Whole rows copied as integers of the row's width: np.take's plain copy loop, which
+      # releases the GIL, where ml_dtypes' element types would go through their own casts.
+      raw[sel] = np.take(c[:, j].view(_RAW[self.dtype.itemsize]), local, axis=0)
+      if scales is not None:
+        scales[sel] = s[local, j]
+    if scales is None:
+      return Rows(codes)
+    return Rows(codes, scales / np.float32(_CODE_MAX_OF[self.dtype]))
 
   def site_index(self, site: str | None) -> int:
     if site is None:
@@ -337,17 +434,8 @@ class Store:
 
   def rows(self, indices: np.ndarray, site: str | None = None,
            dtype: np.dtype = np.float32) -> np.ndarray:
-    """Rows at global `indices` (any order) for one site, as [len(indices), d_in]."""
-    j = self.site_index(site)
-    indices = np.asarray(indices, np.int64)
-    out = np.empty((len(indices), self.d_in), dtype)
-    shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
-    for i in np.unique(shard_of):
-      sel = np.nonzero(shard_of == i)[0]
-      local = indices[sel] - self.offsets[i]
-      order = np.argsort(local)  # sorted reads are far kinder to a memory map
-      out[sel[order]] = self._dequantized(int(i), local[order], j)
-    return out
+    """Rows at global `indices` (any order) for one site, as float [len(indices), d_in]."""
+    return self.gather(indices, site).decoded().astype(dtype, copy=False)
 
   def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
     """Shard `i`'s window token ids [windows, ctx_len] and row positions [rows]."""
@@ -406,12 +494,32 @@ class Store:
 
   def _buffer_perm(self, data_seed, epoch, b, shards) -> np.ndarray:
     key = (data_seed, epoch, b, shards)
-    if key not in self._perm_cache:
-      rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in shards])
-      self._perm_cache.clear()  # one buffer at a time is all a forward-moving stream needs
-      self._perm_cache[key] = rows[
-          np.random.default_rng([data_seed, epoch, b]).permutation(len(rows))]
-    return self._perm_cache[key]
+    with self._lock:
+      if key in self._perm_cache:
+        return self._perm_cache[key]
+    rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in shards])
+    perm = rows[np.random.default_rng([data_seed, epoch, b]).permutation(len(rows))]
+    with self._lock:
+      # A few buffers: a forward-moving stream needs one, or two where the batches that
+      # workers read at once straddle a buffer's end.
+      while len(self._perm_cache) >= 4:
+        self._perm_cache.pop(next(iter(self._perm_cache)))
+      self._perm_cache[key] = perm
+    return perm
+
+  def shard_order(self, start_step: int, batch_size: int, data_seed: int = 0,
+                  shuffle_shards: int = 4) -> Iterator[int]:
+    """The shards in the order the stream from `start_step` first reads them, epoch after
+    epoch: each buffer's shards, sorted (a batch reads all of its buffer's shards at once)."""
+    epoch, r = divmod(start_step * batch_size, self.num_tokens)
+    while True:
+      start = 0
+      for shards in self._buffers(data_seed, epoch, shuffle_shards):
+        n = int(sum(self.shards[i]["num_tokens"] for i in shards))
+        if start + n > r:
+          yield from sorted(int(i) for i in shards)
+        start += n
+      epoch, r = epoch + 1, 0
 
   def batch(self, step: int, batch_size: int, **kwargs) -> np.ndarray:
     """Rows [lo, hi) of batch `step` as float32 [hi - lo, d_in]; see `read_batch`."""
@@ -421,12 +529,14 @@ class Store:
                  site: str | None = None, shuffle_shards: int = 4, normalize: bool = False,
                  process_index: int = 0, process_count: int = 1,
                  rows: tuple[int, int] | None = None, verify_on_read: bool = True,
-                 skip_non_finite: bool = False) -> Batch:
+                 skip_non_finite: bool = False, stored: bool = False) -> Batch:
     """Rows [lo, hi) of batch `step` as float32 [hi - lo, d_in], with what was skipped.
 
     `rows` defaults to this process's equal share, [batch_size // process_count] rows.
     A row holding NaN/Inf is an error naming its shard and row, or with `skip_non_finite`
     skipped: its place goes to a finite row of the same batch, and the Batch counts it.
+    With `stored`, x is the rows as stored (`Rows`), left for the devices to decode and, with
+    `normalize`, to scale (`decode(x, store.normalizer(site))`).
     """
     if rows is None:
       if batch_size % process_count:
@@ -434,36 +544,51 @@ class Store:
       per = batch_size // process_count
       rows = (process_index * per, (process_index + 1) * per)
     idx = self.batch_indices(step, batch_size, data_seed, shuffle_shards)[rows[0]:rows[1]]
-    if verify_on_read:
-      for i in np.unique(np.searchsorted(self.offsets, idx, side="right") - 1):
-        self.verify_shard(int(i))
-    x = self.rows(idx, site)
-    bad = ~np.isfinite(x).all(axis=1)
+    touched = np.unique(np.searchsorted(self.offsets, idx, side="right") - 1)
+    for i in touched:
+      self.prepare(int(i), verify_on_read)
+    x = self.gather(idx, site)
+    j = self.site_index(site)
+    known = [self._non_finite[int(i)][j] for i in touched]
     skipped, where = 0, ""
-    if bad.any():
+    if any(len(k) for k in known):
+      bad = np.isin(idx, np.concatenate(known))
       r = int(idx[np.argmax(bad)])
       i = int(np.searchsorted(self.offsets, r, side="right") - 1)
-      where = f"shard {self.shards[i]['file']} at row {r - self.offsets[i]}"
-      if not skip_non_finite or bad.all():
+      where = f"shard {self.shards[i]['file']} at row {r - self.offsets[i]}" if bad.any() else ""
+      if bad.any() and (not skip_non_finite or bad.all()):
         raise JaxsaeError(f"non-finite activation in {where}; re-extract that shard, or train "
                           "with --skip_non_finite to skip such rows")
-      # Replaced by finite rows of this same batch, not by rows read further on: the batch
-      # keeps its shape and stays a pure function of (data_seed, step), so resuming is exact.
-      good = np.nonzero(~bad)[0]
-      x[bad] = x[good[np.arange(int(bad.sum())) % len(good)]]
-      skipped = int(bad.sum())
+      if bad.any():
+        # Replaced by finite rows of this same batch, not by rows read further on: the batch
+        # keeps its shape and stays a pure function of (data_seed, step), so resuming is exact.
+        good = np.nonzero(~bad)[0]
+        take = good[np.arange(int(bad.sum())) % len(good)]
+        for a in x:
+          if a is not None:
+            a[bad] = a[take]
+        skipped = int(bad.sum())
+    if stored:
+      return Batch(x, step, skipped, where)
+    x = x.decoded()
     if normalize:
       x *= self.normalizer(site)
     return Batch(x, step, skipped, where)
 
   def batches(self, batch_size: int, *, start_step: int = 0, num_steps: int | None = None,
-              sharding: Any = None, prefetch: int = 2, **kwargs) -> Iterator[Batch]:
-    """Yields a Batch per step from `start_step` on, prepared `prefetch` ahead on a thread.
+              sharding: Any = None, prefetch: int = 4, workers: int | None = None,
+              **kwargs) -> Iterator[Batch]:
+    """Yields a Batch per step from `start_step` on, each read `prefetch` steps ahead by a pool
+    of `workers` threads (default: one per core, at most 4) and placed on the devices there.
 
-    With a `jax.sharding.Sharding`, each batch's x is placed on devices as a global array. On
-    several hosts each reads only the rows its own devices hold: its share of the data axis,
-    or the whole batch where the mesh puts seeds across hosts; `skipped` then counts the
-    non-finite rows among those.
+    The shards are prepared (checksums, non-finite rows) on a thread of their own in the order
+    the stream will read them, so a step waits on that only where the stream starts.
+
+    With a `jax.sharding.Sharding` (for x [B, d_in]), each batch's x is placed on devices as a
+    global array (with `stored=True`, a `Rows` of such arrays: factors [B] take the sharding
+    of its first axis). On several hosts each reads only the rows its own devices hold: its
+    share of the data axis, or the whole batch where the mesh puts seeds across hosts;
+    `skipped` then counts the non-finite rows among those.
     """
     import jax
     shape = (batch_size, self.d_in)
@@ -472,14 +597,61 @@ class Store:
 
       def make(step):
         b = self.read_batch(step, batch_size, rows=(lo, hi), **kwargs)
-        return b._replace(x=jax.make_array_from_callback(
-            shape, sharding, lambda index: b.x[_rows_of(index[0], batch_size, -lo)]))
+        return b._replace(x=_place(b.x, sharding, lambda a, s: jax.make_array_from_callback(
+            (batch_size,) + a.shape[1:], s,
+            lambda index: a[_rows_of(index[0], batch_size, -lo)])))
     else:
       def make(step):
         b = self.read_batch(step, batch_size, **kwargs)
-        return b if sharding is None else b._replace(x=jax.device_put(b.x, sharding))
+        return b if sharding is None else b._replace(x=_place(b.x, sharding))
 
-    return _prefetched(make, start_step, num_steps, prefetch)
+    verify = kwargs.get("verify_on_read", True)
+    order = self.shard_order(start_step, batch_size, kwargs.get("data_seed", 0),
+                             kwargs.get("shuffle_shards", 4))
+
+    def prepare_ahead(stop: threading.Event) -> None:
+      try:
+        for i in order:
+          if stop.is_set() or self._all_prepared(verify):  # local shards stay prepared
+            return
+          self.prepare(i, verify)
+      except Exception:  # pylint: disable=broad-except
+        return  # the batch that needs the shard meets the same error and surfaces it
+
+
+    return _prefetched(make, start_step, num_steps, prefetch, workers or _default_workers(),
+                       prepare_ahead)
+
+
+def _default_workers() -> int:
+  return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                    else os.cpu_count() or 1))
+
+
+def _place(x: Any, sharding: Any, callback=None) -> Any:
+  """x (an array, or `Rows` of them) on the devices of `sharding`, which is for the codes; a
+  Rows' factors drop its last axis. With `callback(array, global shape)`, a global array made
+  from this host's part (several hosts)."""
+  import jax
+
+  def one(a, s):
+    if a is None:
+      return None
+    return jax.device_put(a, s) if callback is None else callback(a, s)
+
+  if not isinstance(x, Rows):
+    return one(x, sharding)
+  s = rows_sharding(sharding, x.factor is not None)
+  return Rows(one(x.codes, s.codes), one(x.factor, s.factor))
+
+
+def rows_sharding(sharding: Any, scaled: bool) -> Rows:
+  """The shardings of a `Rows` whose codes take `sharding` (a NamedSharding of x [B, d_in] or
+  [S, B, d_in]): its factors, one per row, drop the last axis."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  if not scaled:
+    return Rows(sharding)
+  return Rows(sharding, NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[:-1])))
 
 
 def _rows_of(index: slice, n: int, shift: int = 0) -> slice:
@@ -498,10 +670,11 @@ def addressable_rows(sharding: Any, shape: tuple[int, ...], axis: int = 0) -> tu
 def member_batches(directory: str, data_seeds, batch_size: int, sharding: Any, *,
                    start_step: int, num_steps: int, **kwargs) -> Iterator[Batch]:
   """Per-seed data: each step's x [S, B, d_in] stacks member i's batch of data_seeds[i], the
-  very batch a lone run with --data_seed=data_seeds[i] reads at that step.
+  very batch a lone run with --data_seed=data_seeds[i] reads at that step (with `stored`, a
+  `Rows` of codes [S, B, d_in] and factors [S, B]).
 
   Each host reads only the members and rows its own devices hold. Every member's stream has
-  its own Store (and prefetch thread): a Store caches one buffer's row order at a time, which
+  its own Store (and prefetch threads): a Store caches a few buffers' row orders, which
   streams of different data seeds would take from each other.
   """
   import jax
@@ -514,49 +687,52 @@ def member_batches(directory: str, data_seeds, batch_size: int, sharding: Any, *
   def local(index):
     return _rows_of(index[0], shape[0], -m0), _rows_of(index[1], batch_size, -lo)
 
+  def stack(parts):
+    return None if parts[0] is None else np.stack(parts)
+
+  def place(a, s):
+    return jax.make_array_from_callback((shape[0], batch_size) + a.shape[2:], s,
+                                        lambda i: a[local(i)])
+
   for parts in zip(*streams):
-    x = np.stack([b.x for b in parts])
-    yield Batch(jax.make_array_from_callback(shape, sharding, lambda i: x[local(i)]),
-                parts[0].step, sum(b.skipped for b in parts),
+    xs = [b.x for b in parts]
+    x = Rows(*(stack(p) for p in zip(*xs))) if isinstance(xs[0], Rows) else np.stack(xs)
+    yield Batch(_place(x, sharding, place), parts[0].step, sum(b.skipped for b in parts),
                 next((b.where for b in parts if b.where), ""))
 
 
-def _prefetched(make, start: int, num: int | None, depth: int) -> Iterator[Any]:
-  """Runs make(start), make(start+1), ... on a worker thread, `depth` ahead of the consumer."""
-  if depth <= 0:
-    step = start
-    while num is None or step < start + num:
-      yield make(step)
-      step += 1
-    return
-  q: queue.Queue = queue.Queue(maxsize=depth)
+def _prefetched(make, start: int, num: int | None, depth: int, workers: int = 1,
+                background=None) -> Iterator[Any]:
+  """Yields make(start), make(start+1), ... in order, each made up to `depth` steps ahead on
+  a pool of `workers` threads; `background(stop_event)`, if given, runs on a thread of its
+  own meanwhile (the shards' preparation)."""
+  end = None if num is None else start + num
   stop = threading.Event()
-
-  def work():
-    step = start
+  if background is not None:
+    threading.Thread(target=background, args=(stop,), daemon=True).start()
+  if depth <= 0:
     try:
-      while not stop.is_set() and (num is None or step < start + num):
-        item = (True, make(step))
-        while not stop.is_set():
-          try:
-            q.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            pass
+      step = start
+      while end is None or step < end:
+        yield make(step)
         step += 1
-      q.put((False, None))
-    except BaseException as e:  # surfaced in the consumer, not lost on the thread
-      q.put((False, e))
-
-  t = threading.Thread(target=work, daemon=True)
-  t.start()
+    finally:
+      stop.set()
+    return
+  from concurrent.futures import ThreadPoolExecutor
+  pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="jaxsae-read")
+  pending: collections.deque = collections.deque()
+  step = start
   try:
     while True:
-      ok, item = q.get()
-      if not ok:
-        if item is not None:
-          raise item
+      while len(pending) < depth and (end is None or step < end):
+        pending.append(pool.submit(make, step))
+        step += 1
+      if not pending:
         return
-      yield item
+      yield pending.popleft().result()  # a reader's error surfaces here, in the consumer
   finally:
     stop.set()
+    for f in pending:
+      f.cancel()
+    pool.shutdown(wait=False)

@@ -339,3 +339,59 @@ def test_an_8bit_extraction_resumes_and_splits_into_the_same_bytes(tiny_model_di
   bound = np.abs(want).max(axis=1, keepdims=True) / 254 * (1 + 1e-5)
   assert x.dtype == np.float32 and (np.abs(x - want) <= bound).all()
   assert ref["num_tokens"] == whole["num_tokens"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's path: rows as stored, decoded on the devices.
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8", "float8_e4m3fn"])
+def test_rows_decoded_in_a_jitted_program_equal_the_hosts_bit_for_bit(tmp_path, dtype):
+  import jax
+  rng = np.random.default_rng(3)
+  x = (rng.normal(size=(400, 2, 24)) * np.exp(rng.uniform(-3, 3, (400, 2, 1)))).astype(np.float32)
+  s = store_writer.write_store(str(tmp_path / dtype), x, rows_per_shard=150, dtype=dtype,
+                               sites=["a", "b"])
+  mesh = jax.make_mesh((1, jax.device_count()), ("seed", "data"))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+  scale = s.normalizer("b")
+  decode = jax.jit(store.decode, static_argnums=1)
+  for b in s.batches(64, num_steps=3, data_seed=4, site="b", sharding=sharding, stored=True):
+    assert b.x.codes.dtype == store.np_dtype(dtype)  # travelled as stored
+    want = s.batch(b.step, 64, data_seed=4, site="b", normalize=True)
+    assert np.asarray(decode(b.x, scale)).tobytes() == want.tobytes()
+    assert np.asarray(decode(b.x, 1.0)).tobytes() == s.batch(b.step, 64, data_seed=4,
+                                                              site="b").tobytes()
+
+
+def test_many_reader_threads_deliver_the_one_threads_batches_in_order(st):
+  one = list(st.batches(40, num_steps=30, data_seed=7, workers=1, prefetch=1))
+  many = list(store.Store(st.directory).batches(40, num_steps=30, data_seed=7, workers=4,
+                                                 prefetch=6))
+  assert [b.step for b in many] == list(range(30))
+  for a, b in zip(one, many):
+    np.testing.assert_array_equal(a.x, b.x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float8_e4m3fn"])
+def test_non_finite_rows_are_found_from_their_bits_in_every_float_dtype(dtype):
+  codes = np.ones((6, 3, 5), np.float32)
+  codes[1, 0, 2], codes[2, 2, 4], codes[4, 1, 0] = np.nan, np.inf, -np.inf
+  stored = codes.astype(store.np_dtype(dtype))  # float8 has no Inf: both become its NaN
+  want = ~np.isfinite(stored.astype(np.float32)).all(axis=-1)
+  np.testing.assert_array_equal(store._non_finite_rows(stored), want)
+  assert want.sum() == 3
+
+
+def test_an_8bit_row_with_a_non_finite_scale_is_named(tmp_path):
+  s = store_writer.write_store(str(tmp_path / "s"), np.ones((50, 4), np.float32),
+                               rows_per_shard=50, dtype="int8")
+  path = os.path.join(s.directory, "shard_00000.scales.bin")
+  scales = np.fromfile(path, np.float32)
+  scales[23] = np.nan
+  scales.tofile(path)
+  edit_manifest(s.directory, lambda m: m["shards"][0].update(scales_sha256=files.sha256_file(path)))
+  with pytest.raises(JaxsaeError, match="shard_00000.bin at row 23"):
+    next(store.Store(s.directory).batches(50, stored=True))
+  b = next(store.Store(s.directory).batches(50, stored=True, skip_non_finite=True))
+  assert b.skipped == 1 and np.isfinite(b.x.factor).all()

@@ -80,11 +80,19 @@ class Hook:
 
 
 class Throughput:
-  """Tokens per second since this process's first step (its compilation is not throughput)."""
+  """Tokens per second since this process's first step (its compilation is not throughput),
+  and how long the steps waited for their batches."""
 
   def __init__(self, batch_size: int, num_seeds: int, num_streams: int = 1):
     self.batch_size, self.num_seeds, self.num_streams = batch_size, num_seeds, num_streams
     self.t0, self.first = 0.0, None
+    self.wait, self.wait_steps = 0.0, 0  # since the last `rates`
+    self.wait_since = time.perf_counter()
+
+  def waited(self, seconds: float) -> None:
+    """A step waited `seconds` for its batch from the store."""
+    self.wait += seconds
+    self.wait_steps += 1
 
   def tick(self, tick: Tick) -> None:
     if self.first is None:
@@ -93,8 +101,14 @@ class Throughput:
 
   def rates(self, step: int) -> dict[str, float]:
     """Per seed: tokens each seed trains on; stream: tokens read from the store (one shared
-    stream, or with --data_seeds one per distinct data order); all seeds: S times per seed."""
-    per_seed = self.batch_size * (step - self.first) / max(time.perf_counter() - self.t0, 1e-9)
+    stream, or with --data_seeds one per distinct data order); all seeds: S times per seed.
+    input_wait_s: the mean wait of a step for its batch since the last call; input_wait_frac:
+    the share of the time since then spent waiting (near 1: the store sets the pace)."""
+    now = time.perf_counter()
+    per_seed = self.batch_size * (step - self.first) / max(now - self.t0, 1e-9)
+    wait = {"input_wait_s": self.wait / max(self.wait_steps, 1),
+            "input_wait_frac": min(self.wait / max(now - self.wait_since, 1e-9), 1.0)}
+    self.wait, self.wait_steps, self.wait_since = 0.0, 0, now
     return {"tokens_per_s_per_seed": per_seed, "tokens_per_s_stream": per_seed * self.num_streams,
-            "tokens_per_s_all_seeds": per_seed * self.num_seeds}
+            "tokens_per_s_all_seeds": per_seed * self.num_seeds, **wait}
 

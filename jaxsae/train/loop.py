@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import jax
 from flax import nnx
@@ -40,19 +41,25 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
   tx, schedule = make_optimizer(plan)
   graphdef, state, shardings, mngr, fresh = _initial_state(plan, tx, mesh)
   start = int(state["step"].get_value())
-  xs = batch_sharding(plan, mesh)
-  step_fn = jax.jit(make_step(graphdef, plan), in_shardings=(shardings, xs),
+  xs = store_lib.rows_sharding(batch_sharding(plan, mesh), store.scaled)
+  train_step = make_step(graphdef, plan)
+  # Batches arrive as the store holds them (bfloat16 or 8-bit codes) and are decoded here, on
+  # the devices: the hosts move a half or a quarter of float32's bytes.
+  step_fn = jax.jit(lambda s, rows: train_step(s, store_lib.decode(rows, input_scale)),
+                    in_shardings=(shardings, xs),
                     out_shardings=(shardings, NamedSharding(mesh, P("seed"))), donate_argnums=0)
   sae = nnx.merge(graphdef, state).seeds.sae  # the architecture's static facts, for export
-  hooks, writer, bar = _hooks(plan, mngr, schedule, start, lambda directory, t: export(
+  clock = Throughput(plan.identity.batch_size, len(plan.seeds), plan.num_streams)
+  hooks, writer, bar = _hooks(plan, mngr, schedule, start, clock, lambda directory, t: export(
       directory, graphdef, t.state, sae, plan, t.step, input_scale))
   skipped = 0 if fresh else checkpoints.saved_metadata(mngr, start).get(checkpoints.SKIPPED_KEY, 0)
   failed = True
   try:
-    for step, batch in enumerate(_batches(plan, store, xs, start), start + 1):
+    for step, batch in enumerate(_batches(plan, store, xs.codes, start, clock), start + 1):
       if fresh and step == 1:
-        state = jax.jit(init_from_first_batch, static_argnums=0, out_shardings=shardings)(
-            graphdef, state, batch.x)
+        state = jax.jit(lambda s, rows: init_from_first_batch(
+            graphdef, s, store_lib.decode(rows, input_scale)), out_shardings=shardings)(
+                state, batch.x)
       state, metrics = step_fn(state, batch.x)
       if batch.skipped and not skipped:
         logging.warning("skipping rows with NaN/Inf (--skip_non_finite); the first: %s",
@@ -92,22 +99,31 @@ def _initial_state(plan: RunPlan, tx, mesh):
   return graphdef, state, shardings, mngr, fresh
 
 
-def _batches(plan: RunPlan, store: store_lib.Store, sharding, start: int):
+def _batches(plan: RunPlan, store: store_lib.Store, sharding, start: int, clock: Throughput):
+  """The run's batches as stored (the step decodes and normalizes them), each step's wait for
+  its batch told to the clock: where the hosts, not the devices, set the pace."""
   read = dict(start_step=start, num_steps=plan.num_steps - start, site=plan.identity.site,
-              normalize=plan.identity.normalize, skip_non_finite=plan.skip_non_finite)
+              skip_non_finite=plan.skip_non_finite, stored=True)
   if plan.identity.data_seeds:
-    return store_lib.member_batches(plan.store, plan.identity.data_seeds,
-                                    plan.identity.batch_size, sharding, **read)
-  return store.batches(plan.identity.batch_size, sharding=sharding,
-                       data_seed=plan.identity.data_seed, **read)
+    stream = store_lib.member_batches(plan.store, plan.identity.data_seeds,
+                                      plan.identity.batch_size, sharding, **read)
+  else:
+    stream = store.batches(plan.identity.batch_size, sharding=sharding,
+                           data_seed=plan.identity.data_seed, **read)
+  while True:
+    t = time.perf_counter()
+    batch = next(stream, None)
+    if batch is None:
+      return
+    clock.waited(time.perf_counter() - t)
+    yield batch
 
 
-def _hooks(plan: RunPlan, mngr, schedule, start: int, export_to):
+def _hooks(plan: RunPlan, mngr, schedule, start: int, clock: Throughput, export_to):
   """(hooks, metrics writer, progress bar): the clock, metrics and the bar every --log_every
   steps, checkpoints every --checkpoint_every, snapshots at --keep_at_tokens, each at the end."""
   i, num_steps = plan.identity, plan.num_steps
   writer = MetricsWriter(plan.out, plan.member_names, start)
-  clock = Throughput(i.batch_size, len(i.seeds), plan.num_streams)
   bar = None
   if plan.progress and jax.process_index() == 0:
     from tqdm import tqdm
@@ -125,6 +141,7 @@ def _hooks(plan: RunPlan, mngr, schedule, start: int, export_to):
                   **{k: v.tolist() for k, v in m.items()}})
     if bar is not None:
       bar.set_postfix({"stream tok/s": f"{rates['tokens_per_s_stream']:,.0f}",
+                       "input wait": f"{rates['input_wait_frac']:.0%}",
                        "per seed": f"{rates['tokens_per_s_per_seed']:,.0f}",
                        "fvu": f"{m['fvu'].mean():.4f}", "l0": f"{m['l0'].mean():.1f}"},
                       refresh=False)
