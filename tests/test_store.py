@@ -148,17 +148,6 @@ def test_a_reader_error_surfaces_from_the_prefetch_thread(st):
       pass
 
 
-def test_remote_path_layer_reads_the_same_batches(st, monkeypatch):
-  # gs:// stores go through etils.epath (as orbax does) instead of memory maps. The same epath
-  # code reads a local path, so treating this one as remote runs that branch here.
-  monkeypatch.setattr(files, "is_remote", lambda path: True)
-  remote = store.Store(st.directory, verify="sha256")
-  assert not isinstance(remote.shard(0), np.memmap)
-  np.testing.assert_array_equal(remote.batch(7, 64, data_seed=3), st.batch(7, 64, data_seed=3))
-  ids, at = remote.context(123)
-  assert ids == st.context(123)[0]
-
-
 _KEYS = ["format_version", "sites", "d_in", "dtype", "ctx_len", "num_tokens", "shards",
          "mean_norm"]
 

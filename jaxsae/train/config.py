@@ -108,6 +108,10 @@ class TrainConfig:
                                    "does: the first at RUN/seed{N}/, the others at "
                                    "RUN/{layout}/seed{N}/. Default: sparsify for topk, saelens "
                                    "for every other architecture (sparsify encodes TopK only).")
+  store_window: int = field(8, "gs:// stores: shards held in memory at once, the shuffle buffer "
+                            "being read (4 shards) and those read ahead of it (at least 8, "
+                            "since a batch can straddle two buffers). Memory: this times the "
+                            "store's shard size; a local store is memory-mapped instead.")
   log_every: int = field(10, "Write metrics every this many steps.")
   progress: bool = field(True, "Show a progress bar.")
   distributed: bool = field(False, "Join the other hosts with jax.distributed.initialize() first "

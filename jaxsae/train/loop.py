@@ -29,7 +29,7 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
                                cfg.process_id)
   if not cfg.store or not cfg.out:
     raise JaxsaeError("--store and --out are required")
-  store = store_lib.Store(cfg.store)
+  store = store_lib.Store(cfg.store, window=cfg.store_window)
   site = store.sites[store.site_index(cfg.site)]
   plan = resolve(cfg, store.d_in, store.num_tokens)
   check_run_dir(plan)
@@ -106,7 +106,8 @@ def _batches(plan: RunPlan, store: store_lib.Store, sharding, start: int, clock:
               skip_non_finite=plan.skip_non_finite, stored=True)
   if plan.identity.data_seeds:
     stream = store_lib.member_batches(plan.store, plan.identity.data_seeds,
-                                      plan.identity.batch_size, sharding, **read)
+                                      plan.identity.batch_size, sharding,
+                                      window=plan.store_window, **read)
   else:
     stream = store.batches(plan.identity.batch_size, sharding=sharding,
                            data_seed=plan.identity.data_seed, **read)

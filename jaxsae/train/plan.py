@@ -123,6 +123,7 @@ class RunPlan:
   skip_non_finite: bool
   log_every: int
   progress: bool
+  store_window: int = 8  # gs:// stores: shards held in memory (Store's `window`)
 
   @property
   def arch(self) -> type[SAE]:
@@ -215,7 +216,8 @@ def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> RunPlan:
           layouts=_layouts(cfg, arch)),
       num_steps=num_steps, penalty_steps=penalty_steps,
       l0_target=l0_target, dead_tokens=cfg.dead_tokens, store=cfg.store, out=cfg.out,
-      skip_non_finite=cfg.skip_non_finite, log_every=cfg.log_every, progress=cfg.progress)
+      skip_non_finite=cfg.skip_non_finite, log_every=cfg.log_every, progress=cfg.progress,
+      store_window=cfg.store_window)
 
 
 def _layouts(cfg: TrainConfig, arch: type[SAE]) -> tuple[str, ...]:
