@@ -418,13 +418,14 @@ def run(cfg: ExtractConfig) -> dict | None:
     spec["skip_first"] = cfg.skip_first
   store_writer.init_store(cfg.out, spec)
   todo = [i for i in _parse_range(cfg.shard_range, num_shards)
-          if i not in store.written_shards(cfg.out)]
+          if i not in store_writer.written_shards(cfg.out)]
   store_writer.claim_shards(cfg.out, todo, cfg.shard_range)
   try:
     # A killed run leaves temporaries of the shards it was writing; those shards are ours to
-    # write again (we hold their claims), so their leftovers are ours to remove.
+    # write again (we hold their claims), so their leftovers are ours to remove. (gs:// objects
+    # are uploaded whole, under their final names: none there.)
     mine = {store.shard_name(i) for i in todo}
-    for name in os.listdir(cfg.out):
+    for name in [] if files.is_remote(cfg.out) else os.listdir(cfg.out):
       if ".tmp-" in name and name.split(".")[0] in mine:
         os.remove(os.path.join(cfg.out, name))
     run_todo = todo
@@ -451,12 +452,15 @@ def run(cfg: ExtractConfig) -> dict | None:
   hooked.close()
   manifest = store_writer.finalize(cfg.out)
   if manifest is None:
-    left = num_shards - len(store.written_shards(cfg.out))
+    left = num_shards - len(store_writer.written_shards(cfg.out))
     print(f"this worker's shards are written; {left} shard(s) of the store remain for other "
           f"workers (the last to finish writes manifest.json)")
     return None
-  nbytes = sum(os.path.getsize(os.path.join(cfg.out, s[key])) for s in manifest["shards"]
-               for key in ("file", "scales_file") if s.get(key))
+  # The rows' files' sizes, from their counts (asking gs:// would take a request per file).
+  row_bytes = len(site_names) * d_in * store.np_dtype(cfg.dtype).itemsize
+  if cfg.dtype in store.CODE_MAX:
+    row_bytes += len(site_names) * store.SCALE_DTYPE.itemsize
+  nbytes = manifest["num_tokens"] * row_bytes
   print(f"wrote {manifest['num_tokens']:,} tokens x {len(site_names)} site(s) "
         f"({nbytes / 2**30:.2f} GiB, {num_shards} shards) to {cfg.out}")
   return manifest

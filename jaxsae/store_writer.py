@@ -6,10 +6,18 @@ counts as written only when its ledger entry exists. Independent workers can the
 disjoint shard ranges of one store (overlapping ones are refused by the claims), and a killed
 extraction resumes at the first shard without a ledger entry. Whoever writes the last shard
 writes the manifest.
+
+`directory` may be gs://BUCKET/PATH: every file is then one object uploaded whole (GCS shows
+an object complete or not at all, so no temporary names are needed), and a claim is a
+create-only upload, of which one worker wins on any host. What a claim cannot tell across
+hosts is whether its worker still runs: a claim of another host is taken over only by a rerun
+of its exact --shard_range, locally and on gs:// alike (see `_claim_is_stale`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import hashlib
 import io
 import json
@@ -17,16 +25,37 @@ import os
 import shutil
 import socket
 import time
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from jaxsae import files
+from jaxsae import gcs
 from jaxsae import store
 from jaxsae.errors import JaxsaeError
 
 # Rows used to estimate the mean activation norm recorded in the manifest.
 NORM_SAMPLE_ROWS = 65536
+# Concurrent requests where a gs:// store is read object by object (ledgers, sampled rows).
+_GCS_THREADS = 16
+# Sampled rows of a gs:// shard this close together are read as one range: a request costs
+# about as much as this many bytes.
+_GCS_GAP_BYTES = 1 << 18
+
+
+def _read_json(path: str):
+  return json.loads(files.read_bytes(path))
+
+
+def written_shards(directory: str) -> dict[int, dict]:
+  """The ledger entries of the shards that are completely written, by index, in a local or a
+  gs:// directory (store.written_shards reads local ones only)."""
+  if not files.is_remote(directory):
+    return store.written_shards(directory)
+  paths = [files.join(directory, n) for n in files.listdir(directory)
+           if n.startswith("shard_") and n.endswith(".json")]
+  with concurrent.futures.ThreadPoolExecutor(_GCS_THREADS) as pool:  # a request per ledger
+    return {entry["index"]: entry for entry in pool.map(_read_json, paths)}
 
 
 def init_store(directory: str, spec: dict) -> None:
@@ -35,21 +64,20 @@ def init_store(directory: str, spec: dict) -> None:
   `spec` must hold at least sites, d_in, dtype, ctx_len and num_shards; everything in it is part
   of the store's identity, so a rerun with other settings is refused instead of mixing data.
   """
-  os.makedirs(directory, exist_ok=True)
+  files.makedirs(directory)
   spec = {"format_version": store.FORMAT_VERSION, **spec}
   if store.row_scale(spec["dtype"]) is not None:  # float stores keep their spec as it was
     spec["row_scale"] = store.row_scale(spec["dtype"])
-  path = os.path.join(directory, store.SPEC)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  path = files.join(directory, store.SPEC)
+  if files.exists(path):
+    old = _read_json(path)
     details = _spec_differences(old, spec, "now")
     if details:
       raise JaxsaeError(
           f"{directory} holds a different store ({details}); "
           "choose a new --out or delete that directory")
     return
-  if os.listdir(directory):
+  if files.listdir(directory):
     raise JaxsaeError(f"{directory} is not empty and is not an activation store; "
                       "choose a new --out")
   files.atomic_write_json(path, spec)
@@ -70,8 +98,7 @@ def write_shard(directory: str, index: int, acts: np.ndarray, ids: np.ndarray,
   """
   if acts.ndim != 3 or pos.shape != (acts.shape[0],):
     raise ValueError(f"bad shard shapes: acts {acts.shape}, pos {pos.shape}")
-  with open(os.path.join(directory, store.SPEC)) as f:
-    dtype = json.load(f)["dtype"]
+  dtype = _read_json(files.join(directory, store.SPEC))["dtype"]
   codes, scales = store.quantize(acts, dtype)
   # Checked as read back, so that a float16 overflow or a NaN row scale is caught too.
   with np.errstate(invalid="ignore"):  # 0 * an infinite scale: NaN, which is the point
@@ -83,7 +110,7 @@ def write_shard(directory: str, index: int, acts: np.ndarray, ids: np.ndarray,
         f"{int(ids.reshape(-1)[pos[bad]])}); the model produced NaN/Inf: try --dtype=float32 or "
         "a model dtype with more range")
   name = store.shard_name(index)
-  base = os.path.join(directory, name)
+  base = files.join(directory, name)
   acts_bytes = np.ascontiguousarray(codes).tobytes()
   buf = _npz_bytes(ids=ids.astype(np.int32), pos=pos.astype(np.int32))
   files.atomic_write_bytes(base + ".bin", acts_bytes)
@@ -115,13 +142,12 @@ def _npz_bytes(**arrays) -> bytes:
 
 
 def _claim_path(directory: str, index: int) -> str:
-  return os.path.join(directory, store.shard_name(index) + ".claim")
+  return files.join(directory, store.shard_name(index) + ".claim")
 
 
 def _read_claim(path: str) -> dict | None:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return _read_json(path)
   except FileNotFoundError:
     return None
   except (OSError, json.JSONDecodeError):
@@ -133,6 +159,9 @@ def _claim_is_stale(claim: dict, owner: dict) -> bool:
 
   A worker on this host is gone when its pid is; on another host only a rerun of the very
   same range (a restarted worker) may take over, as that host's processes cannot be seen.
+  The same holds for a gs:// store, whose workers are on many hosts: a claim records no
+  heartbeat, so a worker gone for good on another host leaves its claims to a rerun of its
+  range, or to a person who deletes them.
   """
   if claim.get("host") == owner["host"]:
     try:
@@ -148,50 +177,70 @@ def _claim_is_stale(claim: dict, owner: dict) -> bool:
 def claim_shards(directory: str, indices: Sequence[int], shard_range: str) -> None:
   """Claims shards `indices` for this process, or raises naming the worker that holds one.
 
-  A claim is a file shard_NNNNN.claim created atomically (a complete temporary file hard-linked
-  under its final name, which fails if the name exists), so two workers given overlapping
-  `--shard_range`s cannot both hold a shard; the second is refused before it writes anything.
+  A claim is a file shard_NNNNN.claim created atomically and only if absent (`_creating`), so
+  two workers given overlapping `--shard_range`s cannot both hold a shard; the second is
+  refused before it writes anything.
   """
   owner = {"pid": os.getpid(), "host": socket.gethostname(), "range": shard_range,
            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
   sweep_claims(directory)
-  tmp = os.path.join(directory, f".claim.tmp-{os.getpid()}")
-  files.atomic_write_json(tmp, owner)
   taken = []
-  try:
+  with _creating(directory, owner) as create:
     for i in indices:
       path = _claim_path(directory, i)
-      while True:
-        try:
-          os.link(tmp, path)
-          break
-        except FileExistsError:
-          claim = _read_claim(path)
-          if claim is None:
-            continue  # released between our two looks: try again
-          if not _claim_is_stale(claim, owner):
-            release_shards(directory, taken)
-            raise JaxsaeError(
-                f"{path}: shard {i} is claimed by another extraction worker (pid "
-                f"{claim.get('pid')} on {claim.get('host')}, --shard_range="
-                f"{claim.get('range') or 'all'}) that overlaps --shard_range="
-                f"{shard_range or 'all'}; give workers disjoint ranges, or if that worker is "
-                "gone for good, delete its .claim files (or rerun its exact range)")
-          files.atomic_write_json(path, owner)
-          break
+      while not create(path):
+        claim = _read_claim(path)
+        if claim is None:
+          continue  # released between our two looks: try again
+        if not _claim_is_stale(claim, owner):
+          release_shards(directory, taken)
+          raise JaxsaeError(
+              f"{path}: shard {i} is claimed by another extraction worker (pid "
+              f"{claim.get('pid')} on {claim.get('host')}, --shard_range="
+              f"{claim.get('range') or 'all'}) that overlaps --shard_range="
+              f"{shard_range or 'all'}; give workers disjoint ranges, or if that worker is "
+              "gone for good, delete its .claim files (or rerun its exact range)")
+        files.atomic_write_json(path, owner)
+        break
       taken.append(i)
+
+
+@contextlib.contextmanager
+def _creating(directory: str, owner: dict) -> Iterator[Callable[[str], bool]]:
+  """create(path) -> bool: writes `owner` as the file `path` only if no file has that name.
+
+  Locally a complete temporary file is hard-linked under the name, which fails if the name
+  exists; on gs:// the upload is create-only (ifGenerationMatch=0). Of several workers
+  creating one name, on one host or many, exactly one gets True.
+  """
+  if files.is_remote(directory):
+    data = json.dumps(owner, indent=1, sort_keys=True).encode()
+    # A create retried after its answer was lost finds its own first try there: ours too.
+    yield lambda path: gcs.write_bytes(path, data, if_absent=True) or _read_claim(path) == owner
+    return
+  tmp = os.path.join(directory, f".claim.tmp-{os.getpid()}")
+  files.atomic_write_json(tmp, owner)
+
+  def create(path: str) -> bool:
+    try:
+      os.link(tmp, path)
+      return True
+    except FileExistsError:
+      return False
+  try:
+    yield create
   finally:
     os.remove(tmp)
 
 
 def sweep_claims(directory: str) -> None:
   """Removes the claims a killed worker left on shards it had finished (never written again)."""
-  done = store.written_shards(directory)
-  for name in os.listdir(directory):
+  done = written_shards(directory)
+  for name in files.listdir(directory):
     if name.startswith("shard_") and name.endswith(".claim") and \
         int(name[6:].split(".")[0]) in done:
       try:
-        os.remove(os.path.join(directory, name))
+        files.remove(files.join(directory, name))
       except FileNotFoundError:
         pass
 
@@ -203,7 +252,7 @@ def release_shards(directory: str, indices: Sequence[int]) -> None:
     path = _claim_path(directory, i)
     claim = _read_claim(path)
     if claim and (claim.get("pid"), claim.get("host")) == me:
-      os.remove(path)
+      files.remove(path)
 
 
 # Spec keys that only say how long a store is. Windows are packed from the corpus in order and
@@ -215,12 +264,16 @@ LENGTH_KEYS = ("requested_tokens", "num_windows", "num_shards")
 def check_grow_source(directory: str, source: str) -> str:
   """The spec path of the store `source` a store at `directory` may grow from; JaxsaeError
   where it cannot be one, checked before a model loads (its spec is compared later)."""
-  if os.path.abspath(source) == os.path.abspath(directory):
+  if _place(source) == _place(directory):
     raise JaxsaeError(f"--grow_from={source} is the store being written")
-  src_spec_path = os.path.join(source, store.SPEC)
-  if not os.path.exists(src_spec_path):
+  src_spec_path = files.join(source, store.SPEC)
+  if not files.exists(src_spec_path):
     raise JaxsaeError(f"--grow_from={source}: not an activation store (no {store.SPEC})")
   return src_spec_path
+
+
+def _place(directory: str) -> str:
+  return directory.rstrip("/") if files.is_remote(directory) else os.path.abspath(directory)
 
 
 def adopt_shards(directory: str, source: str, indices: Sequence[int]) -> list[int]:
@@ -229,21 +282,19 @@ def adopt_shards(directory: str, source: str, indices: Sequence[int]) -> list[in
   The stores' specs must agree in everything but their length (else JaxsaeError names the
   first keys that differ). A shard is taken only when it is full in both stores, so a shorter
   last shard on either side is left to be extracted. Files are hard-linked (copied across
-  filesystems) under temporary names and renamed, the ledger entry last, as write_shard does.
-  The caller must hold the claims on `indices`.
+  filesystems, and to or from gs:// through this host) under temporary names and renamed, the
+  ledger entry last, as write_shard does. The caller must hold the claims on `indices`.
   """
   src_spec_path = check_grow_source(directory, source)
-  with open(src_spec_path) as f:
-    theirs = json.load(f)
-  with open(os.path.join(directory, store.SPEC)) as f:
-    ours = json.load(f)
+  theirs = _read_json(src_spec_path)
+  ours = _read_json(files.join(directory, store.SPEC))
   details = _spec_differences(theirs, ours, "here", skip=LENGTH_KEYS)
   if details:
     raise JaxsaeError(f"--grow_from={source} is another store than this one, not a shorter "
                       f"one ({details})")
   wps = ours["windows_per_shard"]
   whole_here = ours["num_windows"] // wps
-  theirs_done = store.written_shards(source)
+  theirs_done = written_shards(source)
   taken = []
   for i in indices:
     entry = theirs_done.get(i)
@@ -251,13 +302,16 @@ def adopt_shards(directory: str, source: str, indices: Sequence[int]) -> list[in
       continue
     for key in ("file", "tokens_file", "scales_file"):
       if entry.get(key):
-        _link_or_copy(os.path.join(source, entry[key]), os.path.join(directory, entry[key]))
-    files.atomic_write_json(os.path.join(directory, store.shard_name(i) + ".json"), entry)
+        _link_or_copy(files.join(source, entry[key]), files.join(directory, entry[key]))
+    files.atomic_write_json(files.join(directory, store.shard_name(i) + ".json"), entry)
     taken.append(i)
   return taken
 
 
 def _link_or_copy(src: str, dst: str) -> None:
+  if files.is_remote(src) or files.is_remote(dst):
+    files.atomic_write_bytes(dst, files.read_bytes(src))  # a shard at a time: tens of MB
+    return
   tmp = f"{dst}.tmp-{os.getpid()}"
   try:
     try:
@@ -272,12 +326,11 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def finalize(directory: str) -> dict | None:
   """Writes manifest.json once every shard of the spec is written; returns it (None if not yet)."""
-  if os.path.exists(os.path.join(directory, store.MANIFEST)):
-    with open(os.path.join(directory, store.MANIFEST)) as f:
-      return json.load(f)
-  with open(os.path.join(directory, store.SPEC)) as f:
-    spec = json.load(f)
-  done = store.written_shards(directory)
+  manifest_path = files.join(directory, store.MANIFEST)
+  if files.exists(manifest_path):
+    return _read_json(manifest_path)
+  spec = _read_json(files.join(directory, store.SPEC))
+  done = written_shards(directory)
   if len(done) < spec["num_shards"]:
     return None
   shards = [done[i] for i in range(spec["num_shards"])]
@@ -287,21 +340,67 @@ def finalize(directory: str) -> dict | None:
       "shards": shards,
   }
   manifest["mean_norm"] = _mean_norms(directory, manifest)
-  files.atomic_write_json(os.path.join(directory, store.MANIFEST), manifest)
+  files.atomic_write_json(manifest_path, manifest)
   sweep_claims(directory)
   return manifest
 
 
+def _norm_sample(num_tokens: int) -> np.ndarray:
+  return np.linspace(0, num_tokens - 1, min(NORM_SAMPLE_ROWS, num_tokens)).astype(np.int64)
+
+
 def _mean_norms(directory: str, manifest: dict) -> dict[str, float]:
   """Mean L2 norm per site over an evenly spaced sample of rows, for optional normalisation."""
+  if files.is_remote(directory):
+    return _remote_mean_norms(directory, manifest)
   st = store.Store(directory, manifest=manifest)
-  n = min(NORM_SAMPLE_ROWS, st.num_tokens)
-  rows = np.linspace(0, st.num_tokens - 1, n).astype(np.int64)
+  rows = _norm_sample(st.num_tokens)
   norms = {}
   for site in st.sites:
     x = st.rows(rows, site=site)
     norms[site] = float(np.linalg.norm(x, axis=-1).mean())
   return norms
+
+
+def _remote_mean_norms(directory: str, manifest: dict) -> dict[str, float]:
+  """`_mean_norms` of a gs:// store, bit for bit, from ranged reads of the sampled rows: the
+  reader would fetch (and keep) every shard whole, the whole store, for a sample of 64K rows."""
+  sites, shards = manifest["sites"], manifest["shards"]
+  dtype, scaled = store.np_dtype(manifest["dtype"]), manifest["dtype"] in store.CODE_MAX
+  offsets = np.concatenate([[0], np.cumsum([s["num_tokens"] for s in shards])])
+  rows = _norm_sample(int(offsets[-1]))
+  shard_of = np.searchsorted(offsets, rows, side="right") - 1
+
+  def read(i: int) -> tuple[np.ndarray, np.ndarray | None]:
+    local = rows[shard_of == i] - offsets[i]
+    codes = _read_rows(files.join(directory, shards[i]["file"]), local,
+                       (len(sites), manifest["d_in"]), dtype)
+    if not scaled:
+      return codes, None
+    return codes, _read_rows(files.join(directory, shards[i]["scales_file"]), local,
+                             (len(sites),), store.SCALE_DTYPE)
+  with concurrent.futures.ThreadPoolExecutor(_GCS_THREADS) as pool:
+    parts = list(pool.map(read, np.unique(shard_of)))
+  codes = np.concatenate([c for c, _ in parts])
+  scales = np.concatenate([s for _, s in parts]) if scaled else None
+  return {site: float(np.linalg.norm(store.dequantize(
+      codes[:, j], None if scales is None else scales[:, j]), axis=-1).mean())
+      for j, site in enumerate(sites)}
+
+
+def _read_rows(url: str, rows: np.ndarray, shape: tuple[int, ...], dtype: np.dtype
+               ) -> np.ndarray:
+  """Rows `rows` (ascending) [len(rows), *shape] of the raw array object at `url`, each run of
+  rows less than _GCS_GAP_BYTES apart read as one range."""
+  row_bytes = int(np.prod(shape)) * dtype.itemsize
+  runs = np.split(rows, np.nonzero(np.diff(rows) * row_bytes > _GCS_GAP_BYTES)[0] + 1)
+  out = []
+  for run in runs:
+    lo = int(run[0])
+    block = np.frombuffer(gcs.read_range(url, lo * row_bytes, (int(run[-1]) + 1) * row_bytes),
+                          dtype).reshape(-1, *shape)
+    out.append(block[run - lo])
+  return np.concatenate(out)
 
 
 def write_store(directory: str, acts: np.ndarray, *, ids: np.ndarray | None = None,
