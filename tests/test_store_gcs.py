@@ -3,6 +3,7 @@ and one clear error for every way the bytes can fail to arrive."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import tracemalloc
@@ -160,3 +161,42 @@ def test_a_server_restarted_during_a_read_is_survived(tmp_path, root, gcs_emulat
   want = list(local.batches(100, num_steps=16, data_seed=1))
   for a, b in zip(got, want, strict=True):
     np.testing.assert_array_equal(a.x, b.x)
+
+
+def test_train_and_match_read_a_gs_store_as_they_read_the_local_one(tmp_path, root):
+  """`jaxsae train --store=gs://...` trains the very SAEs the local store gives, bit for bit, and
+  `jaxsae match --store=gs://...` writes the same numbers."""
+  from conftest import files as tree, planted_sparse, train_config
+  from jaxsae import match
+  from jaxsae import train
+  from jaxsae.sae import io
+  x, _ = planted_sparse(4096, 16, 32, 3)
+  local = store_writer.write_store(str(tmp_path / "s"), (x + 0.5).astype(np.float32),
+                                   rows_per_shard=512, dtype="bfloat16")
+  url = upload(local.directory, f"{root}/s")
+  for name, path in (("local", local.directory), ("gs", url)):
+    train.run(train_config(path, tmp_path / name, num_tokens=128 * 20, checkpoint_every=20))
+  for seed in (0, 1):
+    a, _ = io.load(str(tmp_path / "local" / f"seed{seed}"))
+    b, _ = io.load(str(tmp_path / "gs" / f"seed{seed}"))
+    for k in a:
+      assert a[k].tobytes() == b[k].tobytes(), (seed, k)
+  results = {}
+  for name, path in (("local", local.directory), ("gs", url)):
+    out = tmp_path / f"match_{name}"
+    match.run(match.MatchConfig(inputs=(str(tmp_path / "local"),), out=str(out), store=path,
+                                freq_tokens=1024, importance_tokens=512, scan_tokens=1024))
+    results[name] = tree(out)
+  assert results["local"].keys() == results["gs"].keys()
+  for f in results["local"]:
+    a, b = results["local"][f], results["gs"][f]
+    if f == "match.json":  # the same but for where each read from and how long it took
+      a, b = (json.loads(v) for v in (a, b))
+      for m in (a, b):
+        for key in ("store", "seconds"):
+          m.pop(key)
+        for key in ("store", "out"):
+          m["config"].pop(key)
+        for p in m["pairs"]:
+          p.pop("encoder_seconds"), p.pop("decoder_seconds")
+    assert a == b, f

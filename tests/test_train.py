@@ -86,6 +86,8 @@ def test_run_writes_metrics_checkpoints_and_exports(reference):
   assert lines[-1]["tokens_per_seed"] == 40 * 128
   rates = [lines[-1][f"tokens_per_s_{of}"] for of in ("per_seed", "stream", "all_seeds")]
   assert rates[0] > 0 and rates[1] == rates[0] and rates[2] == pytest.approx(2 * rates[0])
+  # How long the steps waited for the store: told for every logged interval.
+  assert all(r["input_wait_s"] >= 0 and 0 <= r["input_wait_frac"] <= 1 for r in lines)
   assert sorted(os.listdir(reference / "checkpoints")) == ["20", "30", "40"]  # keep the last 3
   (events,) = os.listdir(reference / "tensorboard")
   tags = {v.tag for e in _tensorboard_events(reference / "tensorboard" / events)
