@@ -47,7 +47,8 @@ _ROWS_PER_SHARD = flags.DEFINE_integer("rows_per_shard", 16384, "Rows per shard.
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Rows per batch, as the trainer reads them.")
 _STEPS = flags.DEFINE_integer("steps", 64, "Batches per timed round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds per dtype.")
-_PREFETCH = flags.DEFINE_integer("prefetch", 4, "Batches read ahead on the trainer's path.")
+_PREFETCH = flags.DEFINE_integer("prefetch", None, "Batches read ahead on the trainer's path; "
+                                  "default the reader's (2 per worker).")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Reader threads on the trainer's path; 0: the "
                                 "reader's default (one per core, at most 4).")
 _REFERENCE = flags.DEFINE_string("reference", None, "A float32 store to compare --stores with.")

@@ -640,10 +640,11 @@ class Store:
     return Batch(x, step, skipped, where)
 
   def batches(self, batch_size: int, *, start_step: int = 0, num_steps: int | None = None,
-              sharding: Any = None, prefetch: int = 4, workers: int | None = None,
+              sharding: Any = None, prefetch: int | None = None, workers: int | None = None,
               **kwargs) -> Iterator[Batch]:
-    """Yields a Batch per step from `start_step` on, each read `prefetch` steps ahead by a pool
-    of `workers` threads (default: one per core, at most 4) and placed on the devices there.
+    """Yields a Batch per step from `start_step` on, each read up to `prefetch` steps ahead
+    (default: 2 per worker) by a pool of `workers` threads (default: one per core, at most 8)
+    and placed on the devices there; 0 reads each batch when it is asked for.
 
     The shards are prepared (checksums, non-finite rows) on a thread of their own in the order
     the stream will read them, so a step waits on that only where the stream starts.
@@ -671,9 +672,11 @@ class Store:
 
     verify = kwargs.get("verify_on_read", True)
     data_seed, shuffle = kwargs.get("data_seed", 0), kwargs.get("shuffle_shards", 4)
+    workers = workers or _default_workers()
+    prefetch = 2 * workers if prefetch is None else prefetch
     if self.remote:
       return self._streamed(make, start_step, num_steps, batch_size, data_seed, shuffle,
-                            prefetch, workers or _default_workers())
+                            prefetch, workers)
     order = self.shard_order(start_step, batch_size, data_seed, shuffle)
 
     def prepare_ahead(stop: threading.Event) -> None:
@@ -685,8 +688,7 @@ class Store:
       except Exception:  # pylint: disable=broad-except
         return  # the batch that needs the shard meets the same error and surfaces it
 
-    return _prefetched(make, start_step, num_steps, prefetch, workers or _default_workers(),
-                       prepare_ahead)
+    return _prefetched(make, start_step, num_steps, prefetch, workers, prepare_ahead)
 
   def buffer_schedule(self, start_step: int, batch_size: int, data_seed: int = 0,
                       shuffle_shards: int = 4) -> Iterator[tuple[tuple[int, ...], int, int]]:
@@ -834,7 +836,9 @@ class _Window:
 
 
 def _default_workers() -> int:
-  return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+  # A gather is a copy at memory speed: past a few threads per socket more of them only contend
+  # for its bandwidth, and each holds a batch in flight.
+  return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                     else os.cpu_count() or 1))
 
 

@@ -105,7 +105,10 @@ def test_bench_store_smoke(tmp_path):
   assert list(rows) == ["float32", "bfloat16", "int8", "float8_e4m3fn"]
   assert [rows[d]["bytes_per_token"] for d in rows] == [64, 32, 20, 20]  # 16 codes + 4 scale
   assert rows["float32"]["rel_l2_err_max"] == 0 and rows["int8"]["rel_l2_err_max"] < 0.02
-  assert all(r["read_rows_per_s"] > 0 for r in rows.values())
+  for r in rows.values():
+    assert r["device_rows_per_s"] > 0 and r["host_rows_per_s"] > 0 and r["gather_rows_per_s"] > 0
+    assert r["device_over_gather"] == pytest.approx(
+        r["device_rows_per_s"] / r["gather_rows_per_s"], abs=2e-3)
   # The second form: stores of the same tokens compared row by row with a float32 one.
   from jaxsae import store_writer
   x = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
