@@ -317,7 +317,8 @@ class Store:
     if not self._exists(MANIFEST):
       if self._exists(SPEC):
         spec = json.loads(self._read(SPEC))
-        n = len(written_shards(self.directory)) if not self.remote else "some"
+        n = sum(1 for name in files.listdir(self.directory)
+                if name.startswith("shard_") and name.endswith(".json") and ".tmp-" not in name)
         raise JaxsaeError(
             f"store {self.directory} is incomplete ({n} of {spec.get('num_shards')} shards "
             "written); rerun the same `jaxsae extract` command to finish it")
