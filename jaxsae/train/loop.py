@@ -111,13 +111,16 @@ def _batches(plan: RunPlan, store: store_lib.Store, sharding, start: int, clock:
   else:
     stream = store.batches(plan.identity.batch_size, sharding=sharding,
                            data_seed=plan.identity.data_seed, **read)
-  while True:
-    t = time.perf_counter()
-    batch = next(stream, None)
-    if batch is None:
-      return
-    clock.waited(time.perf_counter() - t)
-    yield batch
+  try:
+    while True:
+      t = time.perf_counter()
+      batch = next(stream, None)
+      if batch is None:
+        return
+      clock.waited(time.perf_counter() - t)
+      yield batch
+  finally:
+    stream.close()  # stops its reader threads now, not when it is collected
 
 
 def _hooks(plan: RunPlan, mngr, schedule, start: int, clock: Throughput, export_to):
