@@ -10,7 +10,10 @@ What the emulator (2026.7) lacks is added in the subprocess, not in jaxsae:
   * concurrent requests: its HTTPServer serves one request at a time, which would measure the
     server, not the client; reads run in parallel here, writes one at a time (its metadata is
     one JSON file rewritten on every change);
-  * empty objects uploaded as media (it fails on the empty body).
+  * empty objects uploaded as media (it fails on the empty body);
+  * objects.move (POST .../o/SRC/moveTo/o/DST), which gcsfs tries first for every rename
+    (orbax moving a checkpoint aside): the emulator's 501 is retried for seconds per object
+    before gcsfs falls back to copy and delete.
 """
 
 from __future__ import annotations
@@ -123,6 +126,22 @@ def _patched_emulator():
 
   objects._media_upload = precondition(empty_body(objects._media_upload))
   objects._multipart_upload = precondition(objects._multipart_upload)
+
+  def move(request, response, storage, *args, **kwargs):
+    bucket, name = request.params["bucket_name"], request.params["object_id"]
+    try:
+      moved = objects._copy(request.base_url, storage, bucket, name, bucket,
+                            request.params["dest_object_id"])
+    except NotFound:
+      response.status = HTTPStatus.NOT_FOUND
+      return
+    objects._delete(storage, bucket, name)
+    response.json(moved)
+
+  api = server.settings.API_ENDPOINT
+  server.HANDLERS = tuple((rf"^{root}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
+                           rf"(?P<dest_object_id>.*[^/]+)$", {server.POST: move})
+                          for root in (api, "")) + server.HANDLERS
 
   writes = threading.Lock()
 
