@@ -53,7 +53,7 @@ def written_shards(directory: str) -> dict[int, dict]:
   if not files.is_remote(directory):
     return store.written_shards(directory)
   paths = [files.join(directory, n) for n in files.listdir(directory)
-           if n.startswith("shard_") and n.endswith(".json")]
+           if n.startswith("shard_") and n.endswith(".json") and ".tmp-" not in n]
   with concurrent.futures.ThreadPoolExecutor(_GCS_THREADS) as pool:  # a request per ledger
     return {entry["index"]: entry for entry in pool.map(_read_json, paths)}
 
