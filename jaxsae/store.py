@@ -188,14 +188,14 @@ def shard_name(index: int) -> str:
 
 
 def written_shards(directory: str) -> dict[int, dict]:
-  """The ledger entries of the shards that are completely written, by index."""
-  done = {}
-  for name in os.listdir(directory):
-    if name.startswith("shard_") and name.endswith(".json") and ".tmp-" not in name:
-      with open(os.path.join(directory, name)) as f:
-        entry = json.load(f)
-      done[entry["index"]] = entry
-  return done
+  """The ledger entries of the shards that are completely written, by index, in a local or a
+  gs:// directory (there read 16 at a time: a request per ledger)."""
+  from concurrent.futures import ThreadPoolExecutor
+  paths = [files.join(directory, name) for name in files.listdir(directory)
+           if name.startswith("shard_") and name.endswith(".json") and ".tmp-" not in name]
+  with ThreadPoolExecutor(16 if files.is_remote(directory) else 1) as pool:
+    entries = pool.map(lambda path: json.loads(files.read_bytes(path)), paths)
+    return {entry["index"]: entry for entry in entries}
 
 
 def _check_manifest(m: Any, where: str) -> None:
