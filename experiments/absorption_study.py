@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxsae import absorption
 from jaxsae import files
+from jaxsae import formats
 from jaxsae import saes as saes_lib
 
 import open_questions as oq  # beside this file
@@ -62,7 +63,7 @@ def evaluate_run(run_dir: str, match_dir: str, site: str, data, probe: dict,
   names = [s["name"] for s in summary["saes"]]
   per_seed, latents = [], []
   for i, s in enumerate(summary["saes"]):
-    sae = saes_lib.load_sae(s["path"])
+    sae = formats.load_sae(s["path"])
     r = absorption.evaluate(sae, data, site, probe)
     orphan = _orphan_of(table, summary, names, i, sae.n_latents)
     main_letter, absorbing = r.pop("main_letter"), r.pop("absorbing")
@@ -138,7 +139,7 @@ def _runs(trained, matched, store: str, reuse: list[tuple[str, str]]):
                         importance_tokens=0)
       yield name, sweep, train, run_dir, run_dir + "-match", summary
   for run_dir, match_dir in reuse:
-    sae = saes_lib.load_sae(saes_lib.discover([run_dir])[0])
+    sae = formats.load_sae(saes_lib.discover([run_dir])[0])
     with open(os.path.join(match_dir, "match.json")) as f:
       summary = json.load(f)
     yield ("mlp", "reused", {"num_latents": sae.n_latents, "k": sae.k}, run_dir, match_dir,

@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 
+from jaxsae import formats
 from jaxsae import saes as saes_lib
 from jaxsae import synthetic
 from jaxsae import truth as truth_lib
@@ -120,8 +121,8 @@ def run_name(train: dict) -> str:
 
 def recovery(run_dir: str, truth_dir: str) -> dict:
   """Each seed's recovery of the truth, and mean and std over the seeds."""
-  truth = saes_lib.load_sae(truth_dir).W_dec
-  per = [truth_lib.recovery(saes_lib.load_sae(p).W_dec, truth)
+  truth = formats.load_sae(truth_dir).W_dec
+  per = [truth_lib.recovery(formats.load_sae(p).W_dec, truth)
          for p in saes_lib.discover([run_dir])]
   out = {}
   for key in ("recovered_0.7", "recovered_0.9", "mcc"):
@@ -141,8 +142,8 @@ def orphan_kinds(match_dir: str, truth_dir: str, rule: str = "both_above") -> di
   """
   summary, table, _ = oq.load_match(match_dir)
   paths = {s["name"]: s["path"] for s in summary["saes"]}
-  truth = saes_lib.load_sae(truth_dir).W_dec
-  dec = {name: saes_lib.load_sae(p).W_dec for name, p in paths.items()}
+  truth = formats.load_sae(truth_dir).W_dec
+  dec = {name: formats.load_sae(p).W_dec for name, p in paths.items()}
   kinds = {name: truth_lib.classify(d, truth, THRESHOLD) for name, d in dec.items()}
   has = {name: truth_lib.cosines(d, truth).max(axis=0) >= THRESHOLD for name, d in dec.items()}
   rows = []

@@ -48,8 +48,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from jaxsae import consensus  # noqa: E402
 from jaxsae import extract  # noqa: E402
+from jaxsae import formats  # noqa: E402
 from jaxsae import match  # noqa: E402
-from jaxsae import saes  # noqa: E402
 from jaxsae import store as store_lib  # noqa: E402
 from jaxsae import train  # noqa: E402
 from jaxsae.sae import ARCHITECTURES  # noqa: E402
@@ -201,7 +201,7 @@ def trained(group: str, name: str, store: str, **overrides) -> str:
   seeds = cfg.get("seeds") or range(cfg["num_seeds"])
   data = cfg.get("data_seeds")
   members = train.member_names(list(seeds), list(data or ()))
-  if not all(saes.is_sae_dir(os.path.join(run_dir, m)) for m in members):
+  if not all(formats.is_sae_dir(os.path.join(run_dir, m)) for m in members):
     if data:
       cfg.pop("num_seeds")
     train.run(train.TrainConfig(**cfg))
@@ -528,13 +528,13 @@ def study_consensus(store: str, png: str) -> dict:
   rand = train.TrainConfig(**{**trained_config(group, f"random_{name}", store), **further})
   start = cs.initial_decoder(rand)
   drifts = {}
-  for label, cfg, begin in (("consensus init", init, saes.load_sae(cons).W_dec),
+  for label, cfg, begin in (("consensus init", init, formats.load_sae(cons).W_dec),
                             ("random init", rand, start)):
-    if not saes.is_sae_dir(os.path.join(cfg.out, "seed0")):
+    if not formats.is_sae_dir(os.path.join(cfg.out, "seed0")):
       train.run(cfg)
-    drifts[label] = cs.drift(begin, saes.load_sae(os.path.join(cfg.out, "seed0")).W_dec)
+    drifts[label] = cs.drift(begin, formats.load_sae(os.path.join(cfg.out, "seed0")).W_dec)
   # Where each ends, on the tokens the consensus dictionaries were measured on.
-  ends = [saes.load_sae(os.path.join(c.out, "seed0")) for c in (init, rand)]
+  ends = [formats.load_sae(os.path.join(c.out, "seed0")) for c in (init, rand)]
   for label, found in zip(drifts, consensus.evaluate(ends, store_lib.Store(store), sample,
                                                      _CONSENSUS_EVAL.value, 1024, None)):
     drifts[label].update(fvu_end=found["fvu"], l0_end=found["l0"])

@@ -327,7 +327,7 @@ def encode_all(sae, x: np.ndarray, batch: int = 1024) -> np.ndarray:
 
 
 def evaluate(sae, data: ProbeData, site: str, probe: dict | None = None) -> dict:
-  """The absorption of one SAE (a saes.CanonicalSAE) at `site`: per letter and overall, and per
+  """The absorption of one SAE (a formats.CanonicalSAE) at `site`: per letter and overall, and per
   latent whether it is a letter's main latent or absorbed for one."""
   probe = probe or site_probe(data, site)
   x_tr, y_tr = data.split(site, True)

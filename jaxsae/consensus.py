@@ -42,6 +42,7 @@ import time
 import numpy as np
 
 from jaxsae import files
+from jaxsae import formats
 from jaxsae import match as match_lib
 from jaxsae import saes as saes_lib
 from jaxsae import stability as stability_lib
@@ -105,14 +106,14 @@ def read_match(match_dir: str):
   return summary, table, freqs
 
 
-def load_members(summary: dict) -> list[saes_lib.CanonicalSAE]:
+def load_members(summary: dict) -> list[formats.CanonicalSAE]:
   """The match's SAEs, read again from where match.json says they are; one firing rule."""
   members = []
   for s in summary["saes"]:
     if "://" not in s["path"] and not os.path.isdir(s["path"]):
       raise JaxsaeError(f"{s['path']} (SAE {s['name']} of the match) is gone; restore it or "
                         "rerun `jaxsae match` on where the SAEs are now")
-    members.append(saes_lib.load_sae(s["path"], s["name"]))
+    members.append(formats.load_sae(s["path"], s["name"]))
   first = members[0]
   for m in members:
     if m.input_norm != "none":  # a per-row normalisation no exported layout of jaxsae's holds
@@ -142,7 +143,7 @@ def membership(table, widths: list[int], min_seeds: int) -> tuple[np.ndarray, np
   return ids, members
 
 
-def average(members: list[saes_lib.CanonicalSAE], rows: np.ndarray) -> dict[str, np.ndarray]:
+def average(members: list[formats.CanonicalSAE], rows: np.ndarray) -> dict[str, np.ndarray]:
   """The consensus weights (save_sparsify's layout: W_enc [d_in, G]) of the groups `rows`
   ([G, S] latent per SAE, -1 none)."""
   has = rows >= 0
@@ -168,7 +169,7 @@ def average(members: list[saes_lib.CanonicalSAE], rows: np.ndarray) -> dict[str,
   return {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()}
 
 
-def choose_k(members: list[saes_lib.CanonicalSAE], rows: np.ndarray, freqs) -> int | None:
+def choose_k(members: list[formats.CanonicalSAE], rows: np.ndarray, freqs) -> int | None:
   """k of a consensus that encodes by top-k: the kept features' expected firings per token."""
   from jaxsae.sae import READERS
   if not READERS[members[0].arch].encodes_with_k:
@@ -181,7 +182,7 @@ def choose_k(members: list[saes_lib.CanonicalSAE], rows: np.ndarray, freqs) -> i
   return int(np.clip(round(float(expected)), 1, width))
 
 
-def export_cfg(members: list[saes_lib.CanonicalSAE], k: int | None, summary: dict,
+def export_cfg(members: list[formats.CanonicalSAE], k: int | None, summary: dict,
                match_dir: str, min_seeds: int) -> dict:
   """cfg.json's "jaxsae" of the consensus: how it encodes, and where it came from."""
   from jaxsae.sae import READERS
@@ -201,12 +202,11 @@ def export_cfg(members: list[saes_lib.CanonicalSAE], k: int | None, summary: dic
 def write_sae(out: str, params: dict[str, np.ndarray], cfg: dict) -> None:
   """DIR in sparsify's layout and DIR/saelens/ in SAELens's where sparsify encodes the
   architecture (TopK), else DIR in SAELens's: DIR is one SAE directory either way."""
-  from jaxsae.sae import io
-  if not io.writes("sparsify", cfg["arch"]):  # also a family: a consensus of SAELens's ReLUs
-    io.save_saelens(out, params, cfg)
+  if not formats.writes("sparsify", cfg["arch"]):  # also a family: a consensus of SAELens's ReLUs
+    formats.saelens.write(out, params, cfg)
     return
-  io.save_sparsify(out, params, cfg)  # first: it replaces DIR whole
-  io.save_saelens(os.path.join(out, SAELENS_DIR), params, cfg)
+  formats.sparsify.write(out, params, cfg)  # first: it replaces DIR whole
+  formats.saelens.write(os.path.join(out, SAELENS_DIR), params, cfg)
 
 
 def eval_sample(store, start_tokens: int, num_tokens: int, batch_size: int, site):
@@ -231,7 +231,7 @@ def _sums(graphdef, state, scale, shift, x, valid):
           "sx": xc.sum(0), "sq": jnp.sum(jnp.square(xc))}
 
 
-def evaluate(saes: list[saes_lib.CanonicalSAE], store, start_tokens: int, num_tokens: int,
+def evaluate(saes: list[formats.CanonicalSAE], store, start_tokens: int, num_tokens: int,
              batch_size: int, site) -> list[dict]:
   """{"fvu", "l0"} of every SAE on `eval_sample`: the trainer's FVU (squared error over the
   sample's total variance, in the SAE's input scale) and mean active latents per token."""
@@ -272,7 +272,7 @@ def run(cfg: ConsensusConfig) -> dict:
   k = choose_k(members, rows, freqs)
   export = export_cfg(members, k, summary, match_dir, cfg.min_seeds)
   write_sae(cfg.out, params, export)
-  consensus = saes_lib.load_sae(cfg.out, f"consensus{cfg.min_seeds}")
+  consensus = formats.load_sae(cfg.out, f"consensus{cfg.min_seeds}")
   files.atomic_write_json(os.path.join(cfg.out, STABILITY_FILE),
                           stability_json(members, table, ids, rows, consensus, cfg.min_seeds))
 

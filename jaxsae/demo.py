@@ -17,9 +17,9 @@ import os
 import time
 
 from jaxsae import extract
+from jaxsae import formats
 from jaxsae import match
 from jaxsae import report
-from jaxsae import saes
 from jaxsae import store as store_lib
 from jaxsae import train
 from jaxsae.config import field
@@ -97,7 +97,7 @@ def run(cfg: DemoConfig) -> dict:
   print(f"[2/4] train {cfg.num_seeds} TopK seeds ({cfg.num_latents} latents, k={cfg.k}) on "
         f"{cfg.train_tokens:,} tokens each -> {run_dir}", flush=True)
   last = os.path.join(run_dir, f"seed{cfg.num_seeds - 1}")
-  if saes.is_sae_dir(last):
+  if formats.is_sae_dir(last):
     print("      done before: reusing the trained seeds")
   else:
     train.run(train.TrainConfig(
@@ -111,7 +111,7 @@ def run(cfg: DemoConfig) -> dict:
   summary_path = os.path.join(match_dir, match.SUMMARY_FILE)
   summary = None
   if os.path.exists(summary_path) and os.path.getmtime(summary_path) > os.path.getmtime(
-      os.path.join(last, saes.CFG_FILE)):
+      os.path.join(last, formats.CFG_FILE)):
     with open(summary_path) as f:
       summary = json.load(f)
     # A match from before the match measured the report's contexts and importance is redone.

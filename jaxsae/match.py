@@ -50,6 +50,7 @@ import numpy as np
 
 from jaxsae import assign as assign_lib
 from jaxsae import files
+from jaxsae import formats
 from jaxsae import saes as saes_lib
 from jaxsae import stability as stability_lib
 from jaxsae.config import field
@@ -235,7 +236,7 @@ def _pass_step(graphdefs, what, stacked, best, x, pos, counts):
           for g, group, b in zip(graphdefs, stacked, best)]
 
 
-def measure(saes: Sequence[saes_lib.CanonicalSAE], store, freq_tokens: int,
+def measure(saes: Sequence[formats.CanonicalSAE], store, freq_tokens: int,
             importance_tokens: int = 0, scan_tokens: int = 0, top: int = 0, batch_size: int = 1024,
             site: str | None = None, progress: bool = True) -> Measured:
   """Firing frequencies, importance and top contexts of every latent of every SAE, from one
@@ -398,7 +399,7 @@ def write_measured(out: str, m: Measured, store, before: int, after: int) -> Non
 # Pairs and seeds.
 
 
-def match_pair(a: saes_lib.CanonicalSAE, b: saes_lib.CanonicalSAE, cfg: MatchConfig,
+def match_pair(a: formats.CanonicalSAE, b: formats.CanonicalSAE, cfg: MatchConfig,
                progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
   """Matches the latents of `a` to those of `b`: the pair's summary and per-latent columns.
 
@@ -480,7 +481,7 @@ def seed_statistics(shared_with_base: np.ndarray, subsets: int, seed: int = 0) -
   }
 
 
-def oriented_pairs(saes: Sequence[saes_lib.CanonicalSAE]) -> list[tuple[int, int]]:
+def oriented_pairs(saes: Sequence[formats.CanonicalSAE]) -> list[tuple[int, int]]:
   """Every pair (i, j), i before j, but the wider SAE first when the widths differ, so that
   the per-latent rows of `a` cover every latent left without a partner."""
   return [(j, i) if saes[j].n_latents > saes[i].n_latents else (i, j)

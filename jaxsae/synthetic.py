@@ -188,13 +188,13 @@ def params(cfg: SynthConfig) -> dict:
 
 
 def save_truth(directory: str, truth: Truth, store_dir: str) -> None:
-  from jaxsae.sae import io as sae_io
+  from jaxsae.formats import sparsify
   d = truth.directions.astype(np.float32)
   # Encoder rows equal to the decoder's: with orthonormal features this TopK encodes exactly.
-  sae_io.save_sparsify(directory, {"W_enc": d.T, "b_enc": np.zeros(len(d), np.float32),
-                                   "W_dec": d, "b_dec": np.zeros(d.shape[1], np.float32)},
-                       {"arch": "topk", "k": max(1, int(round(truth.l0))), "synthetic": True,
-                        "store": os.path.abspath(store_dir), "site": SITE})
+  sparsify.write(directory, {"W_enc": d.T, "b_enc": np.zeros(len(d), np.float32),
+                             "W_dec": d, "b_dec": np.zeros(d.shape[1], np.float32)},
+                 {"arch": "topk", "k": max(1, int(round(truth.l0))), "synthetic": True,
+                  "store": os.path.abspath(store_dir), "site": SITE})
 
 
 def run(cfg: SynthConfig) -> store_lib.Store:

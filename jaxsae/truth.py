@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxsae import assign as assign_lib
 from jaxsae import files
+from jaxsae import formats
 from jaxsae import saes as saes_lib
 from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
@@ -96,10 +97,10 @@ def _check(cfg: TruthConfig) -> None:
 def run(cfg: TruthConfig) -> dict:
   _check(cfg)
   t0 = time.time()
-  truth = saes_lib.load_sae(cfg.truth, name="truth")
+  truth = formats.load_sae(cfg.truth, name="truth")
   out = {"truth": os.path.abspath(cfg.truth), "threshold": cfg.threshold, "saes": []}
   for path in saes_lib.discover(cfg.inputs):  # one SAE is enough here, unlike a match
-    sae = saes_lib.load_sae(path)
+    sae = formats.load_sae(path)
     if sae.d_in != truth.d_in:
       raise JaxsaeError(f"{sae.path} has d_in={sae.d_in} but the truth {cfg.truth} has "
                         f"{truth.d_in}; pass the truth of the store these SAEs trained on")

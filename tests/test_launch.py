@@ -17,9 +17,9 @@ from conftest import planted_sparse
 
 from jaxsae import cli
 from jaxsae import extract
+from jaxsae import formats
 from jaxsae import store_writer
 from jaxsae import train
-from jaxsae.sae import io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,8 +144,8 @@ def test_two_processes_over_loopback_train_like_one_host(tmp_path):
       _, err = p.communicate(timeout=300)
       assert p.returncode == 0, err[-3000:]
     for seed in (0, 1):
-      a = io.load(f"{tmp_path}/{mesh}/seed{seed}")[0]
-      b = io.load(f"{tmp_path}/one/seed{seed}")[0]
+      a = formats.stored(f"{tmp_path}/{mesh}/seed{seed}")[0]
+      b = formats.stored(f"{tmp_path}/one/seed{seed}")[0]
       for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-6, err_msg=f"{mesh} {name}")
 

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import rand, random_sae_weights, save_sae
 
+from jaxsae import formats
 from jaxsae import match
 from jaxsae import saes
 from jaxsae import store as store_lib
@@ -350,10 +351,9 @@ def test_cli(tmp_path):
 
 @pytest.mark.parametrize("arch", ["topk", "relu_l1", "gated", "jumprelu", "batchtopk"])
 def test_trainer_exports_load_and_count(tmp_path, arch):
-  """SAEs written by the trainer's own exporter (jaxsae.sae.io, in the layout it writes for
+  """SAEs written by the trainer's own exporter (jaxsae.formats, in the layout it writes for
   each architecture) load with their firing rule, input scale and b_dec convention, and their
   frequencies equal a numpy count."""
-  io = pytest.importorskip("jaxsae.sae.io")
   rng = np.random.default_rng(8)
   acts = rand(rng, 300, D) * 3
   store_writer.write_store(str(tmp_path / "store"), acts, rows_per_shard=128)
@@ -367,8 +367,8 @@ def test_trainer_exports_load_and_count(tmp_path, arch):
                              else np.float32(0.5))
     if arch == "gated":
       params["r_mag"], params["b_mag"] = 0.3 * rand(rng, N), 0.1 * rand(rng, N)
-    layout = "sparsify" if io.writes("sparsify", arch) else "saelens"
-    io.SAVERS[layout](str(run / f"seed{seed}"), params, {
+    layout = "sparsify" if formats.writes("sparsify", arch) else "saelens"
+    formats.WRITERS[layout](str(run / f"seed{seed}"), params, {
         "arch": arch, "seed": seed, "k": K if arch == "topk" else 0,
         "store": str(tmp_path / "store"), "site": "site", "input_scale": 0.7,
         "apply_b_dec_to_input": arch != "relu_l1"})

@@ -14,13 +14,14 @@ from absl import flags
 from flax import nnx
 
 from jaxsae import cli
+from jaxsae import formats
 from jaxsae import match
 from jaxsae import saes
 from jaxsae import store as store_lib
 from jaxsae import store_writer
 from jaxsae import train
 from jaxsae.errors import JaxsaeError
-from jaxsae.sae import ARCHITECTURES, BatchTopK, Matryoshka, SaeConfig, io, matryoshka
+from jaxsae.sae import ARCHITECTURES, BatchTopK, Matryoshka, SaeConfig, matryoshka
 
 D_IN, N, K, B = 16, 64, 4, 32
 
@@ -117,12 +118,12 @@ def test_trainer_exports_what_load_sae_and_match_read(store_dir, tmp_path):
   with open(out / "metrics.jsonl") as f:
     lines = [json.loads(line) for line in f]
   assert all(f < f0 for f, f0 in zip(lines[-1]["fvu"], lines[0]["fvu"]))
-  params, cfg = io.load(str(out / "seed1"))
+  params, cfg = formats.stored(str(out / "seed1"))
   assert cfg["jaxsae"]["arch"] == "matryoshka"
   assert cfg["jaxsae"]["matryoshka_widths"] == [8, 32, N]
   assert set(params) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
   # Exported as SAELens saves a BatchTopK for inference: JumpReLU, one threshold on every latent.
-  assert saes.layout_of(str(out / "seed1")) == "saelens"
+  assert formats.layout_of(str(out / "seed1")) == "saelens"
   assert np.unique(params["threshold"]).size == 1 and (params["threshold"] > 0).all()
   params["threshold"] = params["threshold"][0]
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from conftest import rand, random_sae_weights, train_config
+from jaxsae import formats
 from jaxsae import saes, store_writer
 from jaxsae.errors import JaxsaeError
-from jaxsae.sae import ARCHITECTURES, READERS, SaeConfig, io
+from jaxsae.sae import ARCHITECTURES, READERS, SaeConfig
 
 N, D, K = 48, 16, 5
 ARCHS = list(ARCHITECTURES)
@@ -101,7 +102,7 @@ def test_saelens_loads_every_export_with_jaxsae_codes(tmp_path, lens, arch, scal
   load_from_disk and encode/decode reproduce jaxsae's codes and reconstructions, and jaxsae
   reads the file back to the same codes."""
   params, x = trainer_params(arch), rows()
-  io.save_saelens(str(tmp_path / "sae"), params, export_cfg(arch, scale, params))
+  formats.saelens.write(str(tmp_path / "sae"), params, export_cfg(arch, scale, params))
   z, x_hat = jaxsae_codes(arch, params, x, scale)
   assert (z > 0).any(1).mean() > 0.5 and (z == 0).any(1).all()  # a test that can fail
   peer = lens.SAE.load_from_disk(str(tmp_path / "sae"))
@@ -120,12 +121,12 @@ def test_sparsify_loads_topk_export_with_jaxsae_codes(tmp_path, sparsify, scale)
   """A TopK export (with --normalize's scale folded in) encodes the same in sparsify's own
   SparseCoder, loaded strictly by its load_from_disk."""
   params, x = trainer_params("topk"), rows()
-  io.save_sparsify(str(tmp_path / "sae"), params, export_cfg("topk", scale, params))
+  formats.sparsify.write(str(tmp_path / "sae"), params, export_cfg("topk", scale, params))
   z, x_hat = jaxsae_codes("topk", params, x, scale)
   codes, recon = sparsify_encode(sparsify.SparseCoder.load_from_disk(str(tmp_path / "sae")), x)
   close(codes, z, "codes")
   close(recon, x_hat, "reconstructions")
-  mode = os.stat(tmp_path / "sae" / io.WEIGHTS).st_mode
+  mode = os.stat(tmp_path / "sae" / formats.sparsify.WEIGHTS_FILE).st_mode
   assert mode & stat.S_IROTH and mode & stat.S_IRGRP  # for others to read, not owner-only
 
 
@@ -134,7 +135,7 @@ def test_sparsify_layout_refuses_what_sparsify_cannot_encode(tmp_path, arch):
   from jaxsae import train
   with pytest.raises(ValueError, match="sparsify cannot encode"):
     params = trainer_params(arch)
-    io.save_sparsify(str(tmp_path / "sae"), params, export_cfg(arch, 1.0, params))
+    formats.sparsify.write(str(tmp_path / "sae"), params, export_cfg(arch, 1.0, params))
   store = tmp_path / "store"
   store_writer.write_store(str(store), rows(n=256), rows_per_shard=128)
   with pytest.raises(JaxsaeError, match="--layouts=saelens"):
@@ -163,7 +164,7 @@ def test_trainer_writes_both_layouts_the_peers_read_alike(tmp_path, lens, sparsi
   relu = tmp_path / "relu"
   train.run(train_config(store, relu, arch="jumprelu", num_latents=N, seeds=(0,),
                          num_tokens=128 * 4))
-  assert saes.layout_of(str(relu / "seed0")) == "saelens"
+  assert formats.layout_of(str(relu / "seed0")) == "saelens"
   assert not os.path.exists(relu / "saelens")
 
 
@@ -294,9 +295,9 @@ def test_jaxsae_refuses_saelens_what_it_cannot_encode(tmp_path, lens):
   from safetensors.numpy import load_file, save_file
   randomized(L.StandardSAE(L.StandardSAEConfig(d_in=D, d_sae=N))).save_model(
       str(tmp_path / "extra"))
-  t = load_file(str(tmp_path / "extra" / saes.SAELENS_FILE))
+  t = load_file(str(tmp_path / "extra" / formats.saelens.WEIGHTS_FILE))
   save_file({**t, "W_skip": np.eye(D, dtype=np.float32)},
-            str(tmp_path / "extra" / saes.SAELENS_FILE))
+            str(tmp_path / "extra" / formats.saelens.WEIGHTS_FILE))
   one_line_refusal(tmp_path / "extra", "W_skip")
 
 
@@ -343,12 +344,12 @@ def test_an_sae_named_by_its_family_exports(tmp_path, lens):
   """What a consensus of other libraries' SAEs carries is a family ("relu", "groupmax"), not a
   jaxsae architecture: it exports where its library encodes it, and only there."""
   params, x = trainer_params("relu_l1"), rows()
-  io.save_saelens(str(tmp_path / "sae"), params, {**export_cfg("relu_l1", 1.0, params),
+  formats.saelens.write(str(tmp_path / "sae"), params, {**export_cfg("relu_l1", 1.0, params),
                                                   "arch": "relu"})
   z, _ = jaxsae_codes("relu_l1", params, x, 1.0)
   close(lens_dense(lens.SAE.load_from_disk(str(tmp_path / "sae")).encode(torch.from_numpy(x))),
         z, "codes")
-  assert not io.writes("sparsify", "relu") and io.writes("sparsify", "groupmax")
-  assert not io.writes("saelens", "groupmax")
+  assert not formats.writes("sparsify", "relu") and formats.writes("sparsify", "groupmax")
+  assert not formats.writes("saelens", "groupmax")
   with pytest.raises(ValueError, match="SAELens has no class"):
-    io.save_saelens(str(tmp_path / "g"), params, {"arch": "groupmax", "k": K})
+    formats.saelens.write(str(tmp_path / "g"), params, {"arch": "groupmax", "k": K})

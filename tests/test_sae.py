@@ -15,7 +15,8 @@ from flax import nnx
 from conftest import planted_sparse
 
 from jaxsae import cpu_kernels
-from jaxsae.sae import ARCHITECTURES, SaeConfig, common, io, jumprelu
+from jaxsae import formats
+from jaxsae.sae import ARCHITECTURES, SaeConfig, common, jumprelu
 
 D_IN, N = 32, 96
 
@@ -223,7 +224,7 @@ def test_export_layout_and_round_trip(tmp_path, arch, layout, weights, extra):
   sae = make(arch, SaeConfig(k=4))
   params = {k: np.asarray(v) for k, v in sae.export().items()}
   out = str(tmp_path / "run" / "seed3")
-  io.SAVERS[layout](out, params, {"arch": arch, "seed": 3, "k": 4, "num_tokens": 123})
+  formats.WRITERS[layout](out, params, {"arch": arch, "seed": 3, "k": 4, "num_tokens": 123})
   assert sorted(os.listdir(out)) == ["cfg.json", weights]
   with open(os.path.join(out, "cfg.json")) as f:
     cfg = json.load(f)
@@ -235,13 +236,13 @@ def test_export_layout_and_round_trip(tmp_path, arch, layout, weights, extra):
   names = {"sparsify": {"encoder.weight", "encoder.bias", "W_dec", "b_dec"},
            "saelens": {"W_enc", "b_enc", "W_dec", "b_dec"}}[layout]
   assert set(tensors) == names | extra
-  back, _ = io.load(out)
+  back, _ = formats.stored(out)
   for name, value in params.items():
     np.testing.assert_array_equal(back[name], value)
   # Overwriting is atomic and leaves no temporary directories beside the export.
   params["b_dec"] = params["b_dec"] + 1
-  io.SAVERS[layout](out, params, {"arch": arch, "seed": 3, "k": 4})
-  np.testing.assert_array_equal(io.load(out)[0]["b_dec"], params["b_dec"])
+  formats.WRITERS[layout](out, params, {"arch": arch, "seed": 3, "k": 4})
+  np.testing.assert_array_equal(formats.stored(out)[0]["b_dec"], params["b_dec"])
   assert os.listdir(tmp_path / "run") == ["seed3"]
 
 

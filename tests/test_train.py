@@ -17,13 +17,13 @@ import pytest
 
 from conftest import planted_sparse, train_config as config
 
+from jaxsae import formats
 from jaxsae import store as store_lib
 from jaxsae import store_writer
 from jaxsae import cpu_kernels
 from jaxsae import saes
 from jaxsae import train
 from jaxsae.errors import JaxsaeError
-from jaxsae.sae import io
 
 D_IN, N = 16, 64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +42,7 @@ def store_dir(tmp_path_factory):
 
 
 def exported(out, seeds=(0, 1)):
-  return {s: io.load(os.path.join(str(out), f"seed{s}"))[0] for s in seeds}
+  return {s: formats.stored(os.path.join(str(out), f"seed{s}"))[0] for s in seeds}
 
 
 def assert_same(a, b, exact=True, atol=1e-5):
@@ -199,11 +199,11 @@ def test_other_architectures_train_and_export(store_dir, tmp_path, arch):
   with open(out / "metrics.jsonl") as f:
     lines = [json.loads(line) for line in f]
   assert all(f < f0 for f, f0 in zip(lines[-1]["fvu"], lines[0]["fvu"]))
-  params, cfg = io.load(str(out / "seed0"))
+  params, cfg = formats.stored(str(out / "seed0"))
   assert cfg["jaxsae"]["arch"] == arch
   assert set(params) >= {"W_enc", "b_enc", "W_dec", "b_dec"}
   assert cfg["jaxsae"]["input_scale_folded"] != 1.0 or arch == "batchtopk"  # --normalize default
-  assert saes.layout_of(str(out / "seed0")) == "saelens"  # sparsify would read it as TopK
+  assert formats.layout_of(str(out / "seed0")) == "saelens"  # sparsify would read it as TopK
   assert cfg["jaxsae"]["apply_b_dec_to_input"] == (arch != "relu_l1")
   extra = {"relu_l1": set(), "gated": {"r_mag", "b_mag"}, "jumprelu": {"threshold"},
            "batchtopk": {"threshold"}}[arch]
@@ -217,7 +217,7 @@ def test_keep_at_tokens_exports_snapshots(store_dir, tmp_path):
   train.run(config(store_dir, out, keep_at_tokens=(128 * 10, 128 * 25), checkpoint_every=100,
                    keep_checkpoints=1))
   assert sorted(os.listdir(out / "checkpoints")) == ["10", "25", "40"]
-  params, cfg = io.load(str(out / "tokens1280" / "seed1"))
+  params, cfg = formats.stored(str(out / "tokens1280" / "seed1"))
   assert cfg["jaxsae"]["num_tokens"] == 1280
 
 
@@ -354,7 +354,7 @@ def test_sparsify_loads_export_and_reproduces_reconstructions(reference, store_d
   x = store_lib.Store(store_dir).batch(0, 256)
   with torch.no_grad():
     theirs = sae(torch.from_numpy(x)).sae_out.numpy()
-  params, _ = io.load(str(reference / "seed0"))
+  params, _ = formats.stored(str(reference / "seed0"))
   ours_sae = TopK.from_weights(params, SaeConfig(k=4))
   ours = np.asarray(ours_sae.decode(ours_sae.encode(x)))
   np.testing.assert_allclose(theirs, ours, atol=1e-4)

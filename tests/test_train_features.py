@@ -15,12 +15,12 @@ import pytest
 
 from conftest import planted_sparse, train_config
 
+from jaxsae import formats
 from jaxsae import saes
 from jaxsae import store as store_lib
 from jaxsae import store_writer
 from jaxsae import train
 from jaxsae.errors import JaxsaeError
-from jaxsae.sae import io
 
 D_IN, N = 16, 64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +39,7 @@ def config(store_dir, out, **kw):
 
 
 def weights(path):
-  return io.load(str(path))[0]
+  return formats.stored(str(path))[0]
 
 
 def assert_close(a, b, atol=1e-5):
@@ -64,7 +64,7 @@ def test_each_member_trains_as_a_lone_run_on_its_data_seed(store_dir, tmp_path, 
     train.run(config(store_dir, alone, seeds=(0,), data_seed=d))
     member = out / f"seed0_data{d}"
     assert_close(weights(member), weights(alone / "seed0"))
-    assert io.load(str(member))[1]["jaxsae"]["data_seed"] == d
+    assert formats.stored(str(member))[1]["jaxsae"]["data_seed"] == d
   assert not np.allclose(weights(out / "seed0_data0")["W_dec"],
                          weights(out / "seed0_data1")["W_dec"])
   with open(out / "run.json") as f:
@@ -160,7 +160,7 @@ def test_target_l0_lands_within_10_percent(store_dir, tmp_path, arch, target):
   for s in (0, 1):
     l0 = measured_l0(out / f"seed{s}", store_dir)
     assert abs(l0 - target) <= 0.1 * target, (s, l0)
-    cfg = io.load(str(out / f"seed{s}"))[1]["jaxsae"]
+    cfg = formats.stored(str(out / f"seed{s}"))[1]["jaxsae"]
     assert cfg["target_l0"] == target and cfg["penalty_mult"] == held[-1][s]
 
 

@@ -1,5 +1,5 @@
 """Every seed of a run to RUN/seed{N}/ (or seed{N}_data{D}/) in the plan's first layout, and to
-RUN/{layout}/seed{N}/ in each other (jaxsae.sae.io says which library reads which)."""
+RUN/{layout}/seed{N}/ in each other (jaxsae.formats says which library reads which)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxsae.sae import SAE, io
+from jaxsae import formats
+from jaxsae.sae import SAE
 from jaxsae.train.checkpoints import to_host
 from jaxsae.train.plan import RunPlan
 from jaxsae.train.state import exported
@@ -39,4 +40,4 @@ def export(directory: str, graphdef: nnx.GraphDef, state: nnx.State, sae: SAE, p
     params = {name: np.asarray(v[m]) for name, v in saes.items()}
     for j, layout in enumerate(plan.checkpoints.layouts):
       where = directory if j == 0 else os.path.join(directory, layout)
-      io.SAVERS[layout](os.path.join(where, member), params, cfg)
+      formats.WRITERS[layout](os.path.join(where, member), params, cfg)

@@ -103,7 +103,7 @@ class Checkpoints:
   every: int
   keep: int
   keep_steps: tuple[int, ...]  # also kept, and exported under RUN/tokens{T}/ (--keep_at_tokens)
-  layouts: tuple[str, ...]  # the exports' layouts (jaxsae.sae.io), the first at RUN/seed{N}/
+  layouts: tuple[str, ...]  # the exports' layouts (jaxsae.formats.WRITERS), the first at RUN/seed{N}/
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,14 +221,14 @@ def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> RunPlan:
 
 
 def _layouts(cfg: TrainConfig, arch: type[SAE]) -> tuple[str, ...]:
-  from jaxsae.sae import io
+  from jaxsae import formats
   if not cfg.layouts:
-    return ("sparsify",) if io.writes("sparsify", arch.name) else ("saelens",)
+    return ("sparsify",) if formats.writes("sparsify", arch.name) else ("saelens",)
   for layout in cfg.layouts:
-    if layout not in io.LAYOUTS:
+    if layout not in formats.WRITERS:
       raise JaxsaeError(f"--layouts={','.join(cfg.layouts)}: {layout!r} is not one of "
-                        f"{', '.join(io.LAYOUTS)}")
-    if not io.writes(layout, arch.name):
+                        f"{', '.join(formats.WRITERS)}")
+    if not formats.writes(layout, arch.name):
       raise JaxsaeError(f"--layouts={','.join(cfg.layouts)}: sparsify encodes TopK only, so a "
                         f"{arch.name} SAE in its layout would load there as something else; "
                         "use --layouts=saelens")

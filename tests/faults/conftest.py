@@ -100,8 +100,8 @@ def train_reference(train_store, tmp_path_factory):
 
 
 def exported(out, seeds=(0, 1)) -> dict:
-  from jaxsae.sae import io
-  return {s: io.load(os.path.join(str(out), f"seed{s}"))[0] for s in seeds}
+  from jaxsae import formats
+  return {s: formats.stored(os.path.join(str(out), f"seed{s}"))[0] for s in seeds}
 
 
 def same_params(a, b) -> bool:
