@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from jaxsae import consensus  # noqa: E402
 from jaxsae import extract  # noqa: E402
+from jaxsae import files  # noqa: E402
 from jaxsae import formats  # noqa: E402
 from jaxsae import match  # noqa: E402
 from jaxsae import store as store_lib  # noqa: E402
@@ -171,7 +172,7 @@ PAPER_SITES = {"SmolLM-135M": {"resid": 0.557, "mlp": 0.716},
 
 def store_dir() -> str:
   path = _STORE.value or os.path.join(_OUT.value, "store")
-  if "://" in path or os.path.exists(os.path.join(path, "manifest.json")):
+  if files.is_remote(path) or os.path.exists(os.path.join(path, "manifest.json")):
     return path
   extract.run(extract.ExtractConfig(model=_MODEL.value, dataset=_DATASET.value,
                                     sites=(_SITE.value,), num_tokens=_EXTRACT_TOKENS.value,

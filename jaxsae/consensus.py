@@ -110,7 +110,7 @@ def load_members(summary: dict) -> list[formats.CanonicalSAE]:
   """The match's SAEs, read again from where match.json says they are; one firing rule."""
   members = []
   for s in summary["saes"]:
-    if "://" not in s["path"] and not os.path.isdir(s["path"]):
+    if not files.is_remote(s["path"]) and not os.path.isdir(s["path"]):
       raise JaxsaeError(f"{s['path']} (SAE {s['name']} of the match) is gone; restore it or "
                         "rerun `jaxsae match` on where the SAEs are now")
     members.append(formats.load_sae(s["path"], s["name"]))

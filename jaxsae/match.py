@@ -590,7 +590,7 @@ def run(cfg: MatchConfig) -> dict:
       "d_in": saes[0].d_in,
       "saes": [{"name": s.name, "path": os.path.abspath(s.path), "layout": s.layout,
                 "arch": s.arch, "k": s.k, "n_latents": s.n_latents} for s in saes],
-      "store": os.path.abspath(store_path) if store_path and "://" not in store_path
+      "store": os.path.abspath(store_path) if store_path and not files.is_remote(store_path)
                else store_path,
       "freq_tokens": measured.freq_tokens if freqs is not None else 0,
       "importance_tokens": measured.importance_tokens if has("fvu") else 0,

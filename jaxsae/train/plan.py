@@ -209,7 +209,7 @@ def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> RunPlan:
                           warmup_steps=cfg.lr_warmup_steps, num_steps=num_steps, b1=cfg.adam_b1,
                           b2=cfg.adam_b2, max_grad_norm=cfg.max_grad_norm),
       checkpoints=Checkpoints(
-          directory=directory if "://" in directory else os.path.abspath(directory),
+          directory=directory if files.is_remote(directory) else os.path.abspath(directory),
           every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
           keep_steps=tuple(sorted({t // cfg.batch_size for t in cfg.keep_at_tokens
                                    if 0 < t // cfg.batch_size <= num_steps})),
