@@ -114,7 +114,7 @@ def save_sae(path: str, W_enc: np.ndarray, b_enc: np.ndarray, W_dec: np.ndarray,
   """Writes canonical weights ([n, d_in] encoder rows) as an SAE directory of `layout`.
 
   `cfg` entries are merged into its cfg.json (dicts key by key), rewritten in place, not
-  atomically: fine for a test's own SAEs (the trainer exports through `jaxsae.sae.io`).
+  atomically: fine for a test's own SAEs (the trainer exports through `jaxsae.formats`).
   """
   import json
   from safetensors.numpy import save_file
@@ -124,10 +124,10 @@ def save_sae(path: str, W_enc: np.ndarray, b_enc: np.ndarray, W_dec: np.ndarray,
   extras = {key: f32(v) for key, v in (extras or {}).items()}
   if layout == "sparsify" and arch == "topk":
     # The trainer's exporter writes the layout; only cfg overrides are applied on top.
-    from jaxsae.sae import io
-    io.save_sparsify(path, {"W_enc": f32(W_enc).T, "b_enc": f32(b_enc), "W_dec": f32(W_dec),
-                            "b_dec": f32(b_dec), **extras},
-                     {"arch": arch} if k is None else {"arch": arch, "k": k})
+    from jaxsae.formats import sparsify
+    sparsify.write(path, {"W_enc": f32(W_enc).T, "b_enc": f32(b_enc), "W_dec": f32(W_dec),
+                          "b_dec": f32(b_dec), **extras},
+                   {"arch": arch} if k is None else {"arch": arch, "k": k})
     with open(os.path.join(path, saes.CFG_FILE)) as f:
       meta = json.load(f)
     meta["k"] = k  # None stays None, as in SAEs exported without one

@@ -169,7 +169,7 @@ def test_train_and_match_read_a_gs_store_as_they_read_the_local_one(tmp_path, ro
   from conftest import files as tree, planted_sparse, train_config
   from jaxsae import match
   from jaxsae import train
-  from jaxsae.sae import io
+  from jaxsae import formats
   x, _ = planted_sparse(4096, 16, 32, 3)
   local = store_writer.write_store(str(tmp_path / "s"), (x + 0.5).astype(np.float32),
                                    rows_per_shard=512, dtype="bfloat16")
@@ -177,8 +177,8 @@ def test_train_and_match_read_a_gs_store_as_they_read_the_local_one(tmp_path, ro
   for name, path in (("local", local.directory), ("gs", url)):
     train.run(train_config(path, tmp_path / name, num_tokens=128 * 20, checkpoint_every=20))
   for seed in (0, 1):
-    a, _ = io.load(str(tmp_path / "local" / f"seed{seed}"))
-    b, _ = io.load(str(tmp_path / "gs" / f"seed{seed}"))
+    a, _ = formats.stored(str(tmp_path / "local" / f"seed{seed}"))
+    b, _ = formats.stored(str(tmp_path / "gs" / f"seed{seed}"))
     for k in a:
       assert a[k].tobytes() == b[k].tobytes(), (seed, k)
   results = {}

@@ -16,7 +16,7 @@ from conftest import TRAIN_FLAGS, planted_sparse, train_config as config
 from jaxsae import gcs
 from jaxsae import store_writer
 from jaxsae import train
-from jaxsae.sae import io
+from jaxsae import formats
 from jaxsae.train import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,7 @@ def ckpts(gcs_emulator, request):
 
 
 def exported(out, seeds=(0, 1)):
-  return {s: io.load(os.path.join(str(out), f"seed{s}"))[0] for s in seeds}
+  return {s: formats.stored(os.path.join(str(out), f"seed{s}"))[0] for s in seeds}
 
 
 def assert_same(a, b):
