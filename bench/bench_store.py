@@ -11,12 +11,16 @@ slows every dtype alike), --steps batches of each of:
 
   device_rows_per_s   the trainer's path: `Store.batches(stored=True)` with its prefetch and
                       worker threads, rows as stored placed on the devices (jax.device_put
-                      with the trainer's batch sharding), each batch waited for
+                      with the trainer's batch sharding), each batch waited for; timed from
+                      the first batch's arrival, as the trainer's clock is
   host_rows_per_s     float32 rows on the host, one batch after another (`Store.batch`: what
                       match and consensus read)
   gather_rows_per_s   the machine's own limit for the work, beside them: one thread taking
-                      the same number of random rows of the same width and dtype from an
-                      array in memory with np.take into a preallocated array
+                      the same number of random rows of the same width and dtype (codes and
+                      scales for 8-bit stores) from all the store's rows in memory with
+                      np.take into preallocated arrays
+                      (mode="clip": np.take's default mode copies through a temporary when
+                      given `out`, at about half the speed)
 
 The stores are freshly written and read once untimed, so their files sit in the page cache:
 this is the gather, copy and placement cost, not a disk's. One JSON row per dtype: bytes per
@@ -100,15 +104,19 @@ def compare() -> None:
           flush=True)
 
 
-def gather_rate(like: np.ndarray, n: int, steps: int) -> float:
-  """Rows/s of one thread taking `n` random rows of `like`'s width and dtype from memory."""
-  raw = like.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[like.dtype.itemsize])
+def gather_rate(codes: np.ndarray, scales: np.ndarray | None, n: int, steps: int) -> float:
+  """Rows/s of one thread taking `n` random rows of `codes` (and of an 8-bit store's `scales`:
+  a row of it is both) from memory into preallocated arrays."""
+  raw = codes.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[codes.dtype.itemsize])
   out = np.empty((n, raw.shape[1]), raw.dtype)
-  idx = np.random.default_rng(0).integers(0, len(raw), (steps, n))
-  np.take(raw, idx[0], axis=0, out=out)
-  t = time.perf_counter()
-  for i in idx:
-    np.take(raw, i, axis=0, out=out)
+  out_scales = np.empty(n, np.float32)
+  idx = np.random.default_rng(0).integers(0, len(raw), (steps + 1, n))
+  for k, i in enumerate(idx):
+    if k == 1:
+      t = time.perf_counter()
+    np.take(raw, i, axis=0, out=out, mode="clip")
+    if scales is not None:
+      np.take(scales, i, out=out_scales, mode="clip")
   return steps * n / (time.perf_counter() - t)
 
 
@@ -123,8 +131,11 @@ def bench() -> None:
     stores = {d: store_writer.write_store(os.path.join(tmp, d), x, dtype=d,
                                           rows_per_shard=_ROWS_PER_SHARD.value)
               for d in _DTYPES.value}
-    # The codes as stored, in memory: what the gather-rate reference takes rows from.
-    codes = {d: np.ascontiguousarray(st.stored(0)[0][:, 0]) for d, st in stores.items()}
+    # Every row's codes as stored, in memory: what the gather-rate reference takes rows from
+    # (as many rows as the stream draws from, so neither gathers from a cache-sized array).
+    codes = {d: [np.concatenate([st.stored(i)[p][:, 0] for i in range(len(st.shards))])
+                 if st.stored(0)[p] is not None else None for p in (0, 1)]
+             for d, st in stores.items()}
     steps_per_epoch = len(x) // _BATCH.value
     for st in stores.values():  # one untimed pass: checksums, memory maps, page cache
       for _ in st.batches(_BATCH.value, num_steps=steps_per_epoch, prefetch=0):
@@ -134,17 +145,21 @@ def bench() -> None:
     for r in range(_ROUNDS.value):
       start = (r * _STEPS.value) % max(steps_per_epoch, 1)
       for d, st in stores.items():
-        t = time.perf_counter()
-        for b in st.batches(_BATCH.value, start_step=start, num_steps=_STEPS.value,
+        # Timed from the first batch's arrival, as the trainer's clock is: a stream runs for
+        # thousands of steps, and its threads' start is not its rate.
+        stream = st.batches(_BATCH.value, start_step=start, num_steps=_STEPS.value + 1,
                             sharding=sharding, stored=True, prefetch=_PREFETCH.value,
-                            workers=_WORKERS.value or None):
+                            workers=_WORKERS.value or None)
+        jax.block_until_ready(next(stream).x)
+        t = time.perf_counter()
+        for b in stream:
           jax.block_until_ready(b.x)
         times[d]["device"].append(n / (time.perf_counter() - t))
         t = time.perf_counter()
         for step in range(start, start + _STEPS.value):
           st.batch(step, _BATCH.value)
         times[d]["host"].append(n / (time.perf_counter() - t))
-        times[d]["gather"].append(gather_rate(codes[d], _BATCH.value, _STEPS.value))
+        times[d]["gather"].append(gather_rate(*codes[d], _BATCH.value, _STEPS.value))
     for d, st in stores.items():
       e = rel_err(st.rows(np.arange(len(x))), x)
       rate = {k: float(np.median(v)) for k, v in times[d].items()}

@@ -296,3 +296,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeGatherDot, GatherDotImpl, GatherBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsaeScatterRows, ScatterRowsImpl,
                               GatherBinding().Ret<ffi::Buffer<ffi::F32>>());
+
+// Not an XLA kernel: the store's reader calls it through ctypes (jaxsae.store, which releases
+// the GIL for it) to gather a batch's rows from several shards in one copy, in batch order:
+// out row i is row_bytes bytes at bases[shard[i]] + row[i] * stride. numpy needs two copies
+// for the same (a take per shard, then a scatter into batch order).
+extern "C" void JaxsaeGatherRows(const char* const* bases, const int64_t* shard,
+                                 const int64_t* row, int64_t n, int64_t row_bytes,
+                                 int64_t stride, char* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(out + i * row_bytes, bases[shard[i]] + row[i] * stride, row_bytes);
+  }
+}

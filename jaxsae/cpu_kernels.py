@@ -9,6 +9,9 @@ work at memory speed on XLA's own thread pool:
   gather_dot(rows, idx, table)    out[b, j] = <rows[b], table[idx[b, j]]>
   scatter_rows(coef, idx, rows, n)  (out [n, d], sums [n]): the transposes of the two above
 
+and one that is not XLA's: `gather_rows`, the store's reader's one-copy gather of a batch's rows
+from its shards (called through ctypes, on the host).
+
 The library is compiled from the shipped source with the system's C++ compiler the first time
 it is needed, into a per-machine cache, the way a CUDA extension is; where no compiler is found
 `available()` is False and the trainer keeps XLA's own paths (the same numbers). Each kernel
@@ -98,7 +101,24 @@ def _load() -> bool:
   except (OSError, AttributeError) as e:
     warnings.warn(f"jaxsae's CPU kernels are off, XLA's slower paths run instead: {e}")
     return False
+  _library.append(lib)
   return True
+
+
+_library: list = []
+
+
+@functools.cache
+def gather_rows():
+  """The store's one-copy row gather (JaxsaeGatherRows in cpu_kernels.cc) as a ctypes function,
+  or None where the library is off or not built (the store then gathers with numpy)."""
+  if not _load():
+    return None
+  fn = _library[0].JaxsaeGatherRows
+  fn.restype = None
+  fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                 ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+  return fn
 
 
 def available() -> bool:
