@@ -119,7 +119,7 @@ def metrics(out) -> list[dict]:
     for line in f:
       try:
         out_lines.append({k: v for k, v in json.loads(line).items()
-                          if not k.startswith("tokens_per_s")})
+                          if not k.startswith(("tokens_per_s", "input_wait"))})
       except json.JSONDecodeError:
         break
   return out_lines
