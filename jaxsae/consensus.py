@@ -35,7 +35,6 @@ on; `held_out` in consensus.json says whether the store was long enough for that
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -50,7 +49,7 @@ from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
 
 RESULT_FILE = "consensus.json"
-STABILITY_FILE = "stability.json"
+GROUPS_FILE = "stability.json"  # per consensus latent; not stability.STABILITY_FILE (a match's csv)
 SAELENS_DIR = "saelens"
 
 
@@ -84,26 +83,13 @@ def _check(cfg: ConsensusConfig) -> str:
   return cfg.inputs[0]
 
 
-def read_match(match_dir: str):
-  """(match.json, stability.csv, frequencies per SAE or None) of a complete match."""
-  path = os.path.join(match_dir, match_lib.SUMMARY_FILE)
-  if not os.path.isfile(path):
-    raise JaxsaeError(f"{path} is missing; run `jaxsae match ... --out={match_dir}` first")
-  with open(path) as f:
-    summary = json.load(f)
-  table = stability_lib.read(match_dir)
-  if table is None or "stability" not in summary:
+def read_match(match_dir: str) -> match_lib.MatchResult:
+  """The match, which must carry stability.csv: the groups a consensus is made of."""
+  found = match_lib.read(match_dir)
+  if found.stability is None or "stability" not in found.summary:
     raise JaxsaeError(f"{match_dir} has no {stability_lib.STABILITY_FILE} (the match predates "
                       f"stability); rerun `jaxsae match ... --out={match_dir}`")
-  freqs = None
-  dense = os.path.join(match_dir, match_lib.FREQ_FILE)
-  ragged = os.path.join(match_dir, match_lib.FREQ_RAGGED_FILE)
-  if os.path.isfile(dense):
-    freqs = list(np.load(dense))
-  elif os.path.isfile(ragged):
-    with np.load(ragged) as z:
-      freqs = [z[f"sae{i}"] for i in range(len(summary["saes"]))]
-  return summary, table, freqs
+  return found
 
 
 def load_members(summary: dict) -> list[formats.CanonicalSAE]:
@@ -257,7 +243,8 @@ def run(cfg: ConsensusConfig) -> dict:
   """Writes the consensus SAE of a match directory and measures it against every seed."""
   t0 = time.time()
   match_dir = _check(cfg)
-  summary, table, freqs = read_match(match_dir)
+  found = read_match(match_dir)
+  summary, table, freqs = found.summary, found.stability, found.frequencies
   members = load_members(summary)
   widths = [m.n_latents for m in members]
   s_total = len(members)
@@ -273,7 +260,7 @@ def run(cfg: ConsensusConfig) -> dict:
   export = export_cfg(members, k, summary, match_dir, cfg.min_seeds)
   write_sae(cfg.out, params, export)
   consensus = formats.load_sae(cfg.out, f"consensus{cfg.min_seeds}")
-  files.atomic_write_json(os.path.join(cfg.out, STABILITY_FILE),
+  files.atomic_write_json(os.path.join(cfg.out, GROUPS_FILE),
                           stability_json(members, table, ids, rows, consensus, cfg.min_seeds))
 
   st = summary["stability"]

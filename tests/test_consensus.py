@@ -136,7 +136,7 @@ def test_consensus_of_permuted_copies_is_that_sae(tmp_path):
   assert res["eval"]["consensus"]["fvu"] == pytest.approx(seed_fvu[0], rel=1e-5)
   assert res["eval"]["consensus"]["l0"] == pytest.approx(K)
   # Same codes: each consensus latent is one latent of seed0, in the group order.
-  got = json.loads((out / consensus.STABILITY_FILE).read_text())
+  got = json.loads((out / consensus.GROUPS_FILE).read_text())
   order = np.array([m[0] for m in got["members"]])
   assert sorted(order) == list(range(N)) and got["num_seeds"] == [3] * N
   np.testing.assert_allclose(got["member_decoder_cos"], 1.0, atol=1e-6)
