@@ -30,7 +30,8 @@ test: $(STAMP)
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
 	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
 	      >/dev/null) || echo "chromium not installed: the browser test will skip"
-	$(VENV)/bin/python -m pytest -q tests $(ARGS)
+	@# Tests in parallel, one worker per core (at most 4: each runs XLA on every core).
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses=4 tests $(ARGS)
 
 clean:
 	rm -rf $(VENV) out

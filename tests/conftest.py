@@ -203,6 +203,19 @@ def ledger() -> FaultLedger:
   return _LEDGER
 
 
+def pytest_sessionfinish(session):
+  # Under pytest-xdist each worker counts its own tests: it hands its counts to the controller,
+  # which adds them up (pytest_testnodedown) before the summary.
+  if hasattr(session.config, "workeroutput"):
+    session.config.workeroutput["fault_counts"] = dict(_LEDGER.counts)
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: absent without it
+def pytest_testnodedown(node, error):
+  for kind, n in getattr(node, "workeroutput", {}).get("fault_counts", {}).items():
+    _LEDGER.add(kind, n)
+
+
 def pytest_terminal_summary(terminalreporter):
   c = _LEDGER.counts
   if any(c.values()):
