@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import itertools
+import json
 import math
 import os
 import time
@@ -623,3 +624,54 @@ def run(cfg: MatchConfig) -> dict:
         f"{stable['num_groups']} distinct features across the seeds "
         f"({stable['conflicts']} conflicting edges refused); wrote {cfg.out}/{SUMMARY_FILE}")
   return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a match directory: the one reader that the report, the consensus and the experiments
+# share, so that what counts as a complete match is decided in one place.
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchResult:
+  """A complete `jaxsae match` directory, as `read` finds it."""
+  directory: str
+  summary: dict  # match.json
+  latents: object  # latents.csv as a pandas DataFrame
+  stability: object  # stability.csv as a DataFrame; None where the match predates it
+  frequencies: object  # [S, n] (frequencies.npy), one array per SAE (frequencies.npz), or None
+
+
+def read(match_dir: str) -> MatchResult:
+  """match.json, latents.csv, stability.csv and the frequencies of a complete match directory;
+  JaxsaeError naming the rerun where one is missing or unreadable."""
+  import pandas as pd
+  summary_path = os.path.join(match_dir, SUMMARY_FILE)
+  table_path = os.path.join(match_dir, LATENTS_FILE)
+  for path in (summary_path, table_path):
+    if not os.path.isfile(path):
+      raise JaxsaeError(f"{path} is missing; run `jaxsae match ... --out={match_dir}` first "
+                        "(it writes match.json last, when complete)")
+  try:
+    with open(summary_path) as f:
+      summary = json.load(f)
+    table = pd.read_csv(table_path)
+    missing = [k for k in ("threshold", "definition", "fraction_shared_mean", "seeds", "pairs")
+               if k not in summary] if isinstance(summary, dict) else ["everything"]
+    missing += [c for c in ("a", "b", "enc_partner", "enc_cos", "dec_partner", "dec_cos")
+                if c not in table.columns]
+    stable = stability_lib.read(match_dir)
+    freqs = None
+    if os.path.isfile(os.path.join(match_dir, FREQ_FILE)):
+      freqs = np.load(os.path.join(match_dir, FREQ_FILE))
+    elif os.path.isfile(os.path.join(match_dir, FREQ_RAGGED_FILE)) and not missing:
+      with np.load(os.path.join(match_dir, FREQ_RAGGED_FILE)) as z:
+        freqs = [z[f"sae{i}"] for i in range(len(summary["saes"]))]
+  # JSONDecodeError is a ValueError; a damaged .npy or .npz raises ValueError, OSError or a
+  # KeyError for a member it lacks.
+  except (ValueError, OSError, KeyError, pd.errors.ParserError) as e:
+    raise JaxsaeError(f"{match_dir} holds an unreadable match result ({e}); rerun `jaxsae "
+                      f"match ... --out={match_dir}`")
+  if missing:
+    raise JaxsaeError(f"{match_dir} is not a complete `jaxsae match` output (no "
+                      f"{', '.join(missing)}); rerun `jaxsae match ... --out={match_dir}`")
+  return MatchResult(match_dir, summary, table, stable, freqs)

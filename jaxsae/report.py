@@ -38,7 +38,6 @@ import numpy as np
 
 from jaxsae import files
 from jaxsae import match as match_lib
-from jaxsae import stability as stability_lib
 from jaxsae.config import field
 from jaxsae.errors import JaxsaeError
 
@@ -66,23 +65,23 @@ class ReportConfig:
 # Numbers: pure functions of the per-latent table and match.json.
 
 
+def threshold_fractions(table, thresholds=THRESHOLDS) -> dict[str, np.ndarray]:
+  """Fraction shared per rule: [pairs (latents.csv's order), thresholds]."""
+  out: dict[str, list[list[float]]] = {r: [] for r in match_lib.RULES}
+  for _, g in table.groupby(["a", "b"], sort=False):
+    per_t = [match_lib.rule_masks(g.enc_partner.values, g.enc_cos.values, g.dec_partner.values,
+                                  g.dec_cos.values, g.enc_best.values, g.dec_best.values, t)
+             for t in thresholds]
+    for r in out:
+      out[r].append([float(m[r].mean()) for m in per_t])
+  return {r: np.array(v).reshape(-1, len(thresholds)) for r, v in out.items()}
+
+
 def threshold_sweep(table, thresholds=THRESHOLDS) -> dict[str, list[dict]]:
   """Fraction shared per rule at each threshold: mean, min and max over pairs."""
-  out: dict[str, list[dict]] = {r: [] for r in match_lib.RULES}
-  groups = list(table.groupby(["a", "b"], sort=False))
-  for t in thresholds:
-    per_pair = {r: [] for r in out}
-    for _, g in groups:
-      masks = match_lib.rule_masks(g.enc_partner.values, g.enc_cos.values,
-                                   g.dec_partner.values, g.dec_cos.values,
-                                   g.enc_best.values, g.dec_best.values, t)
-      for r in out:
-        per_pair[r].append(float(masks[r].mean()))
-    for r in out:
-      x = np.array(per_pair[r])
-      out[r].append({"threshold": t, "mean": float(x.mean()), "min": float(x.min()),
-                     "max": float(x.max())})
-  return out
+  return {r: [{"threshold": t, "mean": float(x[:, i].mean()), "min": float(x[:, i].min()),
+               "max": float(x[:, i].max())} for i, t in enumerate(thresholds)]
+          for r, x in threshold_fractions(table, thresholds).items()}
 
 
 def rules_compared(table, threshold: float) -> dict[str, float]:
@@ -634,32 +633,6 @@ def _gap(p: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_match(match_dir: str):
-  """(match.json, latents.csv as a DataFrame) of a complete match directory."""
-  import pandas as pd
-  summary_path = os.path.join(match_dir, match_lib.SUMMARY_FILE)
-  table_path = os.path.join(match_dir, match_lib.LATENTS_FILE)
-  for path in (summary_path, table_path):
-    if not os.path.isfile(path):
-      raise JaxsaeError(f"{path} is missing; run `jaxsae match ... --out={match_dir}` first "
-                        "(it writes match.json last, when complete)")
-  try:
-    with open(summary_path) as f:
-      summary = json.load(f)
-    table = pd.read_csv(table_path)
-    missing = [k for k in ("threshold", "definition", "fraction_shared_mean", "seeds", "pairs")
-               if k not in summary] if isinstance(summary, dict) else ["everything"]
-    missing += [c for c in ("a", "b", "enc_partner", "enc_cos", "dec_partner", "dec_cos")
-                if c not in table.columns]
-  except (ValueError, pd.errors.ParserError) as e:  # JSONDecodeError is a ValueError
-    raise JaxsaeError(f"{match_dir} holds an unreadable match result ({e}); rerun `jaxsae "
-                      f"match ... --out={match_dir}`")
-  if missing:
-    raise JaxsaeError(f"{match_dir} is not a complete `jaxsae match` output (no "
-                      f"{', '.join(missing)}); rerun `jaxsae match ... --out={match_dir}`")
-  return summary, table
-
-
 def numbers(summary: dict, table) -> dict[str, Any]:
   """Every number the plots draw that latents.csv and match.json give directly."""
   t = summary["threshold"]
@@ -743,7 +716,8 @@ def run(cfg: ReportConfig) -> dict:
   if len(cfg.inputs) != 1:
     raise JaxsaeError("pass exactly one MATCH_DIR: the --out of `jaxsae match`")
   match_dir = cfg.inputs[0]
-  summary, table = read_match(match_dir)
+  found = match_lib.read(match_dir)
+  summary, table = found.summary, found.latents
   out = cfg.out or match_dir
   os.makedirs(out, exist_ok=True)
 
@@ -752,7 +726,7 @@ def run(cfg: ReportConfig) -> dict:
   contexts, data["context_note"] = read_contexts(match_dir, summary, cfg.contexts)
   base = table.a.iloc[0]
   rows = table[(table.a == base) & (table.b == table.b.iloc[0])].set_index("latent")
-  stable = stability_lib.read(match_dir)
+  stable = found.stability
   if stable is not None:
     stable = stable.set_index(["name", "latent"])
   show = lambda kind, lat: shown(kind, lat, rows, contexts, base, stable)
