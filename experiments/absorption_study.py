@@ -22,6 +22,7 @@ import numpy as np
 from jaxsae import absorption
 from jaxsae import files
 from jaxsae import formats
+from jaxsae import match
 from jaxsae import saes as saes_lib
 
 import open_questions as oq  # beside this file
@@ -59,7 +60,8 @@ def evaluate_run(run_dir: str, match_dir: str, site: str, data, probe: dict,
                  latents_file: str) -> dict:
   """Absorption of every seed of a run and, per latent, what it is and whether it is shared
   (written to `latents_file`)."""
-  summary, table, freqs = oq.load_match(match_dir)
+  found = match.read(match_dir)
+  summary, table, freqs = found.summary, found.latents, found.frequencies
   names = [s["name"] for s in summary["saes"]]
   per_seed, latents = [], []
   for i, s in enumerate(summary["saes"]):

@@ -25,7 +25,6 @@ import numpy as np
 from jaxsae import consensus
 from jaxsae import match
 from jaxsae import saes
-from jaxsae import stability
 from jaxsae.errors import JaxsaeError
 
 
@@ -64,9 +63,8 @@ def table(rows: list[dict]) -> list[dict]:
 def importance_by_group(match_dir: str) -> dict:
   """Median (and quartiles of) ablation importance of every seed's latents, by how many seeds
   their group spans; and members of groups of >= M seeds against orphans (group of 1)."""
-  with open(os.path.join(match_dir, match.SUMMARY_FILE)) as f:
-    summary = json.load(f)
-  stable = stability.read(match_dir)
+  found = match.read(match_dir)
+  summary, stable = found.summary, found.stability
   with np.load(os.path.join(match_dir, match.IMPORTANCE_FILE)) as z:
     imp = np.concatenate([z[f"sae{i}"][stable[stable.sae == i].latent.values]
                           for i in range(len(summary["saes"]))])

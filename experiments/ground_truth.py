@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from jaxsae import formats
+from jaxsae import match
 from jaxsae import saes as saes_lib
 from jaxsae import synthetic
 from jaxsae import truth as truth_lib
@@ -140,7 +141,8 @@ def orphan_kinds(match_dir: str, truth_dir: str, rule: str = "both_above") -> di
   `merged`, `split` or `other` as truth.classify says. Fractions are of all orphans (and
   `orphan_fraction` of all latents), mean over the pair's two sides and over pairs.
   """
-  summary, table, _ = oq.load_match(match_dir)
+  found = match.read(match_dir)
+  summary, table = found.summary, found.latents
   paths = {s["name"]: s["path"] for s in summary["saes"]}
   truth = formats.load_sae(truth_dir).W_dec
   dec = {name: formats.load_sae(p).W_dec for name, p in paths.items()}

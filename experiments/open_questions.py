@@ -11,8 +11,6 @@ can be checked on a hand-made table:
 
 from __future__ import annotations
 
-import json
-import os
 import re
 
 import numpy as np
@@ -24,18 +22,6 @@ PAPER_CENSUS = {"num_saes": 9, "only_one": 0.348, "all": 0.173,
                 "found_in": [0.348, 0.0782, 0.064, 0.060, 0.0589, 0.0632, 0.0685, 0.0865, 0.173],
                 "only_base": {"num_saes": [2, 3, 4, 5, 6, 7, 8, 9],
                               "fraction": [0.58, 0.48, 0.44, 0.41, 0.39, 0.37, 0.36, 0.35]}}
-
-
-def load_match(match_dir: str):
-  """(match.json, latents.csv as a DataFrame, frequencies [S, n] or None)."""
-  import pandas as pd
-  from jaxsae import match
-  with open(os.path.join(match_dir, match.SUMMARY_FILE)) as f:
-    summary = json.load(f)
-  table = pd.read_csv(os.path.join(match_dir, match.LATENTS_FILE))
-  freq_path = os.path.join(match_dir, match.FREQ_FILE)
-  freqs = np.load(freq_path) if os.path.exists(freq_path) else None
-  return summary, table, freqs
 
 
 def _inverse(partner: np.ndarray, n_other: int) -> np.ndarray:

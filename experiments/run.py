@@ -257,40 +257,37 @@ def per_latent_curve(match_dir: str, summary: dict, study: str) -> list[dict]:
   fraction whose bijections agree, the mean matched decoder and encoder cosine), since
   whether frequent latents are settled need not hang on the 0.7 cut. Those views do not
   depend on the threshold, so each threshold point carries the whole run's."""
-  import csv
-  by_pair: dict[tuple, list[dict]] = {}
-  with open(os.path.join(match_dir, match.LATENTS_FILE)) as f:
-    for r in csv.DictReader(f):
-      by_pair.setdefault((r["a"], r["b"]), []).append(r)
-  edges = np.logspace(-6, 0, 13)
-  xs = (np.round(np.arange(0.5, 0.91, 0.05), 2) if study == "threshold"
-        else np.sqrt(edges[:-1] * edges[1:]))
-  curves = {name: [] for name in ("shared", "agree_rule", *oq.SERIES)}
-  for rows in by_pair.values():
-    enc = np.array([float(r["enc_cos"]) for r in rows])
-    dec = np.array([float(r["dec_cos"]) for r in rows])
-    agree = np.array([r["agree"] == "True" for r in rows])
-    if study == "threshold":
-      above = [(enc >= t) & (dec >= t) for t in xs]
-      curves["shared"].append([float(np.mean(a)) for a in above])
-      curves["agree_rule"].append([float(np.mean(a & agree)) for a in above])
-      continue
-    freq = np.array([float(r.get("frequency") or "nan") for r in rows])
-    shared = (enc >= summary["threshold"]) & (dec >= summary["threshold"])
-    bins = [(freq >= lo) & (freq < hi) for lo, hi in zip(edges[:-1], edges[1:])]
-    for name, v in zip(("shared", *oq.SERIES), (shared, agree, dec, enc)):
-      curves[name].append([float(v[b].mean()) if b.sum() >= 5 else float("nan") for b in bins])
+  from jaxsae import report
+  table = match.read(match_dir).latents
+  pairs = list(table.groupby(["a", "b"], sort=False))
+  edges = np.logspace(-6, 0, 13)  # per-latent frequency bins, fixed across runs to compare
+  if study == "threshold":
+    # report's sweep, per pair; its `agree` rule is both cosines above and one partner.
+    xs = report.THRESHOLDS
+    fractions = report.threshold_fractions(table, xs)
+    curves = {"shared": fractions["both_above"], "agree_rule": fractions["agree"]}
+  else:
+    xs = np.sqrt(edges[:-1] * edges[1:])
+    curves = {name: [] for name in ("shared", *oq.SERIES)}
+    for _, g in pairs:
+      enc, dec, agree = g.enc_cos.to_numpy(), g.dec_cos.to_numpy(), g.agree.to_numpy(bool)
+      freq = g.frequency.to_numpy() if "frequency" in g else np.full(len(g), np.nan)
+      shared = (enc >= summary["threshold"]) & (dec >= summary["threshold"])
+      bins = [(freq >= lo) & (freq < hi) for lo, hi in zip(edges[:-1], edges[1:])]
+      for name, v in zip(("shared", *oq.SERIES), (shared, agree, dec, enc)):
+        curves[name].append([float(v[b].mean()) if b.sum() >= 5 else float("nan")
+                             for b in bins])
 
   def stats(c: np.ndarray, i: int) -> dict:
     ok = np.isfinite(c[:, i]).any()
     return {"mean": float(np.nanmean(c[:, i])) if ok else None,
             "std": float(np.nanstd(c[:, i])) if ok else None}
 
-  c = {name: np.array(v) for name, v in curves.items() if v}
+  c = {name: np.array(v) for name, v in curves.items()}
   whole = oq.series(summary)
   # A threshold point also carries the agree rule (same partner in both bijections as well),
   # whose limit as the threshold falls is the bijections' agreement.
-  return [{"x": float(x), **stats(c["shared"], i), "pairs": len(by_pair),
+  return [{"x": float(x), **stats(c["shared"], i), "pairs": len(pairs),
            **({name: stats(c[name], i) for name in oq.SERIES} if study == "frequency"
               else {**whole, "agree_rule": stats(c["agree_rule"], i)})}
           for i, x in enumerate(xs)]
@@ -408,7 +405,7 @@ def census_run(store: str) -> str:
 def study_census(store: str, png: str) -> dict:
   run_dir = census_run(store)
   summary = matched(run_dir, run_dir + "-match")
-  _, table, _ = oq.load_match(run_dir + "-match")
+  table = match.read(run_dir + "-match").latents
   res = {rule: oq.census(summary, table, rule) for rule in ("both_above", "agree")}
   oq.plot_census(res["both_above"], {**summary["seeds"], "rule": summary["definition"]}, png,
                  f"jaxsae ({_CENSUS_SEEDS.value} seeds)")
@@ -471,7 +468,7 @@ def _at_l0(arch: str, l0: int) -> dict:
 def _arch_row(store: str, arch: str, l0: int) -> dict:
   run_dir = trained("l0", f"{arch}_l0{l0}", store, **_at_l0(arch, l0))
   summary = matched(run_dir, run_dir + "-match")
-  _, _, freqs = oq.load_match(run_dir + "-match")
+  freqs = match.read(run_dir + "-match").frequencies
   return {"arch": arch, "l0_target": l0, "l0": oq.l0s(freqs),
           "both_above": oq.rule_point(summary, "both_above"),
           "decoder": oq.rule_point(summary, "decoder"), **oq.series(summary),
@@ -489,14 +486,15 @@ def study_arch_l0(store: str, png: str) -> dict:
 def study_matryoshka(store: str, png: str) -> dict:
   overall = [_arch_row(store, a, _K.value) for a in ("topk", "batchtopk", "matryoshka")]
   m_dir = overall[-1]["match"]
-  summary, table, _ = oq.load_match(m_dir)
+  found = match.read(m_dir)
+  summary, table = found.summary, found.latents
   with open(os.path.join(summary["saes"][0]["path"], "cfg.json")) as f:
     bounds = oq.group_bounds(json.load(f)["jaxsae"]["matryoshka_widths"])
   groups = {"matryoshka": oq.nested(table, summary, bounds)}
   for row in overall[:-1]:
-    s, t, fr = oq.load_match(row["match"])
-    groups[f"{row['arch']} (by frequency)"] = oq.nested(t, s, bounds, by_frequency=True,
-                                                        freqs=fr)
+    m = match.read(row["match"])
+    groups[f"{row['arch']} (by frequency)"] = oq.nested(m.latents, m.summary, bounds,
+                                                        by_frequency=True, freqs=m.frequencies)
   oq.plot_nested(overall, groups, png)
   return {"rows": [{"x": r["arch"], "mean": r["both_above"]["mean"],
                     "std": r["both_above"]["std"], **{s: r[s] for s in oq.SERIES}}
