@@ -503,10 +503,9 @@ def flags_of(base: int, pair: tuple[int, int], shared: np.ndarray, dec_partner: 
 
 def _write_latents(path: str, rows: list[dict[str, np.ndarray]]) -> None:
   import pandas as pd
-  tmp = path + ".tmp"
-  pd.concat([pd.DataFrame(r) for r in rows], ignore_index=True).to_csv(
-      tmp, index=False, float_format="%.7g")
-  os.replace(tmp, path)
+  text = pd.concat([pd.DataFrame(r) for r in rows], ignore_index=True).to_csv(
+      index=False, float_format="%.7g")
+  files.atomic_write_bytes(path, text.encode())
 
 
 def sample_sizes(cfg: MatchConfig, store_path: str | None) -> dict[str, int]:

@@ -29,6 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxsae import files
+
 STABILITY_FILE = "stability.csv"
 COLUMNS = ("sae", "name", "latent", "found_in", "shared_with", "dec_cos_mean", "enc_cos_mean",
            "group", "group_size", "group_conflict")
@@ -155,9 +157,8 @@ def write(path: str, result: dict, names: Sequence[str]) -> None:
   import pandas as pd
   frames = [pd.DataFrame({"sae": s, "name": name, **cols})[list(COLUMNS)]
             for s, (name, cols) in enumerate(zip(names, result["per_sae"]))]
-  tmp = path + ".tmp"
-  pd.concat(frames, ignore_index=True).to_csv(tmp, index=False, float_format="%.7g")
-  os.replace(tmp, path)
+  text = pd.concat(frames, ignore_index=True).to_csv(index=False, float_format="%.7g")
+  files.atomic_write_bytes(path, text.encode())
 
 
 def read(match_dir: str):
