@@ -60,9 +60,18 @@ def test_bench_train_missing_peer_says_how_to_install():
   assert "pip install -e .[bench]" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_bench_match_smoke():
-  out = _run("bench_match.py", "--sizes=256", "--instances=planted", "--d_in=32")
-  assert "256" in out and "sparse" in out
+def test_bench_match_smoke(tmp_path):
+  _run("bench_match.py", "--sizes=256", "--instances=planted", "--d_in=32",
+       f"--json={tmp_path / 'r.jsonl'}")
+  with open(tmp_path / "r.jsonl") as f:
+    rows = {r["method"]: r for r in map(json.loads, f)}
+  assert list(rows) == ["scipy", "sparse"]
+  for r in rows.values():
+    assert (r["instance"], r["n"]) == ("planted", 256)
+    assert r["seconds"] > 0 and r["peak_rss_gb"] > 0 and r["rounds"] >= 0
+  # The sparse solver certifies its matching optimal: it must reach scipy's objective.
+  assert rows["scipy"]["objective"] > 0
+  assert rows["sparse"]["objective"] == pytest.approx(rows["scipy"]["objective"], rel=1e-6)
 
 
 def test_bench_kernels_smoke():
@@ -139,7 +148,25 @@ def test_bench_extract_smoke_on_gpt2(tmp_path, tiny_model_dir):
       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "m")
   common = [f"--model={tmp_path / 'm'}", "--site=mlp:1", "--num_tokens=512", "--ctx_len=64",
             "--rounds=1"]
-  out = _run("bench_extract.py", *common)
-  assert "tok" in out
-  out = _run("bench_extract.py", *common, "--variants=fp32,bf16,threads1", "--dtype=int8")
-  assert "bf16" in out and "threads1" in out
+  r = _printed_json(_run("bench_extract.py", *common))
+  assert (r["tokens"], r["ctx_len"], r["device"]) == (512, 64, "cpu")
+  for key in ("full_forward_tok_s", "decoder_stack_tok_s", "jaxsae_extract_tok_s",
+              "speedup_vs_full_forward", "speedup_vs_decoder_stack"):
+    assert r[key] > 0, key
+  assert 0 < r["jaxsae_fraction_in_model"] <= 1
+  assert r["ideal_speedup_vs_decoder_stack"] == 3 / 2  # the site ends block 1 of 3: 2 run
+  r = _printed_json(_run("bench_extract.py", *common, "--variants=fp32,bf16,threads1",
+                         "--dtype=int8"))
+  assert (r["tokens_per_round"], r["stored_dtype"], r["rounds"]) == (512, "int8", 1)
+  assert r["rows_compared"] > 0
+  assert [v["variant"] for v in r["variants"]] == ["fp32", "bf16", "threads1"]
+  for v in r["variants"]:
+    assert v["tok_s"] > 0 and v["ratio"] > 0 and len(v["rounds_tok_s"]) == 1
+    assert 0 <= v["median_rel_err"] <= v["max_rel_err"] < 0.5
+  assert r["variants"][0]["ratio"] == 1  # fp32 is the reference the others are timed against
+
+
+def _printed_json(out: str) -> dict:
+  """The JSON object a benchmark prints, indented, among its other lines."""
+  start = 0 if out.startswith("{") else out.index("\n{\n") + 1
+  return json.JSONDecoder().raw_decode(out[start:])[0]
