@@ -2,7 +2,7 @@
 
   python bench/bench_memory.py --d_in=768 --num_latents=32768 --seeds=1,2 --batch_size=16384
 
-Compiles (never runs) the trainer's real jitted step (`train.make_step` on a `TrainState` of S
+Compiles (never runs) the trainer's real jitted step (`train.build`'s, on a `TrainState` of S
 TopK seeds) for each S and prints one JSON row per S: the state it takes and hands back
 (parameters, Adam moments, counters: `arg_gb`) and XLA's temporaries (`temp_gb`: gradients,
 [batch, latents] pre-activations, gathered rows). Their sum is the step's peak; the growth from
@@ -32,8 +32,7 @@ _LOOP = flags.DEFINE_enum("seed_loop", "vmap", ["vmap", "map"], "Seeds as one ba
 def main(_):
   import jax
   import jax.numpy as jnp
-  from flax import nnx
-  from jaxsae import train
+  from jaxsae import store, train
   d, n, b = _D_IN.value, _N.value, _B.value
   for s in map(int, _SEEDS.value):
     plan = train.resolve(train.TrainConfig(
@@ -41,10 +40,9 @@ def main(_):
         lr_warmup_steps=10, penalty_warmup=0, compute_dtype=_COMPUTE.value,
         seed_loop=_LOOP.value), d, 1000 * b)
     tx, _ = train.make_optimizer(plan)
-    make = lambda: train.TrainState.of(plan, tx)
-    graphdef, state = nnx.split(nnx.eval_shape(make))
-    step = jax.jit(train.make_step(graphdef, plan), donate_argnums=0)
-    m = step.lower(state, jax.ShapeDtypeStruct((b, d), jnp.float32)).compile().memory_analysis()
+    p = train.build(plan, train.make_mesh(plan), tx)
+    rows = store.Rows(jax.ShapeDtypeStruct((b, d), jnp.float32))
+    m = p.step.lower(p.abstract_state, rows).compile().memory_analysis()
     arg, temp = m.argument_size_in_bytes / 1e9, m.temp_size_in_bytes / 1e9
     print(json.dumps({"seeds": s, "d_in": d, "num_latents": n, "batch_size": b, "k": _K.value,
                       "compute_dtype": _COMPUTE.value, "seed_loop": _LOOP.value,

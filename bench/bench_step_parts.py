@@ -3,9 +3,9 @@
   python bench/bench_step_parts.py --batch_size=256 --num_latents=1024
 
 Each part is jitted alone and timed over 10 calls, the parts interleaved round by round
-(median of --rounds): the whole step (`train.make_step`), loss and gradient, the forward alone,
-the encoder product, the product with XLA's top-k and with the CPU kernels' top-k, and clip +
-Adam on the parameters.
+(median of --rounds): the whole step (`train.build`'s, the one training runs), loss and
+gradient, the forward alone, the encoder product, the product with XLA's top-k and with the CPU
+kernels' top-k, and clip + Adam on the parameters.
 """
 
 from __future__ import annotations
@@ -30,19 +30,18 @@ def main(_):
   import jax.numpy as jnp
   import optax
   from flax import nnx
-  from jaxsae import train
+  from jaxsae import store, train
   from jaxsae.sae import common
 
   b, n, d, k = _B.value, _N.value, _D_IN.value, _K.value
   plan = train.resolve(train.TrainConfig(num_latents=n, k=k, batch_size=b, seeds=(0,), lr=1e-3,
                                          lr_warmup_steps=10, penalty_warmup=0), d, 1000 * b)
   tx, _ = train.make_optimizer(plan)
-  make = lambda: train.TrainState.of(plan, tx)
-  graphdef, _ = nnx.split(nnx.eval_shape(make))
+  programs = train.build(plan, train.make_mesh(plan), tx)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(b, d)).astype(np.float32))
-  state = jax.jit(lambda: nnx.state(make()))()
-  sae_def, saes = nnx.split(nnx.merge(graphdef, state).seeds.sae)
-  one = jax.tree.map(lambda a: a[0], saes)
+  state = programs.init()
+  sae_def, saes = nnx.split(nnx.merge(programs.graphdef, state).seeds.sae)
+  one = jax.tree.map(lambda a: a[0], saes)  # new arrays, which the step's donation leaves alone
   loss = lambda s, x: nnx.merge(sae_def, s).loss(x, jnp.zeros(n, bool), 1.0)[0]
   w = one["W_enc"][...]
   params = {name: v[...] for name, v in one.items()}
@@ -52,8 +51,13 @@ def main(_):
     updates, o = tx.update(g, o, p)
     return optax.apply_updates(p, updates), o
 
+  def step(rows):  # training's own step, which donates the state: each call takes the last's
+    nonlocal state
+    state, metrics = programs.step(state, rows)
+    return metrics
+
   parts = {
-      "step": (jax.jit(train.make_step(graphdef, plan)), (state, x)),
+      "step": (step, (store.Rows(x),)),
       "loss_and_grad": (jax.jit(jax.value_and_grad(loss)), (one, x)),
       "forward": (jax.jit(loss), (one, x)),
       "encoder_product": (jax.jit(lambda x, w: x @ w), (x, w)),

@@ -14,6 +14,8 @@ them:
                   run.json stores and a resume must match, and its execution on this machine)
   state.py        the ensemble's state (Member, TrainState), its shardings, the optimizer
   step.py         the jitted step: every seed's update, the --target_l0 controller
+  programs.py     build(): the run's abstract state, shardings and jitted init and step, which
+                  the loop and the benchmarks share
   checkpoints.py  orbax checkpoints with digests, restored exactly; a failed write in one line
   hooks.py        what runs after steps: metrics.jsonl, the clock, the hooks
   export.py       every seed to RUN/seed{N}/ in the layouts of --layouts
@@ -31,10 +33,11 @@ from __future__ import annotations
 from jaxsae.train.config import TrainConfig
 from jaxsae.train.loop import run
 from jaxsae.train.plan import RunPlan, make_mesh, member_names, resolve
+from jaxsae.train.programs import Programs, build
 from jaxsae.train.state import (TrainState, exported, init_from_first_batch, make_optimizer,
                                 state_shardings)
 from jaxsae.train.step import make_step
 
-__all__ = ["RunPlan", "TrainConfig", "TrainState", "exported", "init_from_first_batch",
+__all__ = ["Programs", "RunPlan", "TrainConfig", "TrainState", "build", "exported", "init_from_first_batch",
            "make_mesh", "make_optimizer", "make_step", "member_names", "resolve", "run",
            "state_shardings"]

@@ -8,7 +8,6 @@ import time
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsae import store as store_lib
 from jaxsae.errors import JaxsaeError
@@ -17,9 +16,8 @@ from jaxsae.train.config import TrainConfig
 from jaxsae.train.export import export
 from jaxsae.train.hooks import Hook, MetricsWriter, Throughput, Tick
 from jaxsae.train.plan import RunPlan, check_run_dir, make_mesh, resolve
-from jaxsae.train.state import (TrainState, batch_sharding, init_from_first_batch,
-                                make_optimizer, state_shardings)
-from jaxsae.train.step import make_step
+from jaxsae.train.programs import Programs, build
+from jaxsae.train.state import make_optimizer
 
 
 def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
@@ -39,28 +37,24 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
   input_scale = store.normalizer(site) if plan.identity.normalize else 1.0
   mesh = make_mesh(plan)
   tx, schedule = make_optimizer(plan)
-  graphdef, state, shardings, mngr, fresh = _initial_state(plan, tx, mesh)
+  p = build(plan, mesh, tx, scaled=store.scaled, input_scale=input_scale)
+  graphdef = p.graphdef
+  state, mngr, fresh = _initial_state(plan, p)
   start = int(state["step"].get_value())
-  xs = store_lib.rows_sharding(batch_sharding(plan, mesh), store.scaled)
-  train_step = make_step(graphdef, plan)
-  # Batches arrive as the store holds them (bfloat16 or 8-bit codes) and are decoded here, on
-  # the devices: the hosts move a half or a quarter of float32's bytes.
-  step_fn = jax.jit(lambda s, rows: train_step(s, store_lib.decode(rows, input_scale)),
-                    in_shardings=(shardings, xs),
-                    out_shardings=(shardings, NamedSharding(mesh, P("seed"))), donate_argnums=0)
-  sae = nnx.merge(graphdef, state).seeds.sae  # the architecture's static facts, for export
+  # The architecture's static facts, for export, from the abstract state: no array of the
+  # initial state outlives the step that donates it.
+  sae = nnx.merge(graphdef, p.abstract_state).seeds.sae
   clock = Throughput(plan.identity.batch_size, len(plan.seeds), plan.num_streams)
   hooks, writer, bar = _hooks(plan, mngr, schedule, start, clock, lambda directory, t: export(
       directory, graphdef, t.state, sae, plan, t.step, input_scale))
   skipped = 0 if fresh else checkpoints.saved_metadata(mngr, start).get(checkpoints.SKIPPED_KEY, 0)
   failed = True
   try:
-    for step, batch in enumerate(_batches(plan, store, xs.codes, start, clock), start + 1):
+    for step, batch in enumerate(_batches(plan, store, p.batch_sharding.codes, start, clock),
+                                 start + 1):
       if fresh and step == 1:
-        state = jax.jit(lambda s, rows: init_from_first_batch(
-            graphdef, s, store_lib.decode(rows, input_scale)), out_shardings=shardings)(
-                state, batch.x)
-      state, metrics = step_fn(state, batch.x)
+        state = p.init_from_first_batch(state, batch.x)
+      state, metrics = p.step(state, batch.x)
       if batch.skipped and not skipped:
         logging.warning("skipping rows with NaN/Inf (--skip_non_finite); the first: %s",
                         batch.where)
@@ -82,21 +76,16 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
     checkpoints.close(mngr, raise_errors=not failed)  # else the error on its way out is told
 
 
-def _initial_state(plan: RunPlan, tx, mesh):
-  """(graphdef, state, shardings, manager, fresh): the state built directly into its sharding,
-  or restored from the newest checkpoint. Past this point the loop holds only the state's arrays
-  (nnx.State); modules live inside jit."""
-  make_state = lambda: TrainState.of(plan, tx)
-  graphdef, abstract = nnx.split(nnx.eval_shape(make_state))
-  shardings = state_shardings(abstract, mesh)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+def _initial_state(plan: RunPlan, p: Programs):
+  """(state, manager, fresh): the state built directly into its sharding, or restored from the
+  newest checkpoint. Past this point the loop holds only the state's arrays (nnx.State);
+  modules live inside jit."""
   mngr = checkpoints.checkpoint_manager(plan.checkpoints)
-  state = checkpoints.restore_latest(mngr, abstract)
+  state = checkpoints.restore_latest(mngr, p.abstract_state)
   fresh = state is None
   if fresh:
-    state = jax.jit(lambda: nnx.state(make_state()), out_shardings=shardings)()
-  return graphdef, state, shardings, mngr, fresh
+    state = p.init()
+  return state, mngr, fresh
 
 
 def _batches(plan: RunPlan, store: store_lib.Store, sharding, start: int, clock: Throughput):
