@@ -211,10 +211,8 @@ def _sums(graphdef, state, scale, shift, x, valid):
   x_in = x * scale
   z = saes_lib.encode(graphdef, state, x, scale)
   w = valid[:, None].astype(jnp.float32)
-  e = (x_in - nnx.merge(graphdef, state).decode(z)) * w
-  xc = (x_in - shift) * w
-  return {"sse": jnp.sum(jnp.square(e)), "l0": jnp.sum((z > 0) * w),
-          "sx": xc.sum(0), "sq": jnp.sum(jnp.square(xc))}
+  _, sums = match_lib.error_sums(nnx.merge(graphdef, state), x_in, z, shift, w)
+  return {**sums, "l0": jnp.sum((z > 0) * w)}
 
 
 def evaluate(saes: list[formats.CanonicalSAE], store, start_tokens: int, num_tokens: int,
@@ -235,7 +233,7 @@ def evaluate(saes: list[formats.CanonicalSAE], store, start_tokens: int, num_tok
       out = step(graphdef, state, scale, scale * shift, x, valid)
       for key in a:
         a[key] = a[key] + np.asarray(out[key], np.float64)
-  return [{"fvu": float(a["sse"] / (a["sq"] - float(np.dot(a["sx"], a["sx"])) / num_tokens)),
+  return [{"fvu": float(a["sse"] / match_lib.total_variance(a["sx"], a["sq"], num_tokens)),
            "l0": float(a["l0"] / num_tokens)} for a in acc]
 
 

@@ -189,6 +189,22 @@ class Measured:
   top_row: list[np.ndarray] | None
 
 
+def error_sums(m, x_in, z, shift, w) -> tuple[object, dict]:
+  """The error e = x - decode(z) of the rows `w` weights (1 or 0, [batch, 1]), and one batch's
+  sums an FVU over a sample adds up: squared error, and the input's sums centred on `shift`
+  (a first-batch mean, so that the variance is not a difference of large sums; see
+  `total_variance`). Traced inside a jitted step; shared by the match and the consensus."""
+  import jax.numpy as jnp
+  e = (x_in - m.decode(z)) * w
+  xc = (x_in - shift) * w
+  return e, {"sse": jnp.sum(jnp.square(e)), "sx": xc.sum(0), "sq": jnp.sum(jnp.square(xc))}
+
+
+def total_variance(sx: np.ndarray, sq: float, num_tokens: int) -> float:
+  """sum_t |x_t - mean(x)|^2 of a sample from its `error_sums`, summed in float64."""
+  return sq - float(sx @ sx) / num_tokens
+
+
 def _pass_step(graphdefs, what, stacked, best, x, pos, counts):
   """One batch through every SAE: per group of SAEs sharing a program, a `lax.map` over its
   seeds (memory stays at one [batch, n] activation block), each encoding the batch once.
@@ -215,15 +231,12 @@ def _pass_step(graphdefs, what, stacked, best, x, pos, counts):
       # decodes linearly, the other codes do not move), so its added squared error is
       # sum_t 2 z_ti <e_t, W_dec[i]> + z_ti^2 |W_dec[i]|^2: one product, no re-encoding.
       w = in_imp[:, None].astype(jnp.float32)
-      e = (x_in - m.decode(z)) * w
+      e, sums = error_sums(m, x_in, z, shift, w)
       zw = z * w
       w_dec = m.W_dec[...]
       g = jnp.dot(e, w_dec.T, precision=jax.lax.Precision.HIGHEST)  # [batch, n] <e_t, W_dec[i]>
       out["d_sse"] = jnp.sum(2 * zw * g + jnp.square(zw) * jnp.sum(jnp.square(w_dec), 1), 0)
-      out["sse"] = jnp.sum(jnp.square(e))
-      # Shifted by a first-batch mean so that the variance is not a difference of large sums.
-      xc = (x_in - shift) * w
-      out["sx"], out["sq"] = xc.sum(0), jnp.sum(jnp.square(xc))
+      out.update(sums)
     if top:
       # top_k puts the lower index first among equals: the running best (earlier tokens)
       # before this batch's, and within a batch the earlier row.
@@ -302,7 +315,7 @@ def measure(saes: Sequence[formats.CanonicalSAE], store, freq_tokens: int,
   if what[0]:
     out["frequencies"] = [f / counts[0] for f in fires]
   if what[1]:
-    total_var = [sq - float(sx @ sx) / counts[1] for _, _, sx, sq in acc]
+    total_var = [total_variance(sx, sq, counts[1]) for _, _, sx, sq in acc]
     out["importance"] = [a[0] / v for a, v in zip(acc, total_var)]
     out["fvu"] = [float(a[1] / v) for a, v in zip(acc, total_var)]
   if top:
