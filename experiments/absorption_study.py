@@ -25,7 +25,7 @@ from jaxsae import formats
 from jaxsae import match
 from jaxsae import saes as saes_lib
 
-import open_questions as oq  # beside this file
+from experiments import open_questions as oq
 
 SITES = {"resid": "model.layers.15", "mlp": "model.layers.15.mlp"}
 # Narrower than the demo's 1,024 latents so that 262K tokens train them somewhere on a

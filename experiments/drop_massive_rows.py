@@ -1,6 +1,6 @@
 """One site of a store, without its massive rows, as a store of its own.
 
-  python experiments/drop_massive_rows.py --store=out/experiments/cpu/layers/store \
+  python -m experiments.drop_massive_rows --store=out/experiments/cpu/layers/store \
       --site=model.layers.15 --out=out/nofirst15
 
 Drops each window's first stored token, then any row left whose norm is over --over times the
@@ -11,20 +11,13 @@ disagree there. The rows kept are written in store order, bfloat16, each as its 
 
 from __future__ import annotations
 
-import os
-import sys
-
 from absl import app
 from absl import flags
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from jaxsae import store as store_lib  # noqa: E402
-from jaxsae import store_writer  # noqa: E402
-
-import depth_study as ds  # noqa: E402  (beside this file)
+from experiments import depth_study as ds
+from jaxsae import store as store_lib
+from jaxsae import store_writer
 
 _STORE = flags.DEFINE_string("store", None, "Store to read.", required=True)
 _SITE = flags.DEFINE_string("site", None, "Site to keep.", required=True)

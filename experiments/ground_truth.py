@@ -29,7 +29,7 @@ from jaxsae import saes as saes_lib
 from jaxsae import synthetic
 from jaxsae import truth as truth_lib
 
-import open_questions as oq  # beside this file
+from experiments import open_questions as oq
 
 THRESHOLD = 0.7
 ORPHAN_KINDS = ("missed", "both_have_it", "merged", "split", "other")

@@ -1,7 +1,7 @@
 """The paper's studies as ready-made sweeps: train, match, and draw each figure with error bars.
 
-  python experiments/run.py --flagfile=experiments/cpu.flags --study=size
-  python experiments/run.py --flagfile=experiments/paper.flags --study=k --store=gs://b/store
+  python -m experiments.run --flagfile=experiments/cpu.flags --study=size
+  python -m experiments.run --flagfile=experiments/paper.flags --study=k --store=gs://b/store
 
 Studies (Paulo & Belrose 2025, arXiv 2501.16615):
   size       sharing against the number of latents, at fixed k
@@ -37,29 +37,25 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app
 from absl import flags
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from jaxsae import consensus  # noqa: E402
-from jaxsae import extract  # noqa: E402
-from jaxsae import files  # noqa: E402
-from jaxsae import formats  # noqa: E402
-from jaxsae import match  # noqa: E402
-from jaxsae import store as store_lib  # noqa: E402
-from jaxsae import train  # noqa: E402
-from jaxsae.sae import ARCHITECTURES  # noqa: E402
-
-import absorption_study as ab  # noqa: E402  (beside this file)
-import consensus_study as cs  # noqa: E402  (beside this file)
-import depth_study as ds  # noqa: E402  (beside this file)
-import ground_truth as gt  # noqa: E402  (beside this file)
-import open_questions as oq  # noqa: E402  (beside this file)
+from experiments import absorption_study as ab
+from experiments import consensus_study as cs
+from experiments import depth_study as ds
+from experiments import ground_truth as gt
+from experiments import open_questions as oq
+from jaxsae import consensus
+from jaxsae import extract
+from jaxsae import files
+from jaxsae import formats
+from jaxsae import match
+from jaxsae import store as store_lib
+from jaxsae import train
+from jaxsae.sae import ARCHITECTURES
 
 PAPER_STUDIES = ["size", "k", "arch", "length", "frequency", "threshold"]
 OPEN_STUDIES = ["layers", "sites", "census", "trajectory", "init_vs_data", "arch_l0",

@@ -3,22 +3,15 @@ starts from a consensus dictionary, on a tiny trained run."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import pytest
 
 from conftest import planted_sparse, train_config
-
+from experiments import consensus_study as cs
 from jaxsae import match
 from jaxsae import saes
 from jaxsae import store_writer
 from jaxsae import train
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-
-import consensus_study as cs  # noqa: E402
 
 
 @pytest.fixture(scope="module")

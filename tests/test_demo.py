@@ -78,7 +78,7 @@ def test_demo_cli_overrides_reach_each_stage(tiny_model_dir, text_dir, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
-# experiments/run.py
+# python -m experiments.run
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def planted_store(tmp_path_factory):
 
 
 def run_study(study: str, store: str, out: str, *extra: str) -> dict:
-  args = [sys.executable, "experiments/run.py", f"--study={study}", f"--store={store}",
+  args = [sys.executable, "-m", "experiments.run", f"--study={study}", f"--store={store}",
           f"--out={out}", "--num_seeds=3", "--k=3", "--num_latents=32", "--num_tokens=32768",
           "--batch_size=128", "--lr=0.01", "--lr_warmup_steps=5", *extra]
   proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -130,7 +130,7 @@ def test_experiment_sweep_and_figures(planted_store, tmp_path):
                   "--label=again")
   assert res["beside"] == [f"first={first}"] and res["label"] == "again"
   assert [r["mean"] for r in res["rows"]] == [rows[24]["mean"], rows[96]["mean"]]
-  proc = subprocess.run([sys.executable, "experiments/run.py", "--study=threshold",
+  proc = subprocess.run([sys.executable, "-m", "experiments.run", "--study=threshold",
                          f"--store={planted_store}", f"--out={tmp_path / 'refused'}",
                          f"--beside=size={first}"], cwd=ROOT, capture_output=True, text=True,
                         timeout=300)

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-
-import depth_study as ds  # noqa: E402
-import open_questions as oq  # noqa: E402
+from experiments import depth_study as ds
+from experiments import open_questions as oq
 
 
 def pair_rows(a: str, b: str, enc_partner, enc_cos, dec_partner, dec_cos) -> pd.DataFrame:
@@ -117,7 +112,7 @@ def test_outliers_finds_the_rows_and_the_dimension_that_dominate():
 
 def test_drop_massive_rows_keeps_all_but_each_windows_first_row(tiny_model_dir, text_dir,
                                                                 tmp_path):
-  import drop_massive_rows as dm
+  from experiments import drop_massive_rows as dm
   from jaxsae import extract
   from jaxsae import store as store_lib
   extract.run(extract.ExtractConfig(model=tiny_model_dir, dataset=text_dir,

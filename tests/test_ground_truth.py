@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-
-import ground_truth as gt  # noqa: E402
-from conftest import save_sae  # noqa: E402
+from conftest import save_sae
+from experiments import ground_truth as gt
 
 
 def test_points_cover_the_five_sweeps_around_one_centre():
