@@ -32,12 +32,12 @@ def export(directory: str, graphdef: nnx.GraphDef, state: nnx.State, sae: SAE, p
   for m, (seed, data_seed, member) in enumerate(zip(plan.seeds, plan.member_data_seeds,
                                                      plan.member_names)):
     cfg = {"arch": i.arch, "seed": seed, "k": i.k, "step": step,
-           "num_tokens": step * i.batch_size, "store": plan.store, "site": i.site,
+           "num_tokens": step * i.batch_size, "store": plan.store_path, "site": i.site,
            "data_seed": data_seed, **extras[m],
            "input_scale": input_scale,
            "normalize_decoder": sae.unit_norm_decoder,
            "apply_b_dec_to_input": sae.subtracts_b_dec, **sae.export_cfg()}
     params = {name: np.asarray(v[m]) for name, v in saes.items()}
-    for j, layout in enumerate(plan.checkpoints.layouts):
+    for j, layout in enumerate(plan.layouts):
       where = directory if j == 0 else os.path.join(directory, layout)
       formats.WRITERS[layout](os.path.join(where, member), params, cfg)

@@ -94,7 +94,7 @@ def _batches(plan: RunPlan, store: store_lib.Store, sharding, start: int, clock:
   read = dict(start_step=start, num_steps=plan.num_steps - start, site=plan.identity.site,
               skip_non_finite=plan.skip_non_finite, stored=True)
   if plan.identity.data_seeds:
-    stream = store_lib.member_batches(plan.store, plan.identity.data_seeds,
+    stream = store_lib.member_batches(plan.store_path, plan.identity.data_seeds,
                                       plan.identity.batch_size, sharding,
                                       window=plan.store_window, **read)
   else:

@@ -87,8 +87,9 @@ class L0Target(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Optimizer:
-  """Adam with sparsify's schedule (`state.make_optimizer`)."""
+class OptimizerConfig:
+  """Adam with sparsify's schedule, as settings (`state.make_optimizer` builds the optax one;
+  nnx.Optimizer holds its state)."""
   lr: float
   warmup_steps: int
   num_steps: int
@@ -103,7 +104,6 @@ class Checkpoints:
   every: int
   keep: int
   keep_steps: tuple[int, ...]  # also kept, and exported under RUN/tokens{T}/ (--keep_at_tokens)
-  layouts: tuple[str, ...]  # the exports' layouts (jaxsae.formats.WRITERS), the first at RUN/seed{N}/
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,17 +112,20 @@ class RunPlan:
   identity: Identity
   execution: Execution
   sae: SaeConfig  # what the modules read, the execution's choices among it
-  optimizer: Optimizer
+  optimizer: OptimizerConfig
   checkpoints: Checkpoints
   num_steps: int
   penalty_steps: int  # the L1/L0 coefficient warms up over these
   l0_target: L0Target | None
   dead_tokens: int
-  store: str
+  store_path: str  # the flag as given (local or gs://), which run.json and cfg.json record
   out: str
   skip_non_finite: bool
   log_every: int
   progress: bool
+  # The exports' layouts (jaxsae.formats.WRITERS), the first at RUN/seed{N}/: an export's
+  # concern, not the checkpoints'.
+  layouts: tuple[str, ...]
   store_window: int = 8  # gs:// stores: shards held in memory (Store's `window`)
 
   @property
@@ -205,19 +208,18 @@ def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> RunPlan:
   directory = cfg.checkpoint_dir or os.path.join(cfg.out, "checkpoints")
   return RunPlan(
       identity=identity, execution=execution, sae=sae,
-      optimizer=Optimizer(lr=cfg.lr or 2e-4 / math.sqrt(n / 2**14),
-                          warmup_steps=cfg.lr_warmup_steps, num_steps=num_steps, b1=cfg.adam_b1,
-                          b2=cfg.adam_b2, max_grad_norm=cfg.max_grad_norm),
+      optimizer=OptimizerConfig(lr=cfg.lr or 2e-4 / math.sqrt(n / 2**14),
+                                warmup_steps=cfg.lr_warmup_steps, num_steps=num_steps,
+                                b1=cfg.adam_b1, b2=cfg.adam_b2, max_grad_norm=cfg.max_grad_norm),
       checkpoints=Checkpoints(
           directory=directory if files.is_remote(directory) else os.path.abspath(directory),
           every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
           keep_steps=tuple(sorted({t // cfg.batch_size for t in cfg.keep_at_tokens
-                                   if 0 < t // cfg.batch_size <= num_steps})),
-          layouts=_layouts(cfg, arch)),
+                                   if 0 < t // cfg.batch_size <= num_steps}))),
       num_steps=num_steps, penalty_steps=penalty_steps,
-      l0_target=l0_target, dead_tokens=cfg.dead_tokens, store=cfg.store, out=cfg.out,
+      l0_target=l0_target, dead_tokens=cfg.dead_tokens, store_path=cfg.store, out=cfg.out,
       skip_non_finite=cfg.skip_non_finite, log_every=cfg.log_every, progress=cfg.progress,
-      store_window=cfg.store_window)
+      store_window=cfg.store_window, layouts=_layouts(cfg, arch))
 
 
 def _layouts(cfg: TrainConfig, arch: type[SAE]) -> tuple[str, ...]:
@@ -349,8 +351,9 @@ def check_run_dir(plan: RunPlan) -> None:
           "exported seed*/ SAEs stay readable by `jaxsae match`, but it cannot be resumed; "
           "train into a new --out")
     if old.get("d_in") != spec["d_in"]:
-      raise JaxsaeError(f"store {plan.store} has d_in={spec['d_in']} but the run in {out} was "
-                        f"trained on d_in={old.get('d_in')}; use the same store or a new --out")
+      raise JaxsaeError(f"store {plan.store_path} has d_in={spec['d_in']} but the run in {out} "
+                        f"was trained on d_in={old.get('d_in')}; use the same store or a new "
+                        "--out")
     was = {k: old.get(k, IDENTITY_DEFAULTS.get(k)) for k in spec}
     diff = [k for k in spec if was[k] != spec[k]]
     if diff:
@@ -359,7 +362,7 @@ def check_run_dir(plan: RunPlan) -> None:
                         "or choose a new --out")
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
-    record = {**spec, "store": plan.store, "state_format": STATE_FORMAT,
+    record = {**spec, "store": plan.store_path, "state_format": STATE_FORMAT,
               "execution": dataclasses.asdict(plan.execution)}
     if plan.l0_target is not None:  # recorded, not compared: a resume may retune the controller
       record["l0_target"] = plan.l0_target._asdict()

@@ -64,6 +64,8 @@ class TrainState(nnx.Module):
     build = nnx.vmap(lambda r: Member(arch, d_in, n, sae_cfg, tx, rngs=r,
                                       adapt_penalty=adapt_penalty),
                      transform_metadata={nnx.PARTITION_NAME: "seed"})
+    # The ensemble of members, though named `seeds`: the name is in every checkpoint's tree
+    # paths (orbax restores by them), so renaming it would leave existing runs unresumable.
     self.seeds = build(rngs)
     self.step = nnx.Variable(jnp.zeros((), jnp.int32))
 
