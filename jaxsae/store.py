@@ -354,19 +354,17 @@ class Store:
     return f"{self.directory.rstrip('/')}/{name}"
 
   def _read_manifest(self) -> dict:
-    root = files.as_path(self.directory) if not self.remote else None
-    if not self._exists(MANIFEST):
-      if self._exists(SPEC):
-        spec = json.loads(self._read(SPEC))
-        n = sum(1 for name in files.listdir(self.directory)
-                if name.startswith("shard_") and name.endswith(".json") and ".tmp-" not in name)
+    if not files.exists(self._where(MANIFEST)):
+      if files.exists(self._where(SPEC)):
+        spec = json.loads(files.read_bytes(self._where(SPEC)))
+        n = len(written_shards(self.directory))
         raise JaxsaeError(
             f"store {self.directory} is incomplete ({n} of {spec.get('num_shards')} shards "
             "written); rerun the same `jaxsae extract` command to finish it")
       raise JaxsaeError(f"{self.directory} is not an activation store (no {MANIFEST}); "
                         "create one with `jaxsae extract --out=...`")
     try:
-      return json.loads(self._read(MANIFEST) if self.remote else (root / MANIFEST).read_text())
+      return json.loads(files.read_bytes(self._where(MANIFEST)))
     except json.JSONDecodeError as e:
       raise JaxsaeError(f"{self._where(MANIFEST)} is not valid JSON ({e}); re-extract the store")
 
@@ -376,9 +374,9 @@ class Store:
     spec.json is written first and never rewritten, so it says what this directory's shards
     are; the manifest must repeat every field of it.
     """
-    if not self._exists(SPEC):
+    if not files.exists(self._where(SPEC)):
       return
-    spec = json.loads(self._read(SPEC))
+    spec = json.loads(files.read_bytes(self._where(SPEC)))
     diff = sorted(k for k in spec if m.get(k) != spec[k])
     if diff:
       k = diff[0]
@@ -395,34 +393,28 @@ class Store:
                   (s["num_tokens"], len(self.sites))))
     return out
 
-  def _url(self, name: str) -> str:
-    return f"{self.directory.rstrip('/')}/{name}"
-
-  def _exists(self, name: str) -> bool:
-    if self.remote:
-      return gcs.exists(self._url(name))
-    return os.path.exists(os.path.join(self.directory, name))
-
-  def _read(self, name: str) -> bytes:
-    if self.remote:
-      return gcs.read_bytes(self._url(name))
-    with open(os.path.join(self.directory, name), "rb") as f:
-      return f.read()
-
   def _check_size(self, i: int, s: dict) -> None:
     if self.remote:  # one request per file would make opening a large store slow: `_fetch`
       return         # checks each shard's size as it reads it
     for name, _, dtype, shape in self._files(s):
-      p = files.as_path(self.directory) / name
-      if not p.exists():
-        raise JaxsaeError(f"shard {name} listed in {self._where(MANIFEST)} is missing; "
-                          "rerun `jaxsae extract` with the same flags to rewrite it")
-      size = os.path.getsize(p)
-      want = int(np.prod(shape)) * dtype.itemsize
-      if size != want:
-        raise JaxsaeError(f"shard {self._where(name)} has {size} bytes, the manifest says "
-                          f"{want} ({s['num_tokens']} rows); it is truncated or foreign: delete "
-                          f"it and {s['file'][:-4]}.json and rerun `jaxsae extract`")
+      path = os.path.join(self.directory, name)
+      self._check_file_size(s, name, os.path.getsize(path) if os.path.exists(path) else None,
+                            dtype, shape)
+
+  def _check_file_size(self, s: dict, name: str, size: int | None, dtype: np.dtype,
+                       shape: tuple[int, ...]) -> int:
+    """The bytes file `name` of shard entry `s` must have; raises if `size` (None: the file is
+    missing) is not that."""
+    want = int(np.prod(shape)) * dtype.itemsize
+    if size is None:
+      raise JaxsaeError(f"shard {self._where(name) if self.remote else name} listed in "
+                        f"{self._where(MANIFEST)} is missing; rerun `jaxsae extract` with the "
+                        "same flags to rewrite it")
+    if size != want:
+      raise JaxsaeError(f"shard {self._where(name)} has {size} bytes, the manifest says "
+                        f"{want} ({s['num_tokens']} rows); it is truncated or foreign: delete "
+                        f"it and {s['file'][:-4]}.json and rerun `jaxsae extract`")
+    return want
 
   def verify_shard(self, i: int) -> None:
     """Hashes shard `i`'s files (once) and raises if one differs from the manifest."""
@@ -457,16 +449,8 @@ class Store:
     s = self.shards[i]
     arrays = []
     for name, key, dtype, shape in self._files(s):
-      url = self._url(name)
-      want = int(np.prod(shape)) * dtype.itemsize
-      size = gcs.size(url)
-      if size is None:
-        raise JaxsaeError(f"shard {url} listed in {self._where(MANIFEST)} is missing; rerun "
-                          "`jaxsae extract` with the same flags to rewrite it")
-      if size != want:
-        raise JaxsaeError(f"shard {url} has {size} bytes, the manifest says {want} "
-                          f"({s['num_tokens']} rows); it is truncated or foreign: delete it and "
-                          f"{s['file'][:-4]}.json and rerun `jaxsae extract`")
+      url = self._where(name)
+      want = self._check_file_size(s, name, gcs.size(url), dtype, shape)
       buf = _aligned_empty((want,), np.dtype(np.uint8))
       chunks = [(a, min(a + READ_CHUNK, want)) for a in range(0, want, READ_CHUNK)]
 
@@ -566,7 +550,7 @@ class Store:
   def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
     """Shard `i`'s window token ids [windows, ctx_len] and row positions [rows]."""
     s = self.shards[i]
-    with np.load(io.BytesIO(self._read(s["tokens_file"]))) as z:
+    with np.load(io.BytesIO(files.read_bytes(self._where(s["tokens_file"])))) as z:
       return z["ids"], z["pos"]
 
   def context(self, row: int, before: int = 16, after: int = 4) -> tuple[list[int], int]:
@@ -636,15 +620,8 @@ class Store:
                   shuffle_shards: int = 4) -> Iterator[int]:
     """The shards in the order the stream from `start_step` first reads them, epoch after
     epoch: each buffer's shards, sorted (a batch reads all of its buffer's shards at once)."""
-    epoch, r = divmod(start_step * batch_size, self.num_tokens)
-    while True:
-      start = 0
-      for shards in self._buffers(data_seed, epoch, shuffle_shards):
-        n = int(sum(self.shards[i]["num_tokens"] for i in shards))
-        if start + n > r:
-          yield from sorted(int(i) for i in shards)
-        start += n
-      epoch, r = epoch + 1, 0
+    for shards, _, _ in self.buffer_schedule(start_step, batch_size, data_seed, shuffle_shards):
+      yield from sorted(shards)
 
   def batch(self, step: int, batch_size: int, **kwargs) -> np.ndarray:
     """Rows [lo, hi) of batch `step` as float32 [hi - lo, d_in]; see `read_batch`."""
@@ -677,23 +654,22 @@ class Store:
     x = self._gather(idx, shard_of, j)
     known = [self._non_finite[i][j] for i in touched]
     skipped, where = 0, ""
-    if any(len(k) for k in known):
-      bad = np.isin(idx, np.concatenate(known))
+    bad = np.isin(idx, np.concatenate(known)) if any(len(k) for k in known) else None
+    if bad is not None and bad.any():
       r = int(idx[np.argmax(bad)])
       i = int(np.searchsorted(self.offsets, r, side="right") - 1)
-      where = f"shard {self.shards[i]['file']} at row {r - self.offsets[i]}" if bad.any() else ""
-      if bad.any() and (not skip_non_finite or bad.all()):
+      where = f"shard {self.shards[i]['file']} at row {r - self.offsets[i]}"
+      if not skip_non_finite or bad.all():
         raise JaxsaeError(f"non-finite activation in {where}; re-extract that shard, or train "
                           "with --skip_non_finite to skip such rows")
-      if bad.any():
-        # Replaced by finite rows of this same batch, not by rows read further on: the batch
-        # keeps its shape and stays a pure function of (data_seed, step), so resuming is exact.
-        good = np.nonzero(~bad)[0]
-        take = good[np.arange(int(bad.sum())) % len(good)]
-        for a in x:
-          if a is not None:
-            a[bad] = a[take]
-        skipped = int(bad.sum())
+      # Replaced by finite rows of this same batch, not by rows read further on: the batch
+      # keeps its shape and stays a pure function of (data_seed, step), so resuming is exact.
+      good = np.nonzero(~bad)[0]
+      take = good[np.arange(int(bad.sum())) % len(good)]
+      for a in x:
+        if a is not None:
+          a[bad] = a[take]
+      skipped = int(bad.sum())
     if stored:
       return Batch(x, step, skipped, where)
     x = x.decoded()
