@@ -239,6 +239,85 @@ def written_shards(directory: str) -> dict[int, dict]:
     return {entry["index"]: entry for entry in entries}
 
 
+# ---------------------------------------------------------------------------------------------
+# Massive activations: what the manifest's `outliers` (store_writer.outlier_stats) say of a site.
+
+# A row whose norm is over this many times its site's median counts as massive: the sites
+# study's cut (experiments/depth_study.MASSIVE). SmolLM2's residual stream at layers 12-20 has
+# 0.4% of its rows over it, each window's first token, at 120-210x the median.
+MASSIVE_OVER_MEDIAN = 5.0
+# Massive rows dominate a site when they hold over this share of its centred variance. An FVU
+# loss weighs each row by exactly that share, so past half of it an SAE is fitted mostly to them
+# and its seeds settle the rest differently: where SmolLM2's residual stream's top dimension held
+# 94-98% (layers 12-25) its seeds shared 0.09-0.32, and 3.5-4.6x more without those rows
+# (experiments/README.md, the sites study and drop_massive_rows).
+MASSIVE_VARIANCE_SHARE = 0.5
+# A window position is a massive one when at least this share of the rows sampled there are:
+# SmolLM2's position 0 is massive in every window, whatever token sits there.
+MASSIVE_POSITION_SHARE = 0.5
+
+
+def outliers_of(manifest: dict, site: str) -> dict | None:
+  """The manifest's outlier figures of `site`, or None where it records none (a store written
+  before they were measured, or a field too damaged to read: a warning is no reason to refuse
+  a store)."""
+  o = manifest.get("outliers")
+  o = o.get(site) if isinstance(o, dict) else None
+  keys = ("massive_rows", "massive_variance", "top_dim_variance")
+  if not isinstance(o, dict) or not all(isinstance(o.get(k), (int, float)) for k in keys):
+    return None
+  return o
+
+
+def massive_positions(o: dict) -> dict[int, tuple[float, float]]:
+  """{window position: (share of the massive rows there, share of its rows that are massive)}
+  of the positions an outlier record lists, most massive rows first; {} where it lists none."""
+  out = {}
+  for p in o.get("positions") or []:
+    try:
+      out[int(p["position"])] = (float(p["share"]), float(p["massive"]))
+    except (KeyError, TypeError, ValueError):
+      return {}
+  return out
+
+
+def skip_first_for(o: dict, first: int) -> int:
+  """The --skip_first that leaves out the run of massive positions starting at `first` (the
+  store's own first stored position); `first` itself where that position is not massive."""
+  at = massive_positions(o)
+  n = first
+  while n in at and at[n][1] >= MASSIVE_POSITION_SHARE:
+    n += 1
+  return n
+
+
+def massive_warning(manifest: dict, site: str) -> str | None:
+  """One line for a site whose massive rows dominate its centred variance, naming their window
+  positions and the --skip_first that leaves them out; None where they do not, or where the
+  manifest measured nothing."""
+  o = outliers_of(manifest, site)
+  if o is None or not o["massive_variance"] > MASSIVE_VARIANCE_SHARE:
+    return None
+  over, peak = o.get("over_median", MASSIVE_OVER_MEDIAN), o.get("max_norm_over_median")
+  head = (f"warning: {site}: {100 * o['massive_rows']:.2g}% of rows are over {over:g}x the "
+          f"median norm{f' (up to {peak:.0f}x)' if peak else ''}")
+  weight = (f"hold {100 * o['massive_variance']:.0f}% of the centred variance (top dimension "
+            f"{100 * o['top_dim_variance']:.0f}%), which an SAE's FVU loss fits first")
+  first = int(manifest.get("skip_first", 0))
+  at, n = massive_positions(o), skip_first_for(o, first)
+  if n > first:
+    share = sum(at[p][0] for p in range(first, n))
+    where = f"{first}" if n == first + 1 else f"{first}-{n - 1}"
+    return (f"{head}, {100 * share:.0f}% of them at window position {where}, and {weight}: "
+            f"re-extract with --skip_first={n} (experiments/README.md, sites study)")
+  if at:
+    listed = ", ".join(f"{p} ({100 * s:.0f}%)" for p, (s, _) in list(at.items())[:3])
+    return (f"{head} and {weight}; they sit at window positions {listed}, not at a window's "
+            "start, so --skip_first would not remove them (experiments/drop_massive_rows.py "
+            "drops rows by norm)")
+  return f"{head} and {weight}; the store records no window positions for them"
+
+
 def _check_manifest(m: Any, where: str) -> None:
   """Raises JaxsaeError naming the first field of `m` that is missing or of the wrong kind."""
   def bad(what: str):
@@ -570,6 +649,14 @@ class Store:
       raise JaxsaeError(f"{self._where(MANIFEST)} records no mean norm for {site}; re-extract "
                         "the store, or train without normalisation")
     return float(np.sqrt(self.d_in) / norm)
+
+  def outliers(self, site: str | None = None) -> dict | None:
+    """The manifest's outlier figures of `site` (store_writer.outlier_stats), None if absent."""
+    return outliers_of(self.manifest, self.sites[self.site_index(site)])
+
+  def massive_warning(self, site: str | None = None) -> str | None:
+    """`massive_warning`'s one line for `site`, or None."""
+    return massive_warning(self.manifest, self.sites[self.site_index(site)])
 
   # -------------------------------------------------------------------------------------------
   # The deterministic batch stream.

@@ -34,8 +34,14 @@ from jaxsae import gcs
 from jaxsae import store
 from jaxsae.errors import JaxsaeError
 
-# Rows used to estimate the mean activation norm recorded in the manifest.
+# Rows used to estimate the mean activation norm and the outliers recorded in the manifest.
 NORM_SAMPLE_ROWS = 65536
+# The sampled rows' window positions are read from at most this many shards' token files,
+# spread over the store: enough to say where massive rows sit, without fetching every token
+# file of a large gs:// store.
+POSITION_SHARDS = 64
+# Rows centred at a time (in float64) while measuring outliers: the temporaries stay small.
+_CENTRE_ROWS = 4096
 # Concurrent requests where a gs:// store is read object by object (ledgers, sampled rows).
 _GCS_THREADS = 16
 # Sampled rows of a gs:// shard this close together are read as one range: a request costs
@@ -331,9 +337,14 @@ def finalize(directory: str) -> dict | None:
       "num_tokens": sum(s["num_tokens"] for s in shards),
       "shards": shards,
   }
-  manifest["mean_norm"] = _mean_norms(directory, manifest)
+  manifest["mean_norm"], manifest["outliers"] = _site_statistics(directory, manifest)
   files.atomic_write_json(manifest_path, manifest)
   sweep_claims(directory)
+  # Said where the store is made, once: the trainer and the report repeat it.
+  for site in manifest["sites"]:
+    line = store.massive_warning(manifest, site)
+    if line:
+      print(line, flush=True)
   return manifest
 
 
@@ -341,26 +352,43 @@ def _norm_sample(num_tokens: int) -> np.ndarray:
   return np.linspace(0, num_tokens - 1, min(NORM_SAMPLE_ROWS, num_tokens)).astype(np.int64)
 
 
+def _site_statistics(directory: str, manifest: dict) -> tuple[dict, dict]:
+  """(mean L2 norm, `outlier_stats`) per site, from one read of an evenly spaced sample of rows:
+  the norm for optional normalisation, the outliers to say where massive rows dominate."""
+  rows = _norm_sample(manifest["num_tokens"])
+  positions = _sample_positions(directory, manifest, rows)
+  norms, outliers = {}, {}
+  for site, x in _sampled_rows(directory, manifest, rows):
+    row_norms = np.linalg.norm(x, axis=-1)
+    norms[site] = float(row_norms.mean())
+    outliers[site] = outlier_stats(x, row_norms, positions)
+  return norms, outliers
+
+
 def _mean_norms(directory: str, manifest: dict) -> dict[str, float]:
-  """Mean L2 norm per site over an evenly spaced sample of rows, for optional normalisation."""
+  """The manifest's mean_norm alone: mean L2 norm per site over the evenly spaced sample."""
+  return {site: float(np.linalg.norm(x, axis=-1).mean()) for site, x in
+          _sampled_rows(directory, manifest, _norm_sample(manifest["num_tokens"]))}
+
+
+def _sampled_rows(directory: str, manifest: dict, rows: np.ndarray
+                  ) -> Iterator[tuple[str, np.ndarray]]:
+  """(site, float rows [len(rows), d_in]) of every site, a site at a time."""
   if files.is_remote(directory):
-    return _remote_mean_norms(directory, manifest)
+    yield from _remote_rows(directory, manifest, rows)
+    return
   st = store.Store(directory, manifest=manifest)
-  rows = _norm_sample(st.num_tokens)
-  norms = {}
   for site in st.sites:
-    x = st.rows(rows, site=site)
-    norms[site] = float(np.linalg.norm(x, axis=-1).mean())
-  return norms
+    yield site, st.rows(rows, site=site)
 
 
-def _remote_mean_norms(directory: str, manifest: dict) -> dict[str, float]:
-  """`_mean_norms` of a gs:// store, bit for bit, from ranged reads of the sampled rows: the
+def _remote_rows(directory: str, manifest: dict, rows: np.ndarray
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+  """`_sampled_rows` of a gs:// store, bit for bit, from ranged reads of the sampled rows: the
   reader would fetch (and keep) every shard whole, the whole store, for a sample of 64K rows."""
   sites, shards = manifest["sites"], manifest["shards"]
   dtype, scaled = store.np_dtype(manifest["dtype"]), manifest["dtype"] in store.CODE_MAX
   offsets = np.concatenate([[0], np.cumsum([s["num_tokens"] for s in shards])])
-  rows = _norm_sample(int(offsets[-1]))
   shard_of = np.searchsorted(offsets, rows, side="right") - 1
 
   def read(i: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -375,9 +403,72 @@ def _remote_mean_norms(directory: str, manifest: dict) -> dict[str, float]:
     parts = list(pool.map(read, np.unique(shard_of)))
   codes = np.concatenate([c for c, _ in parts])
   scales = np.concatenate([s for _, s in parts]) if scaled else None
-  return {site: float(np.linalg.norm(store.dequantize(
-      codes[:, j], None if scales is None else scales[:, j]), axis=-1).mean())
-      for j, site in enumerate(sites)}
+  for j, site in enumerate(sites):
+    yield site, store.dequantize(codes[:, j], None if scales is None else scales[:, j])
+
+
+def _sample_positions(directory: str, manifest: dict, rows: np.ndarray) -> np.ndarray | None:
+  """The window position of each of `rows` (-1 where its shard's token file was not read), or
+  None for a store of single-row windows, where a position says nothing."""
+  ctx_len = manifest["ctx_len"]
+  if ctx_len == 1 or not len(rows):
+    return None
+  st = store.Store(directory, manifest=manifest)
+  shard_of = np.searchsorted(st.offsets, rows, side="right") - 1
+  touched = np.unique(shard_of)
+  chosen = touched[np.unique(np.linspace(0, len(touched) - 1,
+                                         min(POSITION_SHARDS, len(touched))).astype(np.int64))]
+  out = np.full(len(rows), -1, np.int64)
+
+  def read(i: int) -> None:
+    sel = shard_of == i
+    out[sel] = st.tokens(i)[1][rows[sel] - st.offsets[i]] % ctx_len
+  with concurrent.futures.ThreadPoolExecutor(_GCS_THREADS if st.remote else 1) as pool:
+    list(pool.map(read, chosen))
+  return out
+
+
+def outlier_stats(x: np.ndarray, norms: np.ndarray, positions: np.ndarray | None = None,
+                  top_positions: int = 8) -> dict:
+  """How much a few rows and one dimension dominate a site, from a sample of its rows x [n, d]
+  with their L2 norms and window positions (-1: unknown; None: none known).
+
+  The figures the sites study measured (experiments/depth_study.outliers): the top dimension's
+  share of the centred variance, the fraction of rows over store.MASSIVE_OVER_MEDIAN x the
+  median norm and the largest norm over the median; and, what an FVU loss weighs, the massive
+  rows' share of the centred variance. `positions` lists the window positions holding the most
+  massive rows: the share of those rows at each, and the share of that position's rows that
+  are massive (1.0 at SmolLM2's position 0).
+  """
+  n = len(x)
+  mean = x.mean(0, dtype=np.float64)
+  dim_var, row_var = np.zeros(x.shape[1]), np.empty(n)
+  for lo in range(0, n, _CENTRE_ROWS):  # float64: massive rows dwarf the rest in float32 sums
+    c = x[lo:lo + _CENTRE_ROWS] - mean
+    c *= c
+    dim_var += c.sum(0)
+    row_var[lo:lo + _CENTRE_ROWS] = c.sum(1)
+  total = float(dim_var.sum())
+  median = float(np.median(norms)) if n else 0.0
+  massive = norms > store.MASSIVE_OVER_MEDIAN * median
+  stats = {
+      "over_median": store.MASSIVE_OVER_MEDIAN, "sample_rows": int(n),
+      "top_dim": int(dim_var.argmax()) if n else 0,
+      "top_dim_variance": float(dim_var.max() / total) if total > 0 else 0.0,
+      "massive_rows": float(massive.mean()) if n else 0.0,
+      "massive_variance": float(row_var[massive].sum() / total) if total > 0 else 0.0,
+      # None rather than inf: JSON has no infinity
+      "max_norm_over_median": float(norms.max() / median) if median > 0 else None,
+  }
+  if positions is not None:
+    known = positions >= 0
+    rows_at = np.bincount(positions[known], minlength=1)
+    hits = np.bincount(positions[known & massive], minlength=len(rows_at))
+    order = [int(p) for p in np.argsort(-hits, kind="stable")[:top_positions] if hits[p]]
+    stats["positions_sampled"] = int(known.sum())
+    stats["positions"] = [{"position": p, "share": float(hits[p] / hits.sum()),
+                           "massive": float(hits[p] / rows_at[p])} for p in order]
+  return stats
 
 
 def _read_rows(url: str, rows: np.ndarray, shape: tuple[int, ...], dtype: np.dtype

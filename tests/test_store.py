@@ -384,3 +384,96 @@ def test_an_8bit_row_with_a_non_finite_scale_is_named(tmp_path):
     next(store.Store(s.directory).batches(50, stored=True))
   b = next(store.Store(s.directory).batches(50, stored=True, skip_non_finite=True))
   assert b.skipped == 1 and np.isfinite(b.x.factor).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Massive activations: measured when the manifest is written, said by the writer and the
+# trainer.
+
+
+def _windowed_store(path, big: float, windows: int = 64, ctx: int = 16, d: int = 16):
+  """A store of `windows` windows of `ctx` positions whose position 0 carries `big` along
+  dimension 3 (SmolLM2's residual stream, in miniature); the manifest it was finished with."""
+  rng = np.random.default_rng(0)
+  acts = rng.normal(size=(windows, ctx, d)).astype(np.float32)
+  acts[:, 0, 3] += big
+  ids = rng.integers(0, 100, (windows, ctx)).astype(np.int32)
+  half = windows // 2
+  store_writer.init_store(str(path), {"model": "test", "sites": ["site"], "d_in": d,
+                                      "dtype": "float32", "ctx_len": ctx, "num_shards": 2,
+                                      "windows_per_shard": half, "excluded_tokens": []})
+  for i in range(2):
+    w = acts[i * half:(i + 1) * half].reshape(-1, 1, d)
+    store_writer.write_shard(str(path), i, w, ids[i * half:(i + 1) * half], np.arange(len(w)))
+  return store_writer.finalize(str(path))
+
+
+def test_massive_first_positions_are_measured_and_said_once_the_store_is_written(tmp_path,
+                                                                                  capsys):
+  m = _windowed_store(tmp_path / "s", big=100.0)
+  o = m["outliers"]["site"]
+  assert o["top_dim"] == 3 and o["top_dim_variance"] > 0.9
+  assert o["massive_rows"] == 1 / 16 and o["massive_variance"] > store.MASSIVE_VARIANCE_SHARE
+  assert o["positions"] == [{"position": 0, "share": 1.0, "massive": 1.0}]
+  assert o["sample_rows"] == o["positions_sampled"] == 1024
+  said = capsys.readouterr().out.strip()
+  assert said.count("\n") == 0 and said.startswith("warning: site: 6.2% of rows")
+  assert "window position 0" in said and "--skip_first=1" in said
+  assert store.Store(str(tmp_path / "s")).massive_warning("site") == said
+
+  calm = _windowed_store(tmp_path / "calm", big=0.0)
+  assert capsys.readouterr().out == ""
+  assert calm["outliers"]["site"]["massive_rows"] == 0.0
+  assert calm["outliers"]["site"]["positions"] == []
+  assert store.Store(str(tmp_path / "calm")).massive_warning() is None
+
+
+def test_outlier_figures_are_the_sites_studys():
+  """What the manifest records is what experiments/depth_study measured by hand."""
+  from experiments import depth_study
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(3000, 12)).astype(np.float32)
+  x[::50, 5] += 40.0
+  o = store_writer.outlier_stats(x, np.linalg.norm(x, axis=1))
+  want = depth_study.outliers(x)
+  for key in ("top_dim_variance", "massive_rows", "max_norm_over_median"):
+    assert o[key] == pytest.approx(want[key], rel=1e-5), key
+  assert "positions" not in o  # no positions known: none claimed
+
+
+def test_a_store_without_outlier_figures_reads_and_warns_of_nothing(st, capsys):
+  assert st.outliers() is not None  # rows with no massive ones: measured, nothing said
+  assert st.massive_warning() is None and capsys.readouterr().out == ""
+  for damaged in (None, "junk", {"site": {"massive_rows": "x"}}):
+    edit_manifest(st.directory, lambda m: m.update(outliers=damaged))
+    s = store.Store(st.directory)
+    assert s.outliers() is None and s.massive_warning() is None
+  edit_manifest(st.directory, lambda m: m.pop("outliers"))
+  assert store.Store(st.directory).massive_warning() is None
+
+
+def test_the_suggested_skip_first_starts_at_the_stores_own_first_position():
+  o = {"massive_rows": 0.01, "massive_variance": 0.9, "top_dim_variance": 0.95,
+       "max_norm_over_median": 150.0,
+       "positions": [{"position": 1, "share": 0.7, "massive": 1.0},
+                     {"position": 2, "share": 0.25, "massive": 0.6},
+                     {"position": 40, "share": 0.05, "massive": 0.01}]}
+  said = store.massive_warning({"skip_first": 1, "outliers": {"a": o}}, "a")
+  assert "95% of them at window position 1-2" in said and "--skip_first=3" in said
+  later = store.massive_warning({"outliers": {"a": o}}, "a")  # position 0 is not among them
+  assert "not at a window's start" in later and "1 (70%), 2 (25%), 40 (5%)" in later
+  assert store.massive_warning({"outliers": {"a": {**o, "massive_variance": 0.4}}}, "a") is None
+  unplaced = store.massive_warning({"outliers": {"a": {**o, "positions": []}}}, "a")
+  assert unplaced.endswith("the store records no window positions for them")
+
+
+def test_train_says_it_before_anything_else(tmp_path, capsys):
+  """Before the plan is even checked, so a run refused by it (here: too few latents, which
+  spares the test a compile) has said it too."""
+  from conftest import train_config
+  from jaxsae import train
+  _windowed_store(tmp_path / "s", big=100.0)
+  said = capsys.readouterr().out.strip()
+  with pytest.raises(JaxsaeError, match="num_latents=1"):
+    train.run(train_config(tmp_path / "s", tmp_path / "run", num_latents=1))
+  assert capsys.readouterr().out.strip() == said

@@ -29,6 +29,8 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
     raise JaxsaeError("--store and --out are required")
   store = store_lib.Store(cfg.store, window=cfg.store_window)
   site = store.sites[store.site_index(cfg.site)]
+  if (massive := store.massive_warning(site)) and jax.process_index() == 0:
+    print(massive, flush=True)  # before the first step: the store's outliers shape the run
   plan = resolve(cfg, store.d_in, store.num_tokens)
   check_run_dir(plan)
   if jax.process_index() == 0:
