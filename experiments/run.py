@@ -26,6 +26,9 @@ And the questions it left open (analyses in experiments/open_questions.py):
                 of the truth, and what orphans are (experiments/ground_truth.py)
   absorption    first-letter absorption of k and width sweeps at a residual and an MLP site,
                 against sharing (experiments/absorption_study.py)
+  paper_saes    the paper's own released SAEs (hf://EleutherAI/sae_overlap) matched by
+                `jaxsae match`: its size, k, census and layer numbers recomputed
+                (experiments/paper_saes.py)
 
 Every point is S seeds trained at once (`jaxsae train`), all S(S-1)/2 pairs matched
 (`jaxsae match`); error bars are the standard deviation over pairs. Each stage reuses what a
@@ -48,6 +51,7 @@ from experiments import consensus_study as cs
 from experiments import depth_study as ds
 from experiments import ground_truth as gt
 from experiments import open_questions as oq
+from experiments import paper_saes as ps
 from jaxsae import consensus
 from jaxsae import extract
 from jaxsae import files
@@ -60,9 +64,9 @@ from jaxsae.sae import ARCHITECTURES
 PAPER_STUDIES = ["size", "k", "arch", "length", "frequency", "threshold"]
 OPEN_STUDIES = ["layers", "sites", "census", "trajectory", "init_vs_data", "arch_l0",
                 "matryoshka", "consensus",
-                "ground_truth", "absorption"]
-# Studies that write (or pick) their own stores.
-OWN_STORES = ["layers", "sites", "ground_truth", "absorption"]
+                "ground_truth", "absorption", "paper_saes"]
+# Studies that write (or pick) their own stores, or need none.
+OWN_STORES = ["layers", "sites", "ground_truth", "absorption", "paper_saes"]
 _STUDY = flags.DEFINE_enum("study", "size", PAPER_STUDIES + OPEN_STUDIES, "Which study to run.")
 _OUT = flags.DEFINE_string("out", "out/experiments", "Where runs, matches and figures go.")
 _STORE = flags.DEFINE_string("store", "", "Activation store; extracted here (with the flags "
@@ -112,7 +116,8 @@ _GT_PRESET = flags.DEFINE_enum("gt_preset", "reduced", list(gt.PRESETS), "Scale 
                                "ground_truth study: reduced (this CPU, ~15 min) or full "
                                "(SynthSAEBench's 16,384 features in d = 768; an accelerator).")
 _ABS_TOKENS = flags.DEFINE_integer("absorption_tokens", 65_536, "Tokens of the absorption "
-                                   "study's two-site store (residual and MLP of layer 15).")
+                                   "study's two-site store (residual and MLP output of the "
+                                   "middle layer of --model: smollm2 or gemma-3-270m).")
 _ABS_TRAIN = flags.DEFINE_integer("absorption_train_tokens", 262_144, "Training tokens per seed "
                                   "of the absorption study's SAEs.")
 _ABS_SEEDS = flags.DEFINE_integer("absorption_seeds", 2, "Seeds per absorption point.")
@@ -132,6 +137,19 @@ _BESIDE = flags.DEFINE_multi_string("beside", [], "LABEL=PATH: draw the rows of 
                                     "same lengths on another store); repeatable.")
 _LABEL = flags.DEFINE_string("label", "", "What tells this run's curve apart from --beside's "
                              "(e.g. '4M-token store'), added to its legend entry.")
+_PAPER_REPO = flags.DEFINE_string("paper_repo", ps.REPO, "paper_saes study: the Hub repository "
+                                  "of the paper's SAEs, one folder per run")
+_PAPER_REV = flags.DEFINE_string("paper_revision", None, "paper_saes study: its branch, tag or "
+                                 "commit; default the default branch")
+_PAPER_SEED1 = flags.DEFINE_string("paper_seed1", ps.SEED1_32K, "paper_saes study: seed 1 of "
+                                   "the 32K-latent k = 32 run, released on its own, as "
+                                   "hf://OWNER/REPO[/FOLDER][@REVISION]")
+_PAPER_HOOK = flags.DEFINE_string("paper_hookpoint", ps.HOOKPOINT, "paper_saes study: the "
+                                  "hookpoint folder of the size, k and census parts")
+_PAPER_STRICT = flags.DEFINE_bool("paper_strict", True, "paper_saes study: cosines > 0.7, as "
+                                  "the paper's notebook (false: jaxsae's >= 0.7)")
+_PAPER_PARTS = flags.DEFINE_list("paper_parts", list(ps.PARTS), "paper_saes study: which of "
+                                 f"{', '.join(ps.PARTS)} to recompute")
 _ARCH_TOKENS = flags.DEFINE_integer("arch_tokens", None, "Training tokens per seed of the "
                                     "arch_l0 and matryoshka studies; default --num_tokens.")
 
@@ -603,7 +621,7 @@ def study_absorption(_, png: str) -> dict:
   store = os.path.join(root, "store")
   if not os.path.exists(os.path.join(store, "manifest.json")):
     extract.run(extract.ExtractConfig(model=_MODEL.value, dataset=_DATASET.value,
-                                      sites=tuple(ab.SITES.values()),
+                                      sites=tuple(ab.sites_of(_MODEL.value).values()),
                                       num_tokens=_ABS_TOKENS.value, ctx_len=_CTX.value,
                                       out=store))
 
@@ -614,11 +632,20 @@ def study_absorption(_, png: str) -> dict:
   return ab.study(root, _MODEL.value, _ABS_WORDS.value, train_point, matched, store, png, reuse)
 
 
+def study_paper_saes(_, png: str) -> dict:
+  src = ps.Source(repo=_PAPER_REPO.value, revision=_PAPER_REV.value or None,
+                  seed1_32k=_PAPER_SEED1.value, hookpoint=_PAPER_HOOK.value,
+                  strict=_PAPER_STRICT.value)
+  return ps.study(os.path.join(_OUT.value, "paper_saes"), src,
+                  ps.paper_values(PAPER, PAPER_LAYERS), png, tuple(_PAPER_PARTS.value))
+
+
 OPEN = {"layers": study_layers, "sites": study_sites, "census": study_census,
         "trajectory": study_trajectory,
         "init_vs_data": study_init_vs_data, "arch_l0": study_arch_l0,
         "matryoshka": study_matryoshka, "consensus": study_consensus,
-        "ground_truth": study_ground_truth, "absorption": study_absorption}
+        "ground_truth": study_ground_truth, "absorption": study_absorption,
+        "paper_saes": study_paper_saes}
 
 
 def main(_):

@@ -78,6 +78,8 @@ class MatchConfig:
   out: str = field("", "directory for latents.csv, frequencies.npy and match.json")
   threshold: float = field(0.7, "a matched pair counts as shared when its cosines are >= this, in "
                            "[-1, 1]")
+  strict: bool = field(False, "a cosine counts only when > --threshold, not >= it: the paper's "
+                       "notebook's rule (cosine > 0.7)")
   definition: str = field("agree", f"the headline sharing rule: one of {', '.join(RULES)}")
   block_size: int = field(1024, "rows per block of the cosine kernel; memory is ~4 * block_size * "
                           "n_latents B")
@@ -111,14 +113,16 @@ class MatchConfig:
 
 
 def rule_masks(enc_partner, enc_cos, dec_partner, dec_cos, enc_best, dec_best,
-               threshold: float) -> dict[str, np.ndarray]:
-  """Shared flags of every latent of `a` under each rule in RULES."""
-  enc_ok, dec_ok = enc_cos >= threshold, dec_cos >= threshold
+               threshold: float, strict: bool = False) -> dict[str, np.ndarray]:
+  """Shared flags of every latent of `a` under each rule in RULES (`strict`: cosines > the
+  threshold, else >=)."""
+  above = np.greater if strict else np.greater_equal
+  enc_ok, dec_ok = above(enc_cos, threshold), above(dec_cos, threshold)
   return {
       "agree": (enc_partner == dec_partner) & enc_ok & dec_ok,
       "both_above": enc_ok & dec_ok,
       "decoder": dec_ok,
-      "max_cos": (enc_best >= threshold) & (dec_best >= threshold),
+      "max_cos": above(enc_best, threshold) & above(dec_best, threshold),
   }
 
 
@@ -438,7 +442,8 @@ def match_pair(a: formats.CanonicalSAE, b: formats.CanonicalSAE, cfg: MatchConfi
       "dec_partner": dec.cols, "dec_cos": dec.cos, "dec_best": dec.best,
       "agree": (enc.cols == dec.cols) & (enc.cols >= 0),
   }
-  masks = rule_masks(enc.cols, enc.cos, dec.cols, dec.cos, enc.best, dec.best, cfg.threshold)
+  masks = rule_masks(enc.cols, enc.cos, dec.cols, dec.cos, enc.best, dec.best, cfg.threshold,
+                     cfg.strict)
   for rule, m in masks.items():
     cols[f"shared_{rule}"] = m
   n_a, n_b = a.n_latents, b.n_latents
