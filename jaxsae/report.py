@@ -223,6 +223,22 @@ def read_importance(match_dir: str, summary: dict) -> tuple[dict | None, str]:
           "fvu": {n: float(f) for n, f in zip(names, z["fvu"])}, "tokens": int(z["tokens"])}, ""
 
 
+def read_outliers(summary: dict) -> dict:
+  """What the match recorded of its store's site for the report (store.outlier_record: the
+  manifest's outlier figures and the one-line warning where massive rows dominate), or
+  {"note": why there is none}."""
+  o = summary.get("outliers")
+  if o:
+    return o
+  if not summary.get("store"):
+    return {}  # the importance section already says there is no store
+  if "outliers" not in summary:
+    return {"note": "match.json records no outlier figures of the store's site (massive "
+                    "activations); the store's manifest.json has them"}
+  return {"note": "the store predates outlier figures (massive activations); re-extract it to "
+                  "have them"}
+
+
 class Contexts:
   """The match's top contexts of every latent (contexts.npz, tokens.json), as the report shows
   them: `of(sae name, latent)` lists up to `top` of them, the largest activation first."""
@@ -586,12 +602,26 @@ def _stability_html(summary: dict) -> str:
           f"refused, touching {st['groups_with_conflict']} groups (stability.csv).</p>")
 
 
+def _outliers_html(data: dict) -> str:
+  """The store's outliers beside the FVU: where massive rows dominate, the FVU is mostly theirs."""
+  o = data.get("outliers") or {}
+  if o.get("warning"):
+    return f'<p class="note"><b>{html.escape(o["warning"])}</b></p>'
+  if "massive_variance" not in o:
+    return f'<p class="note">{html.escape(o["note"])}</p>' if o.get("note") else ""
+  return (f"<p>Store site {html.escape(o['site'])}: {100 * o['massive_rows']:.2g}% of rows are "
+          f"over {o.get('over_median', 5):g}x the median norm and hold "
+          f"{100 * o['massive_variance']:.0f}% of the centred variance (top dimension "
+          f"{100 * o['top_dim_variance']:.0f}%): no massive rows dominate the FVU.</p>")
+
+
 def _importance_html(summary: dict, data: dict) -> str:
   e = html.escape
   imp = data.get("importance") or {}
   if not imp.get("per_sae"):
     note = imp.get("note")
-    return f'<h2>Importance</h2><p class="note">{e(note)}</p>' if note else ""
+    return (f'<h2>Importance</h2><p class="note">{e(note)}</p>' if note else "") + \
+        _outliers_html(data)
   fmt = lambda v: "-" if v is None else f"{v:.3g}"
   pairs = "".join(
       f"<tr><td class=l>{e(p['a'])}</td><td class=l>{e(p['b'])}</td><td>{p['n_shared']}</td>"
@@ -615,6 +645,7 @@ the reconstruction kept), on the first {imp['tokens']} store tokens of the sampl
 frequencies and contexts come from. Each SAE's FVU there: {fvu}.
 Medians over the latents of a in each pair; pooled over pairs: shared
 <b>{fmt(imp['median_shared'])}</b>, orphan <b>{fmt(imp['median_orphan'])}</b>.</p>
+{_outliers_html(data)}
 <table><tr><th class=l>a</th><th class=l>b</th><th>shared</th><th>median importance</th>
 <th>orphans</th><th>median importance</th></tr>{pairs}</table>
 <h3>The most important frequent orphans of {e(first['a'])} (against {e(first['b'])}; firing
@@ -734,6 +765,7 @@ def run(cfg: ReportConfig) -> dict:
                       pick_examples(table, cfg.examples, cfg.seed).items() for lat in lats]
   data["importance"] = (importance_data(table, importance, cfg, show) if importance is not None
                         else {"note": importance_note})
+  data["outliers"] = read_outliers(summary)
 
   plots = draw(summary, table, data, importance, out)
   data["plots"] = {title: os.path.basename(path) for title, (path, _) in plots.items()}

@@ -291,6 +291,13 @@ def skip_first_for(o: dict, first: int) -> int:
   return n
 
 
+def outlier_record(manifest: dict, site: str) -> dict | None:
+  """`site`'s outlier figures with their one-line warning (None where there is none): what a
+  match keeps of its store for the report, which renders from the match directory alone."""
+  o = outliers_of(manifest, site)
+  return None if o is None else {"site": site, **o, "warning": massive_warning(manifest, site)}
+
+
 def massive_warning(manifest: dict, site: str) -> str | None:
   """One line for a site whose massive rows dominate its centred variance, naming their window
   positions and the --skip_first that leaves them out; None where they do not, or where the
@@ -657,6 +664,10 @@ class Store:
   def massive_warning(self, site: str | None = None) -> str | None:
     """`massive_warning`'s one line for `site`, or None."""
     return massive_warning(self.manifest, self.sites[self.site_index(site)])
+
+  def outlier_record(self, site: str | None = None) -> dict | None:
+    """`outlier_record` of `site`: its figures and warning, for a match to keep."""
+    return outlier_record(self.manifest, self.sites[self.site_index(site)])
 
   # -------------------------------------------------------------------------------------------
   # The deterministic batch stream.

@@ -379,3 +379,26 @@ def test_skip_first_leaves_out_each_windows_first_positions_only(tiny_model_dir,
     extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "skip", dtype="float32"))
   with pytest.raises(JaxsaeError, match="--skip_first=64"):
     extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "bad", skip_first=64))
+
+
+def test_extraction_measures_outliers_and_says_where_they_dominate(tiny_model_dir, text_dir,
+                                                                   tmp_path, monkeypatch, capsys):
+  """The manifest's outliers are `outlier_stats` of the rows stored and their window positions;
+  a site whose first window position is planted 100x over (SmolLM2's residual stream, in
+  miniature) is named in one line, with the --skip_first that leaves it out."""
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "calm", num_tokens=1024))
+  calm = store.Store(str(tmp_path / "calm"))
+  x = calm.rows(np.arange(calm.num_tokens))  # under the sample size: every row was measured
+  pos = np.concatenate([calm.tokens(i)[1] % 64 for i in range(len(calm.shards))])
+  assert calm.outliers() == store_writer.outlier_stats(x, np.linalg.norm(x, axis=1), pos)
+  assert "warning" not in capsys.readouterr().out
+
+  call = extract.Hooked.__call__
+  monkeypatch.setattr(extract.Hooked, "__call__", lambda self, ids: (
+      lambda a: torch.cat([100 * a[:, :1], a[:, 1:]], dim=1))(call(self, ids)))
+  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "massive", num_tokens=1024))
+  said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+  assert len(said) == 1 and said[0].startswith("warning: model.layers.1.mlp: ")
+  assert "at window position 0" in said[0] and "--skip_first=1" in said[0]
+  o = store.Store(str(tmp_path / "massive")).outliers()
+  assert o["positions"][0] == {"position": 0, "share": 1.0, "massive": 1.0}

@@ -261,3 +261,29 @@ def test_report_renders_from_the_match_dir_alone(matched, tmp_path):
   (m / match.CONTEXTS_FILE).unlink()
   with pytest.raises(JaxsaeError, match="contexts.npz is missing.*rerun `jaxsae match"):
     report.run(report.ReportConfig(inputs=(str(m),), out=str(tmp_path / "r4")))
+
+
+def test_the_stores_massive_rows_are_told_beside_the_fvu(matched, tmp_path):
+  """The outliers a match keeps of its store's site (store.outlier_record, in match.json) are
+  rendered beside the FVU: the one-line warning where massive rows dominate, the figures where
+  they do not, and a note where the match kept none."""
+  from jaxsae import store
+  rng = np.random.default_rng(3)
+  acts = tm.rand(rng, 640, tm.D)
+  acts[::CTX, 0] += 100.0  # every window's first position, SmolLM2's residual stream in miniature
+  write_window_store(tmp_path / "store", acts, rng.integers(0, 5000, 640), {})
+  m = tmp_path / "m"
+  shutil.copytree(matched / "m", m)
+  summary = json.loads((m / match.SUMMARY_FILE).read_text())
+  massive = store.Store(str(tmp_path / "store")).outlier_record()
+  calm = store.Store(str(matched / "store")).outlier_record()
+  for kept, said in ((massive, "--skip_first=1"), (calm, "no massive rows dominate the FVU"),
+                     (None, "match.json records no outlier figures")):
+    (m / match.SUMMARY_FILE).write_text(json.dumps(
+        {**summary, "outliers": kept} if kept else summary))
+    data = report.run(report.ReportConfig(inputs=(str(m),), out=str(tmp_path / "r")))
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert page.index("FVU there") < page.index(said) < page.index("<th>orphans</th>")
+    assert data["outliers"] == (kept or {"note": data["outliers"]["note"]})
+  assert massive["warning"].startswith("warning: site: ")
+  assert "window position 0" in massive["warning"] and calm["warning"] is None
