@@ -263,8 +263,10 @@ def outliers_of(manifest: dict, site: str) -> dict | None:
   a store)."""
   o = manifest.get("outliers")
   o = o.get(site) if isinstance(o, dict) else None
-  keys = ("massive_rows", "massive_variance", "top_dim_variance")
-  if not isinstance(o, dict) or not all(isinstance(o.get(k), (int, float)) for k in keys):
+  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  if not isinstance(o, dict) or not all(
+      number(o.get(k)) for k in ("massive_rows", "massive_variance", "top_dim_variance")) or \
+      not all(o.get(k) is None or number(o[k]) for k in ("over_median", "max_norm_over_median")):
     return None
   return o
 
@@ -272,13 +274,11 @@ def outliers_of(manifest: dict, site: str) -> dict | None:
 def massive_positions(o: dict) -> dict[int, tuple[float, float]]:
   """{window position: (share of the massive rows there, share of its rows that are massive)}
   of the positions an outlier record lists, most massive rows first; {} where it lists none."""
-  out = {}
-  for p in o.get("positions") or []:
-    try:
-      out[int(p["position"])] = (float(p["share"]), float(p["massive"]))
-    except (KeyError, TypeError, ValueError):
-      return {}
-  return out
+  try:
+    return {int(p["position"]): (float(p["share"]), float(p["massive"]))
+            for p in o.get("positions") or []}
+  except (KeyError, TypeError, ValueError):
+    return {}
 
 
 def skip_first_for(o: dict, first: int) -> int:

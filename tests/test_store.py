@@ -444,12 +444,18 @@ def test_outlier_figures_are_the_sites_studys():
 def test_a_store_without_outlier_figures_reads_and_warns_of_nothing(st, capsys):
   assert st.outliers() is not None  # rows with no massive ones: measured, nothing said
   assert st.massive_warning() is None and capsys.readouterr().out == ""
-  for damaged in (None, "junk", {"site": {"massive_rows": "x"}}):
+  o = st.outliers()
+  for damaged in (None, "junk", {"site": {**o, "massive_rows": "x"}},
+                  {"site": {**o, "over_median": "5"}}):
     edit_manifest(st.directory, lambda m: m.update(outliers=damaged))
     s = store.Store(st.directory)
     assert s.outliers() is None and s.massive_warning() is None
   edit_manifest(st.directory, lambda m: m.pop("outliers"))
   assert store.Store(st.directory).massive_warning() is None
+  # Positions past reading are left unsaid, not an error.
+  loud = {**o, "massive_variance": 0.9, "positions": 7}
+  edit_manifest(st.directory, lambda m: m.update(outliers={"site": loud}))
+  assert store.Store(st.directory).massive_warning().endswith("no window positions for them")
 
 
 def test_the_suggested_skip_first_starts_at_the_stores_own_first_position():
