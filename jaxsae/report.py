@@ -235,8 +235,8 @@ def read_outliers(summary: dict) -> dict:
   if "outliers" not in summary:
     return {"note": "match.json records no outlier figures of the store's site (massive "
                     "activations); the store's manifest.json has them"}
-  return {"note": "the store predates outlier figures (massive activations); re-extract it to "
-                  "have them"}
+  return {"note": "the match kept no outlier figures of the store's site (massive activations): "
+                  "it sampled no rows, or the store was written before they were measured"}
 
 
 class Contexts:
