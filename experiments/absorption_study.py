@@ -1,8 +1,8 @@
 """The absorption study: does first-letter feature absorption go with seed dependence?
 
-experiments/run.py --study=absorption extracts one small store holding two sites of SmolLM2
-(the layer-15 residual stream, the metric's own setting, and the layer-15 MLP output, the
-demo's), trains k and width sweeps of S seeds at each, matches their pairs, and here:
+experiments/run.py --study=absorption extracts one small store holding two sites of --model
+(SmolLM2's layer-15 residual stream, the metric's own setting, and its layer-15 MLP output, the
+demo's; the same two at Gemma 3 270M's layer 9 of 18: `SITES_BY_MODEL`), trains k and width sweeps of S seeds at each, matches their pairs, and here:
 
   - measures every SAE's absorption with jaxsae.absorption (one letter probe per site, shared
     by the SAEs there), its probes' F1 beside it
@@ -27,7 +27,24 @@ from jaxsae import saes as saes_lib
 
 from experiments import open_questions as oq
 
-SITES = {"resid": "model.layers.15", "mlp": "model.layers.15.mlp"}
+# Per offline model, the middle layer's residual stream (the decoder layer's output, the metric's
+# own kind of site) and its MLP output: layer 15 of SmolLM2's 30, layer 9 of Gemma 3 270M's 18.
+SITES_BY_MODEL = {
+    "smollm2": {"resid": "model.layers.15", "mlp": "model.layers.15.mlp"},
+    "gemma-3-270m": {"resid": "model.layers.9", "mlp": "model.layers.9.mlp"},
+}
+SITES = SITES_BY_MODEL["smollm2"]
+MODEL_NAMES = {"smollm2": "SmolLM2-135M", "gemma-3-270m": "Gemma 3 270M"}
+
+
+def sites_of(model_spec: str) -> dict[str, str]:
+  """The study's two sites, {"resid": module, "mlp": module}, for `model_spec`."""
+  if model_spec not in SITES_BY_MODEL:
+    from jaxsae.errors import JaxsaeError
+    raise JaxsaeError(f"--model={model_spec}: the absorption study knows the sites of "
+                      f"{sorted(SITES_BY_MODEL)}; add this model's residual and MLP modules to "
+                      "experiments/absorption_study.py SITES_BY_MODEL")
+  return SITES_BY_MODEL[model_spec]
 # Narrower than the demo's 1,024 latents so that 262K tokens train them somewhere on a
 # shared 2-core CPU; `reuse` adds runs that exist already (the demo's, 1,024 x k = 32, 1M tokens).
 SWEEP = [("k", {"num_latents": 512, "k": 16}), ("k", {"num_latents": 512, "k": 32}),
@@ -39,7 +56,7 @@ def probe_data(root: str, model_spec: str, max_words: int, seed: int = 0
                ) -> absorption.ProbeData:
   """Every site's activations on the prompts, computed once and kept in ROOT/probe_data.npz."""
   path = os.path.join(root, "probe_data.npz")
-  sites = list(SITES.values())
+  sites = list(sites_of(model_spec).values())
   if os.path.exists(path):
     with np.load(path, allow_pickle=False) as z:
       return absorption.ProbeData(words=[str(w) for w in z["words"]], token_ids=z["token_ids"],
@@ -131,9 +148,9 @@ def orphan_rates(latents: list[dict], decade_bins: int = 4) -> dict:
   return out
 
 
-def _runs(trained, matched, store: str, reuse: list[tuple[str, str]]):
+def _runs(trained, matched, store: str, reuse: list[tuple[str, str]], site_map: dict):
   """(site name, sweep, settings, run, its match summary), the reused runs last."""
-  for name, site in SITES.items():
+  for name, site in site_map.items():
     for sweep, train in SWEEP:
       run_dir = trained("absorption", f"{name}_n{train['num_latents']}_k{train['k']}", store,
                         site=site, **train)
@@ -151,11 +168,13 @@ def _runs(trained, matched, store: str, reuse: list[tuple[str, str]]):
 def study(root: str, model_spec: str, max_words: int, trained, matched, store: str,
           png: str, reuse: list[tuple[str, str]] = ()) -> dict:
   """`reuse`: (run, match directory) of existing runs at the MLP site to evaluate too."""
+  site_map = sites_of(model_spec)
   data = probe_data(root, model_spec, max_words)
-  probes = {s: absorption.site_probe(data, s) for s in SITES.values()}
-  points, latents = [], {name: [] for name in SITES}
-  for name, sweep, train, run_dir, match_dir, summary in _runs(trained, matched, store, reuse):
-    site = SITES[name]
+  probes = {s: absorption.site_probe(data, s) for s in site_map.values()}
+  points, latents = [], {name: [] for name in site_map}
+  for name, sweep, train, run_dir, match_dir, summary in _runs(trained, matched, store, reuse,
+                                                               site_map):
+    site = site_map[name]
     label = f"{name}_{sweep}_n{train['num_latents']}_k{train['k']}"
     r = evaluate_run(run_dir, match_dir, site, data, probes[site],
                      os.path.join(root, "latents", label + ".npz"))
@@ -179,21 +198,24 @@ def study(root: str, model_spec: str, max_words: int, trained, matched, store: s
           f"absorption {p['absorption_fraction']['mean']}, full {p['full_absorption']['mean']}"
           f", letters {p['letters_counted']}", flush=True)
   pooled = {name: orphan_rates(ls) for name, ls in latents.items()}
-  f1 = {name: [round(float(v), 3) for v in probes[s]["f1"]] for name, s in SITES.items()}
-  plot(points, pooled, f1, png)
+  f1 = {name: [round(float(v), 3) for v in probes[s]["f1"]] for name, s in site_map.items()}
+  plot(points, pooled, f1, png, MODEL_NAMES.get(model_spec, model_spec))
   return {"rows": [{"x": f"{p['site']} n{p['num_latents']} k{p['k']}",
                     "mean": p["absorption_fraction"]["mean"] or 0.0,
                     "std": p["absorption_fraction"]["std"] or 0.0} for p in points],
           "points": points, "orphans_pooled": pooled, "probe_f1": f1,
           "words": {"train": int(data.train.sum()), "test": int((~data.train).sum())},
-          "min_probe_f1": absorption.MIN_PROBE_F1}
+          "min_probe_f1": absorption.MIN_PROBE_F1, "sites": site_map,
+          "letters_passing": {name: int(sum(v > absorption.MIN_PROBE_F1 for v in f))
+                              for name, f in f1.items()}}
 
 
-def plot(points: list[dict], pooled: dict, f1: dict, png: str) -> None:
+def plot(points: list[dict], pooled: dict, f1: dict, png: str,
+         model_name: str = "SmolLM2-135M") -> None:
   plt = oq._plt()
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), dpi=120)
   ax = axes[0]
-  for j, name in enumerate(SITES):
+  for j, name in enumerate(f1):
     for sweep, marker in (("k", "o"), ("width", "s"), ("reused", "*")):
       ps = [p for p in points if p["site"] == name and p["sweep"] == sweep
             and p["absorption_fraction"]["mean"] is not None]
@@ -212,7 +234,7 @@ def plot(points: list[dict], pooled: dict, f1: dict, png: str) -> None:
   keys = [("orphan_rate_absorbing", "absorbing latents"), ("orphan_rate_same_frequency",
           "other latents, same frequency"), ("orphan_rate_main", "letters' main latents"),
           ("orphan_rate_all", "all latents")]
-  for j, name in enumerate(SITES):
+  for j, name in enumerate(f1):
     vals = [pooled[name].get(k) or 0.0 for k, _ in keys]
     bx.bar(np.arange(len(keys)) + 0.4 * j, vals, width=0.4, color=f"C{j}", label=name)
   bx.set_xticks(np.arange(len(keys)) + 0.2, [lab for _, lab in keys], fontsize=7, rotation=15)
@@ -221,14 +243,14 @@ def plot(points: list[dict], pooled: dict, f1: dict, png: str) -> None:
   bx.legend(fontsize=8)
   bx.set_title("Are absorbing latents orphans more often?")
   cx = axes[2]
-  for j, name in enumerate(SITES):
+  for j, name in enumerate(f1):
     cx.bar(np.arange(26) + 0.4 * j, f1[name], width=0.4, color=f"C{j}", label=name)
   cx.axhline(absorption.MIN_PROBE_F1, color="gray", ls="--", lw=1)
   cx.set_xticks(range(26), list(absorption.LETTERS), fontsize=7)
   cx.set_ylabel("letter probe F1 (test words)")
   cx.set_ylim(0, 1)
   cx.legend(fontsize=8)
-  cx.set_title("Is SmolLM2-135M fit for the metric?")
+  cx.set_title(f"Is {model_name} fit for the metric?")
   fig.tight_layout()
   fig.savefig(png)
 
@@ -236,3 +258,46 @@ def plot(points: list[dict], pooled: dict, f1: dict, png: str) -> None:
 def load(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
+
+
+def probe_f1(model_spec: str, sites: list[str], max_words: int, seed: int = 0) -> dict:
+  """The letter probes alone (the metric's precondition, no SAE): test F1 per letter at each of
+  `sites` (module paths or shorthand such as resid:9), from one prompting pass."""
+  import time
+  from jaxsae import extract
+  t0 = time.time()
+  model, tok = extract.load_model(extract.model_source(model_spec))
+  modules = [p if w == "output" else f"{p}:input" for p, w in extract.resolve_sites(model, sites)]
+  t1 = time.time()
+  data = absorption.collect(model, tok, modules, max_words=max_words, seed=seed)
+  t2 = time.time()
+  out = {"model": model_spec, "words": {"train": int(data.train.sum()),
+                                        "test": int((~data.train).sum())}, "sites": {}}
+  for site, module in zip(sites, modules):
+    f1 = np.asarray(absorption.site_probe(data, module)["f1"])
+    passing = "".join(absorption.LETTERS[i] for i in np.nonzero(f1 > absorption.MIN_PROBE_F1)[0])
+    out["sites"][site] = {"module": module, "f1": [round(float(v), 3) for v in f1],
+                          "passing": passing, "median_f1": round(float(np.median(f1)), 3)}
+    print(f"{site:>9} {module:<22} {len(passing):2d} letters > {absorption.MIN_PROBE_F1} "
+          f"({passing}), median F1 {np.median(f1):.3f}", flush=True)
+  out["seconds"] = {"load": round(t1 - t0, 1), "prompts": round(t2 - t1, 1),
+                    "probes": round(time.time() - t2, 1)}
+  return out
+
+
+if __name__ == "__main__":
+  # python -m experiments.absorption_study --model=gemma-3-270m --sites=resid:9,mlp:9
+  #     --words=4800 --out=out/experiments/gemma/probes.json
+  from absl import app
+  from absl import flags
+  _M = flags.DEFINE_string("model", "smollm2", "Model (see `jaxsae extract --model`).")
+  _S = flags.DEFINE_list("sites", ["resid:-1"], "Sites to probe (module paths or shorthand).")
+  _W = flags.DEFINE_integer("words", 1200, "Alphabetic tokens prompted (0: every one).")
+  _O = flags.DEFINE_string("out", "", "JSON file for the F1s (none: printed only).")
+
+  def main(_):
+    res = probe_f1(_M.value, _S.value, _W.value)
+    print(res["words"], res["seconds"])
+    if _O.value:
+      files.atomic_write_bytes(_O.value, json.dumps(res, indent=1).encode())
+  app.run(main)
