@@ -610,6 +610,8 @@ def run(cfg: MatchConfig) -> dict:
                 "arch": s.arch, "k": s.k, "n_latents": s.n_latents} for s in saes],
       "store": os.path.abspath(store_path) if store_path and not files.is_remote(store_path)
                else store_path,
+      # The store's massive rows, for the report beside the FVU (it renders from here alone).
+      "outliers": store.outlier_record(site) if store is not None else None,
       "freq_tokens": measured.freq_tokens if freqs is not None else 0,
       "importance_tokens": measured.importance_tokens if has("fvu") else 0,
       "scan_tokens": measured.scan_tokens if has("top_row") else 0,
