@@ -135,3 +135,14 @@ def test_extract_stores_gemmas_rows(gemma, text_dir, tmp_path, monkeypatch):
   rows = np.nonzero(pos < ids.shape[1])[0]
   for j, site in enumerate(m["sites"]):
     np.testing.assert_allclose(s.rows(rows, site=site), want[pos[rows], j], rtol=1e-5, atol=1e-5)
+
+
+def test_absorption_study_sites_per_model():
+  """The study's two sites are the middle layer's residual stream and MLP output, as shorthand
+  resid:L//2 and mlp:L//2 resolve them (test_sites_equal_a_hand_run_forward for Gemma)."""
+  from experiments import absorption_study as ab
+  assert ab.sites_of(NAME) == {"resid": "model.layers.9", "mlp": "model.layers.9.mlp"}
+  assert ab.sites_of("smollm2") == ab.SITES == {"resid": "model.layers.15",
+                                                 "mlp": "model.layers.15.mlp"}
+  with pytest.raises(JaxsaeError, match="SITES_BY_MODEL"):
+    ab.sites_of("gpt2")
