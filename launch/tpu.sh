@@ -4,6 +4,9 @@
 #   TPU=jaxsae-v4 ZONE=us-central2-b TYPE=v4-32 BUCKET=gs://my-bucket \
 #     FLAGFILE=launch/paper_topk.flags launch/tpu.sh
 #
+# It first compiles the run for the slice on this machine (`pip install -e '.[tpu]'` here:
+# libtpu, no TPU) and stops if the run would not fit the chips (step 0).
+#
 # The activation store must already be in the bucket (see launch/extract_to_gcs.sh: extraction
 # runs on a GPU or CPU machine, once). Checkpoints go to the bucket (--checkpoint_dir), so a
 # preempted spot slice picks up where it stopped: rerunning this script recreates the slice
@@ -21,6 +24,33 @@ cd "$(dirname "$0")/.."
 # DRY_RUN=1 prints every command that would change something instead of running it.
 run() { if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
 [ -f "$FLAGFILE" ] || { echo "no flagfile $FLAGFILE" >&2; exit 2; }
+
+# 0. Compile first, here, for the slice's topology (libtpu's TPU compiler; no TPU needed): the
+#    report (memory per chip against HBM, the step's roofline time, chip-hours) lands in
+#    $REPORT, and a run that would not fit stops here, naming what would, before any TPU VM
+#    exists. TOPOLOGY defaults from TYPE for the common slices; SKIP_COMPILE=1 skips this.
+topology_of() {
+  case "$1" in
+    v4-8) echo v4:2x2x1 ;; v4-16) echo v4:2x2x2 ;; v4-32) echo v4:2x2x4 ;;
+    v4-64) echo v4:2x4x4 ;; v4-128) echo v4:4x4x4 ;;
+    v5litepod-4|v5e-4) echo v5e:2x2 ;; v5litepod-8|v5e-8) echo v5e:2x4 ;;
+    v5litepod-16|v5e-16) echo v5e:4x4 ;; v5litepod-32|v5e-32) echo v5e:4x8 ;;
+    v5litepod-64|v5e-64) echo v5e:8x8 ;; v5litepod-256|v5e-256) echo v5e:16x16 ;;
+    v5p-8) echo v5p:2x2x1 ;; v5p-16) echo v5p:2x2x2 ;; v5p-32) echo v5p:2x2x4 ;;
+    v6e-4) echo v6e:2x2 ;; v6e-8) echo v6e:2x4 ;; v6e-16) echo v6e:4x4 ;;
+    v6e-64) echo v6e:8x8 ;; v6e-256) echo v6e:16x16 ;;
+    *) echo "" ;;
+  esac
+}
+TOPOLOGY=${TOPOLOGY:-$(topology_of "$TYPE")}
+REPORT=${REPORT:-out/compile/$NAME-$TYPE}
+if [ -z "${SKIP_COMPILE:-}" ]; then
+  [ -n "$TOPOLOGY" ] || { echo "no topology known for TYPE=$TYPE: set TOPOLOGY=GEN:AxB[xC]" \
+                            "(e.g. v5e:4x4), or SKIP_COMPILE=1" >&2; exit 2; }
+  JAXSAE=${JAXSAE:-$(command -v jaxsae || echo .venv/bin/jaxsae)}
+  run "$JAXSAE" train --flagfile="$FLAGFILE" --store="$STORE" --out="$REPORT" \
+    --topology="$TOPOLOGY" --compile_only
+fi
 
 # 1. A queued resource: the request waits for capacity instead of failing.
 if [ -n "${DRY_RUN:-}" ] || ! gcloud compute tpus tpu-vm describe "$TPU" --zone="$ZONE" \

@@ -15,6 +15,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # gcsfs (under etils.epath for gs://) otherwise asks Google's storage-control gRPC service, once
 # per bucket, whether the bucket is zonal; read when gcsfs is imported, so set before any test.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# The test command installs libtpu, so that tests/test_compile_report.py compiles for TPU slices
+# here; every other test runs on the CPU backend alone, as on a machine without libtpu (jaxsae's
+# import does the same where no TPU is attached; this holds even if jax starts first).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Real English that ships with Python itself: the docstrings of standard-library modules.
 _DOC_MODULES = ["os", "json", "re", "argparse", "collections", "functools", "itertools",

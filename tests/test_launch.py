@@ -59,6 +59,12 @@ def parse(cls, argv: list[str]):
 def test_tpu_script_runs_the_flagfile_on_every_worker_with_checkpoints_in_the_bucket():
   cmds = dry_run("tpu.sh", TPU="sae", ZONE="us-central2-b", BUCKET="gs://b",
                  FLAGFILE="launch/paper_topk.flags")
+  # First the compile, here, for the slice's topology, before any TPU VM is asked for.
+  compile_cmd = cmds.pop(0)
+  assert compile_cmd[0].endswith("jaxsae") and compile_cmd[1] == "train"
+  cfg = parse(train.TrainConfig, compile_cmd[2:])
+  assert (cfg.topology, cfg.compile_only, cfg.store) == ("v4:2x2x4", True, "gs://b/stores/default")
+  assert cfg.num_latents == 32768  # the flagfile's run
   assert cmds[0][:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
   assert "--spot" in cmds[0] and "--accelerator-type=v4-32" in cmds[0]
   ssh = [c for c in cmds if c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"] and "ssh" in c]

@@ -92,7 +92,14 @@ class TrainConfig:
                              "rows); auto: kernel where it runs, else dense while batch x "
                              "num_latents <= 2^22, where it is faster (bench/bench_kernels.py). "
                              "The same numbers to float tolerance; scatter reproduces jaxsae "
-                             "0.1's bit for bit.")
+                             "0.1's bit for bit. mxu (TPU's auto): every k-sparse product "
+                             "a dense product on the MXU.")
+  topk_rule: str = field("auto", "Which top-k selects TopK's latents: exact (jax.lax.top_k's "
+                         "set), approx (TPU's approx_max_k at recall target 0.95: fused into the "
+                         "encoder product on a TPU; elsewhere XLA computes it exactly) or "
+                         "approx_cpu (the TPU's algorithm emulated, to measure its effect off a "
+                         "TPU). auto: approx on TPU, exact elsewhere. The run prints and "
+                         "records which.")
   compute_dtype: str = field("auto", "dtype of the matrix products (float32|bfloat16); "
                              "parameters and optimizer state stay float32. auto: float32 on "
                              "CPU, else bfloat16.")
@@ -112,6 +119,15 @@ class TrainConfig:
                             "being read (4 shards) and those read ahead of it (at least 8, "
                             "since a batch can straddle two buffers). Memory: this times the "
                             "store's shard size; a local store is memory-mapped instead.")
+  topology: str = field("", "Compile the run for this Cloud TPU slice (v5e:2x4, v4:2x2x1, "
+                        "v6e:4x4, v5e:16x16: GENERATION:AxB[xC]) with XLA's TPU compiler, on any "
+                        "machine (libtpu installed, no TPU needed), and report per chip: memory "
+                        "against HBM, flops, bytes, the step's roofline time, tokens/s, "
+                        "chip-hours. Off the slice itself it implies --compile_only.")
+  compile_only: bool = field(False, "Compile the run's programs, print the compile report, write "
+                             "it to RUN/compile_report.json and stop. A run that would not fit "
+                             "its devices' memory is refused either way (on a TPU, before "
+                             "training starts).")
   log_every: int = field(10, "Write metrics every this many steps.")
   progress: bool = field(True, "Show a progress bar.")
   distributed: bool = field(False, "Join the other hosts with jax.distributed.initialize() first "

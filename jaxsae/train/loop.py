@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -9,9 +10,11 @@ import time
 import jax
 from flax import nnx
 
+from jaxsae import files
 from jaxsae import store as store_lib
+from jaxsae import tpu
 from jaxsae.errors import JaxsaeError
-from jaxsae.train import checkpoints
+from jaxsae.train import checkpoints, compile_report
 from jaxsae.train.config import TrainConfig
 from jaxsae.train.export import export
 from jaxsae.train.hooks import Hook, MetricsWriter, Throughput, Tick
@@ -31,15 +34,24 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
   site = store.sites[store.site_index(cfg.site)]
   if (massive := store.massive_warning(site)) and jax.process_index() == 0:
     print(massive, flush=True)  # before the first step: the store's outliers shape the run
-  plan = resolve(cfg, store.d_in, store.num_tokens)
+  topology = tpu.topology(cfg.topology) if cfg.topology else None
+  # Off the slice it names, a topology's run can only be compiled.
+  elsewhere = topology is not None and (jax.default_backend() != "tpu" or
+                                        jax.device_count() != len(topology.devices))
+  plan = resolve(cfg, store.d_in, store.num_tokens, topology.devices if elsewhere else None)
+  input_scale = store.normalizer(site) if plan.identity.normalize else 1.0
+  mesh = make_mesh(plan, topology.devices if elsewhere else None)
+  tx, schedule = make_optimizer(plan)
+  p = build(plan, mesh, tx, scaled=store.scaled, input_scale=input_scale)
+  if cfg.compile_only or elsewhere or plan.execution.backend == "tpu":
+    # Before anything is written: a run that would not fit is refused here.
+    _compile_report(cfg, plan, p, mesh, store, topology, write=cfg.compile_only or elsewhere)
+    if cfg.compile_only or elsewhere:
+      return
   check_run_dir(plan)
   if jax.process_index() == 0:
     print(f"jaxsae train: {plan.identity.arch} x{len(plan.seeds)} on "
           f"{plan.execution.describe()}", flush=True)
-  input_scale = store.normalizer(site) if plan.identity.normalize else 1.0
-  mesh = make_mesh(plan)
-  tx, schedule = make_optimizer(plan)
-  p = build(plan, mesh, tx, scaled=store.scaled, input_scale=input_scale)
   graphdef = p.graphdef
   state, mngr, fresh = _initial_state(plan, p)
   start = int(state["step"].get_value())
@@ -76,6 +88,45 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
       bar.close()
     writer.close()
     checkpoints.close(mngr, raise_errors=not failed)  # else the error on its way out is told
+
+
+def _compile_report(cfg: TrainConfig, plan: RunPlan, p: Programs, mesh, store, topology,
+                    write: bool) -> None:
+  """Compiles the run's programs for its devices (a topology's, or this TPU slice's), prints
+  the report, writes it to RUN/compile_report.json where `write`, and refuses a run that would
+  not fit in one line naming the most seeds and the largest batch that would."""
+  devices = list(mesh.devices.flat)
+  where = topology.name if topology else f"this machine's {len(devices)} {jax.default_backend()}"
+  if topology is None and plan.execution.backend == "tpu":
+    topology = tpu.of_devices(f"this {devices[0].device_kind} slice", devices)
+  if jax.process_index() == 0:
+    print(f"jaxsae train: compiling for {where} ({plan.execution.describe()}) ...", flush=True)
+  tokens = plan.num_steps * plan.identity.batch_size
+  try:
+    compiled = compile_report.compile_programs(plan, p, mesh, store.scaled)
+  except compile_report.DoesNotFit as e:
+    # The TPU compiler refuses what would not fit; the same run with one seed per device says
+    # what one seed needs, and so how many would fit.
+    one = dataclasses.replace(cfg, num_seeds=None, seeds=tuple(plan.seeds[:plan.execution.mesh[0]]),
+                              data_seeds=())
+    small = resolve(one, store.d_in, store.num_tokens, devices)
+    q = build(small, mesh, make_optimizer(small)[0], scaled=store.scaled)
+    costs = {k: compile_report.program_cost(c) for k, c in
+             compile_report.compile_programs(small, q, mesh, store.scaled).items()}
+    available = e.available or (topology.per_device.hbm_bytes if topology else float("nan"))
+    raise compile_report.refusal(where, e.required, available,
+                                 compile_report.suggest(plan, costs, available))
+  r = compile_report.report(plan, compiled, where, devices, topology, tokens)
+  if jax.process_index() == 0:
+    print(compile_report.describe(r), flush=True)
+    if write:
+      files.makedirs(plan.out)
+      path = os.path.join(plan.out, compile_report.REPORT_FILE)
+      files.atomic_write_json(path, r.to_json())
+      print(f"jaxsae train: compile report in {path}", flush=True)
+  if r.fits is False:  # the compiler's HBM is a little under the chip's: this rarely fires
+    raise compile_report.refusal(where, r.peak_bytes, r.hbm_bytes, "fewer seeds or a smaller "
+                                 "batch")
 
 
 def _initial_state(plan: RunPlan, p: Programs):

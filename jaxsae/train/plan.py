@@ -18,6 +18,7 @@ import os
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 from jaxsae import cpu_kernels
 from jaxsae import files
@@ -66,14 +67,16 @@ class Execution:
   mesh: tuple[int, int]  # devices on the ("seed", "data") axes
   compute_dtype: str  # of the matrix products; parameters and Adam stay float32
   cpu_kernels: bool  # jaxsae's CPU kernels may run (their top-k wherever a top-k runs)
-  topk_path: str  # TopK's selection and sparse backward: kernel, dense or scatter
+  topk_path: str  # TopK's selection and sparse backward: kernel, dense, scatter or mxu
   seed_loop: str  # vmap (one batched program) or map (one seed after another)
   unroll_seeds: bool  # a map's seeds unrolled in the program rather than a lax.map
+  topk_rule: str = "exact"  # exact, or approx (TPU's approx_max_k): which top-k selects
 
   def describe(self) -> str:
     loop = self.seed_loop + (" unrolled" if self.seed_loop == "map" and self.unroll_seeds else "")
     return (f"{self.backend}, mesh {self.mesh[0]}x{self.mesh[1]} (seed x data), "
-            f"{self.compute_dtype} products, TopK path {self.topk_path}, seeds by {loop}, "
+            f"{self.compute_dtype} products, TopK path {self.topk_path} "
+            f"({self.topk_rule} top-k), seeds by {loop}, "
             f"CPU kernels {'on' if self.cpu_kernels else 'off'}")
 
 
@@ -164,8 +167,10 @@ def member_names(seeds, data_seeds=()) -> list[str]:
   return [f"seed{s}" for s in seeds]
 
 
-def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> RunPlan:
-  """The plan for `cfg` on a store of `d_in` and `num_store_tokens`, on this machine's devices."""
+def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int, devices=None) -> RunPlan:
+  """The plan for `cfg` on a store of `d_in` and `num_store_tokens`, on this machine's devices
+  or on `devices` (a TPU topology's, for a compile-only report: the execution is then decided
+  exactly as it will be on those chips)."""
   if cfg.arch not in ARCHITECTURES:
     raise JaxsaeError(f"--arch={cfg.arch} is unknown; use one of {', '.join(ARCHITECTURES)}")
   arch = ARCHITECTURES[cfg.arch]
@@ -194,11 +199,12 @@ def resolve(cfg: TrainConfig, d_in: int, num_store_tokens: int) -> RunPlan:
   num_steps = num_tokens // cfg.batch_size
   if num_steps < 1:
     raise JaxsaeError(f"--num_tokens={num_tokens} is less than one batch of {cfg.batch_size}")
-  execution = _execution(cfg, arch, n, len(seeds))
+  execution = _execution(cfg, arch, n, len(seeds), devices or jax.devices())
   penalty_steps = round(cfg.penalty_warmup * num_steps)
   l0_target = _l0_target(cfg, arch, n, num_steps, penalty_steps)
   sae = dataclasses.replace(sae, compute_dtype=execution.compute_dtype,
-                            topk_path=execution.topk_path, cpu_kernels=execution.cpu_kernels)
+                            topk_path=execution.topk_path, cpu_kernels=execution.cpu_kernels,
+                            topk_rule=execution.topk_rule)
   identity = Identity(
       arch=cfg.arch, d_in=d_in, num_latents=n, k=cfg.k, seeds=seeds, batch_size=cfg.batch_size,
       data_seed=cfg.data_seed, site=cfg.site,
@@ -258,36 +264,47 @@ def _l0_target(cfg: TrainConfig, arch: type[SAE], n: int, num_steps: int,
                   num_steps - round(cfg.target_l0_freeze * num_steps))
 
 
-def _execution(cfg: TrainConfig, arch: type[SAE], n: int, num_seeds: int) -> Execution:
-  backend = jax.default_backend()
+def _execution(cfg: TrainConfig, arch: type[SAE], n: int, num_seeds: int,
+               devices) -> Execution:
+  backend, num_devices = devices[0].platform, len(devices)
   dtype = cfg.compute_dtype
   if dtype == "auto":
     dtype = "float32" if backend == "cpu" else "bfloat16"
   if dtype not in ("float32", "bfloat16"):
     raise JaxsaeError(f"--compute_dtype={cfg.compute_dtype}: use float32, bfloat16 or auto")
   if cfg.topk_backward not in common.BACKWARDS:
-    raise JaxsaeError(f"--topk_backward={cfg.topk_backward}: use auto, kernel, dense or scatter")
-  kernels = cpu_kernels.available()
+    raise JaxsaeError(f"--topk_backward={cfg.topk_backward}: use "
+                      f"{', '.join(common.BACKWARDS)}")
+  if cfg.topk_rule not in common.RULES:
+    raise JaxsaeError(f"--topk_rule={cfg.topk_rule}: use {', '.join(common.RULES)}")
+  # Asked of this process's backend, so only where the plan is for it (not a topology's chips).
+  kernels = backend == "cpu" and num_devices == 1 and cpu_kernels.available()
   if cfg.topk_backward == "kernel" and not common.kernels_usable(dtype, kernels):
     raise JaxsaeError("--topk_backward=kernel needs jaxsae's CPU kernels: one CPU device, "
                       "--compute_dtype=float32 and a C++ compiler (see the warning above, if "
                       "any); use auto")
   if cfg.seed_loop not in ("auto", "vmap", "map"):
     raise JaxsaeError(f"--seed_loop={cfg.seed_loop}: use auto, vmap or map")
-  mesh = mesh_shape(cfg.mesh, num_seeds, cfg.batch_size)
-  path = common.choose_topk_path(cfg.topk_backward, cfg.batch_size, n, dtype, kernels)
+  mesh = mesh_shape(cfg.mesh, num_seeds, cfg.batch_size, num_devices)
+  path = common.choose_topk_path(cfg.topk_backward, cfg.batch_size, n, dtype, kernels, backend)
+  rule = common.choose_topk_rule(cfg.topk_rule, backend) if arch.selects_top_k else "exact"
+  if rule != "exact" and path == "kernel" and cfg.topk_backward == "kernel":
+    raise JaxsaeError(f"--topk_rule={rule} selects by another top-k than jaxsae's CPU kernel's; "
+                      "use --topk_backward=auto (or dense/scatter)")
   loop = cfg.seed_loop if cfg.seed_loop != "auto" else seed_loop(
-      arch, backend, cfg.batch_size * n, num_seeds, on_kernels=(
+      arch, backend, cfg.batch_size * n, num_seeds, num_devices, on_kernels=(
           common.kernels_usable(dtype, kernels) and cfg.topk_backward in ("auto", "kernel")))
   if loop == "map" and mesh[0] * mesh[1] > 1:
     raise JaxsaeError(f"--seed_loop=map runs the seeds one after another on one device, but the "
                       f"mesh has {mesh[0] * mesh[1]}: it would gather every seed's state; use "
                       "--seed_loop=vmap (or auto)")
   return Execution(backend=backend, mesh=mesh, compute_dtype=dtype, cpu_kernels=kernels,
-                   topk_path=path, seed_loop=loop, unroll_seeds=path != "scatter")
+                   topk_path=path, seed_loop=loop, unroll_seeds=path != "scatter",
+                   topk_rule=rule)
 
 
-def seed_loop(arch: type[SAE], backend: str, size: int, num_seeds: int, on_kernels: bool) -> str:
+def seed_loop(arch: type[SAE], backend: str, size: int, num_seeds: int, num_devices: int,
+              on_kernels: bool) -> str:
   """How the step runs the seeds: "vmap" (one batched program), or "map" (one after another),
   for batch x latents `size` on one device of `backend`.
 
@@ -302,14 +319,13 @@ def seed_loop(arch: type[SAE], backend: str, size: int, num_seeds: int, on_kerne
   without a top-k (ReLU+L1: 44 and 58 ms). Elsewhere, and whenever the seeds are spread over
   devices, vmap.
   """
-  if backend != "cpu" or jax.device_count() > 1 or not arch.selects_top_k:
+  if backend != "cpu" or num_devices > 1 or not arch.selects_top_k:
     return "vmap"
   return "vmap" if on_kernels and (size <= KERNEL_VMAP_MAX or num_seeds == 1) else "map"
 
 
-def mesh_shape(spec: str, num_seeds: int, batch_size: int) -> tuple[int, int]:
-  """The ("seed", "data") mesh over all devices; `spec` is SEEDSxDATA or auto (seeds first)."""
-  n = jax.device_count()
+def mesh_shape(spec: str, num_seeds: int, batch_size: int, n: int) -> tuple[int, int]:
+  """The ("seed", "data") mesh over `n` devices; `spec` is SEEDSxDATA or auto (seeds first)."""
   if spec == "auto":
     s = math.gcd(num_seeds, n)
     shape = (s, n // s)
@@ -330,9 +346,16 @@ def mesh_shape(spec: str, num_seeds: int, batch_size: int) -> tuple[int, int]:
   return shape
 
 
-def make_mesh(plan: RunPlan) -> jax.sharding.Mesh:
-  return jax.make_mesh(plan.execution.mesh, ("seed", "data"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+def make_mesh(plan: RunPlan, devices=None) -> jax.sharding.Mesh:
+  """The plan's mesh over this machine's devices, or `devices` (a TPU topology's)."""
+  types = (jax.sharding.AxisType.Auto,) * 2
+  if devices is not None and len({(d.process_index, tuple(getattr(d, "coords", ())))
+                                   for d in devices}) < len(devices):
+    # libtpu's v4 topologies give each TensorCore as a device; jax.make_mesh places devices by
+    # chip ("megacore") only, so these go in their given order.
+    return jax.sharding.Mesh(np.array(devices).reshape(plan.execution.mesh), ("seed", "data"),
+                             axis_types=types)
+  return jax.make_mesh(plan.execution.mesh, ("seed", "data"), axis_types=types, devices=devices)
 
 
 def check_run_dir(plan: RunPlan) -> None:
