@@ -283,10 +283,11 @@ def test_two_stage_top_k_equals_lax_top_k(n, k, group, kernel):
 
 
 @pytest.mark.parametrize("seeds", [1, 3])
-def test_topk_kernel_dense_and_scatter_paths_are_equal(seeds):
-  """The three paths of the TopK kernels (jaxsae's CPU kernels, dense products at small
-  shapes, XLA's scatter-adds of the k rows at large ones): same loss, same gradients to float
-  tolerance, and the same parameters after a few Adam steps, alone and under the seed vmap."""
+def test_topk_kernel_dense_scatter_and_mxu_paths_are_equal(seeds):
+  """The four paths of the TopK kernels (jaxsae's CPU kernels, dense products at small
+  shapes, XLA's scatter-adds of the k rows at large ones, TPU's all-dense products): same
+  loss, same gradients to float tolerance, and the same parameters after a few Adam steps,
+  alone and under the seed vmap."""
   x = jax.random.normal(jax.random.key(3), (64, D_IN)) + 0.3
 
   def run(backward):
@@ -310,14 +311,18 @@ def test_topk_kernel_dense_and_scatter_paths_are_equal(seeds):
     for i in range(5):
       state, opt, l, g, fired = step(state, opt, x + 0.1 * i)
       first = first or (l, g, fired)
-    return first, state, (text.count("scatter-add"), text.count("ffi_call"))
+    return first, state, (text.count("scatter-add"), text.count("ffi_call"), text)
 
   # (scatter-adds, FFI calls): the dense path uses the kernels' top-k only where they run.
   (l_d, g_d, f_d), s_d, calls_d = run("dense")
   assert calls_d[0] == 0 and calls_d[1] <= 1
-  for path in ("scatter", "kernel") if cpu_kernels.available() else ("scatter",):
+  paths = ("scatter", "mxu", "kernel") if cpu_kernels.available() else ("scatter", "mxu")
+  for path in paths:
     (l_o, g_o, f_o), s_o, calls_o = run(path)
-    assert calls_o[0] > 0 if path == "scatter" else (calls_o[0] == 0 and calls_o[1] >= 4)
+    if path == "mxu":  # every k-sparse product dense: one scatter, densifying the codes
+      assert calls_o[0] == 0 and "dot_general" in calls_o[2]
+    else:
+      assert calls_o[0] > 0 if path == "scatter" else (calls_o[0] == 0 and calls_o[1] >= 4)
     np.testing.assert_allclose(l_o, l_d, rtol=1e-6)
     np.testing.assert_array_equal(f_o, f_d)
     for a, b in zip(jax.tree.leaves(g_o), jax.tree.leaves(g_d)):
@@ -335,3 +340,32 @@ def test_auto_takes_the_kernels_where_they_run_else_chooses_by_shape():
   big = common.DENSE_BACKWARD_MAX // 64 + 1
   assert path(big, "bfloat16") == "scatter"
   assert path(N, requested="scatter") == "scatter"
+
+
+def test_approx_top_k_cpu_is_tpus_rule_bins_and_recall():
+  """The emulated approx_max_k: exact where it reduces nothing (n within one TPU lane tile of
+  128, or bins >= n), else the largest of each of approx_bins strided bins, the top k of those,
+  with a recall near its 0.95 target on random rows."""
+  x = jax.random.normal(jax.random.key(0), (256, 4096))
+  k = 32
+  bins = common.approx_bins(4096, k)
+  assert bins < 4096 and 4096 % bins == 0
+  vals, idx = common.approx_top_k_cpu(x, k)
+  np.testing.assert_array_equal(jnp.take_along_axis(x, idx, -1), vals)
+  # Each pick is its bin's maximum, and no two picks share a bin.
+  grouped_max = x.reshape(256, 4096 // bins, bins).max(1)
+  np.testing.assert_array_equal(jnp.take_along_axis(grouped_max, idx % bins, -1), vals)
+  assert all(len(set(row)) == k for row in np.asarray(idx % bins))
+  _, exact = jax.lax.top_k(x, k)
+  recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(np.asarray(idx), np.asarray(exact))])
+  assert 0.9 < recall < 1.0
+  small = x[:, :128]
+  np.testing.assert_array_equal(common.approx_top_k_cpu(small, k)[1], jax.lax.top_k(small, k)[1])
+
+
+def test_tpu_chooses_mxu_products_and_tpus_approximate_top_k():
+  assert common.choose_topk_path("auto", 16384, 32768, "bfloat16", False, "tpu") == "mxu"
+  assert common.choose_topk_path("scatter", 16384, 32768, "bfloat16", False, "tpu") == "scatter"
+  assert common.choose_topk_rule("auto", "tpu") == "approx"
+  assert common.choose_topk_rule("auto", "cpu") == common.choose_topk_rule("auto", "gpu") == "exact"
+  assert common.choose_topk_rule("approx_cpu", "cpu") == "approx_cpu"

@@ -44,6 +44,10 @@ class SaeConfig:
   # "scatter"-adds of the k rows (`choose_topk_path` decides on the host). All give the same
   # numbers to float tolerance.
   topk_path: str = "scatter"
+  # Which top-k selects: "exact" (jax.lax.top_k's set), "approx" (jax.lax.approx_max_k at
+  # APPROX_RECALL: on a TPU its fused partial reduction, elsewhere XLA's exact fallback) or
+  # "approx_cpu" (the TPU's algorithm emulated, to measure what it changes off a TPU).
+  topk_rule: str = "exact"
   # Whether jitted code may call jaxsae's CPU kernels (`cpu_kernels.available()`, asked once on
   # the host: nothing traced probes its environment). Their top-k replaces lax.top_k to the bit.
   cpu_kernels: bool = False
@@ -234,18 +238,74 @@ def remove_parallel_grad(grad: jax.Array, w: jax.Array) -> jax.Array:
 # scatter's work at memory speed and replace XLA's top-k too; they run wherever they can: XLA's
 # CPU backend on one device, float32.
 DENSE_BACKWARD_MAX = 1 << 22
-BACKWARDS = ("auto", "kernel", "dense", "scatter")
+BACKWARDS = ("auto", "kernel", "dense", "scatter", "mxu")
+RULES = ("auto", "exact", "approx", "approx_cpu")
+# approx_max_k's recall target where the TopK rule is "approx": at 32K latents and k = 32 it
+# keeps the largest of each bin of 32 (1,024 bins), so a row loses one of its k when two of
+# them share a bin (docs/sizing.md and BENCHMARKS.md measure what that changes).
+APPROX_RECALL = 0.95
 
 
 def choose_topk_path(requested: str, batch: int, num_latents: int, compute_dtype: str,
-                     cpu_kernels_run: bool) -> str:
+                     cpu_kernels_run: bool, backend: str = "cpu") -> str:
   """How the TopK kernels select and differentiate at this shape, decided on the host:
-  `requested` ("kernel", "dense" or "scatter") unless it is "auto"."""
+  `requested` ("kernel", "dense", "scatter" or "mxu") unless it is "auto".
+
+  On a TPU every k-sparse product is a dense one on the MXU ("mxu"): XLA's TPU gathers and
+  scatter-adds of 768-wide rows move whole (8, 128) tiles, so by its cost model a gather of
+  the B * k decoder rows costs 11.6 GB and 14 ms on a v5e where the [B, n] product costs
+  4.2 ms (B 16,384, n 32,768; BENCHMARKS.md's TPU table)."""
   if requested != "auto":
     return requested
+  if backend == "tpu":
+    return "mxu"
   if kernels_usable(compute_dtype, cpu_kernels_run):
     return "kernel"
   return "dense" if batch * num_latents <= DENSE_BACKWARD_MAX else "scatter"
+
+
+def choose_topk_rule(requested: str, backend: str) -> str:
+  """The top-k's rule: `requested` unless "auto", which is TPU's approx_max_k on a TPU (whose
+  exact top_k lowers to sorts: 60 GB of HBM traffic a step at the paper's shape against 1 GB
+  fused into the encoder product) and the exact top-k everywhere else."""
+  if requested != "auto":
+    return requested
+  return "approx" if backend == "tpu" else "exact"
+
+
+def approx_bins(n: int, k: int, recall: float = APPROX_RECALL) -> int:
+  """How many bins approx_max_k reduces a row of `n` to (its own size computation, through
+  its output shape): n itself where it does no reduction, which makes it exact."""
+  out = jax.eval_shape(lambda a: jax.lax.approx_max_k(a, k, recall_target=recall,
+                                                      aggregate_to_topk=False),
+                       jax.ShapeDtypeStruct((1, n), jnp.float32))
+  return out[0].shape[-1]
+
+
+def approx_top_k_cpu(x: jax.Array, k: int, recall: float = APPROX_RECALL
+                     ) -> tuple[jax.Array, jax.Array]:
+  """TPU's approx_max_k emulated (XLA's ApproxTopK: a PartialReduce keeping the largest of each
+  of L bins, then the exact top k of those L). Bins here are strided, {j, j + L, j + 2L, ...};
+  the TPU's own assignment of elements to bins is not published, but a latent's index carries
+  no meaning (the initialisation is random), so any fixed partition into bins of equal size
+  loses the same share of the top k on average."""
+  n = x.shape[-1]
+  bins = approx_bins(n, k, recall)
+  if bins >= n:
+    return jax.lax.top_k(x, k)
+  grouped = x.reshape(*x.shape[:-1], n // bins, bins)
+  best = jnp.argmax(grouped, axis=-2)  # [..., bins]: which member of each bin
+  vals, b = jax.lax.top_k(jnp.max(grouped, axis=-2), k)
+  return vals, jnp.take_along_axis(best, b, axis=-1) * bins + b
+
+
+def select_top_k(x: jax.Array, cfg: SaeConfig) -> tuple[jax.Array, jax.Array]:
+  """The k largest along the last axis by the config's rule (`SaeConfig.topk_rule`)."""
+  if cfg.topk_rule == "approx":
+    return jax.lax.approx_max_k(x, cfg.k, recall_target=APPROX_RECALL)
+  if cfg.topk_rule == "approx_cpu":
+    return approx_top_k_cpu(x, cfg.k)
+  return grouped_top_k(x, cfg.k, cfg.cpu_kernels)
 
 
 def kernels_usable(compute_dtype: str, cpu_kernels_run: bool) -> bool:
@@ -271,7 +331,7 @@ def sparse_decode(acts: jax.Array, idx: jax.Array, w_dec: jax.Array, cfg: SaeCon
   backward as dense products (`_dense_decode`). "kernel": the forward and both gradients as
   jaxsae's CPU kernels (`_kernel_decode`).
   """
-  if path == "dense":
+  if path in ("dense", "mxu"):
     return _dense_decode(acts, idx, w_dec, cfg)
   if path == "kernel":
     return _kernel_decode(acts, idx, w_dec)
@@ -383,9 +443,9 @@ def topk_encoder(x: jax.Array, w_enc: jax.Array, b: jax.Array, cfg: SaeConfig):
   """
   pre = jax.nn.relu(matmul(x, w_enc, cfg) + b)
   path = cfg.topk_path
-  if path == "kernel":
+  if path == "kernel" and cfg.topk_rule == "exact":
     return cpu_kernels.top_k(pre, cfg.k)
-  vals, idx = grouped_top_k(pre, cfg.k, cfg.cpu_kernels)
+  vals, idx = select_top_k(pre, cfg)
   if path == "dense":
     # The dense decode slices idx by column; without the barrier XLA merges those slices into
     # the sort that top_k lowers to, and a full [B, n] sort runs instead of its TopK kernel
@@ -424,6 +484,42 @@ def _topk_encoder_bwd(cfg, res, cts):
 
 
 topk_encoder.defvjp(_topk_encoder_fwd, _topk_encoder_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def mxu_topk(x: jax.Array, w_enc: jax.Array, b: jax.Array, w_dec: jax.Array, cfg: SaeConfig):
+  """TopK's encode and decode with every k-sparse product a dense one on the MXU: (z W_dec
+  [B, d_in], values [B, k], indices [B, k]) for z = TopK(ReLU(x W_enc + b)).
+
+  The selected codes are scattered once into a dense z [B, n] in the compute dtype, which the
+  decode and W_dec's gradient read as a product's operand; the backward's [B, n] gradient
+  (e W_dec^T, kept where z fired) feeds W_enc's. Five [B, n]-sized products in all, against
+  gathers and scatter-adds of B * k rows that XLA's TPU lowering makes dearer (BENCHMARKS.md,
+  the TPU table): compute-bound on a v5e. The same numbers as the other paths, to rounding.
+  """
+  out, _ = _mxu_topk_fwd(x, w_enc, b, w_dec, cfg)
+  return out
+
+
+def _mxu_topk_fwd(x, w_enc, b, w_dec, cfg):
+  vals, idx = select_top_k(jax.nn.relu(matmul(x, w_enc, cfg) + b), cfg)
+  z = densify(vals.astype(cfg.compute_dtype), idx, w_enc.shape[-1])
+  return (matmul(z, w_dec, cfg), vals, idx), (x, z, w_dec)
+
+
+def _mxu_topk_bwd(cfg, res, cts):
+  x, z, w_dec = res
+  ct = cts[0]  # the selection's values and indices pass nothing back (as a top_k's do not)
+  # ReLU and the selection in one mask: z is non-zero exactly where a code fired.
+  dpre = jnp.where(z > 0, matmul(ct, w_dec.T, cfg), 0.0).astype(z.dtype)
+  d_w_enc = matmul(x.T, dpre, cfg)
+  d_b = jnp.sum(dpre, axis=0, dtype=jnp.float32)
+  d_w_dec = matmul(z.T, ct, cfg)
+  # The products return float32, the parameters' dtype; x is data and gets no gradient.
+  return jnp.zeros_like(x), d_w_enc, d_b, d_w_dec
+
+
+mxu_topk.defvjp(_mxu_topk_fwd, _mxu_topk_bwd)
 
 
 def random_unit_rows(key: jax.Array, num_latents: int, d_in: int) -> jax.Array:

@@ -47,7 +47,7 @@ class TopK(common.SAE):
   def encode_topk(self, x: jax.Array):
     """(values [B, k], indices [B, k], ReLU pre-activations [B, n])."""
     pre = jax.nn.relu(self.pre_acts(x))
-    vals, idx = common.grouped_top_k(pre, self.cfg.k, self.cfg.cpu_kernels)
+    vals, idx = common.select_top_k(pre, self.cfg)
     return vals, idx, pre
 
   def encode(self, x: jax.Array) -> jax.Array:
@@ -58,18 +58,22 @@ class TopK(common.SAE):
     del penalty_scale
     cfg = self.cfg
     w_enc, w_dec, b_dec = self.W_enc[...], self.W_dec[...], self.b_dec[...]
+    path = cfg.topk_path
+    # (x - b_dec) W_enc = x W_enc - b_dec W_enc: folding b_dec into the bias keeps the
+    # encoder's input a constant, so no gradient ever flows back through the [B, n] product.
+    b = self.b_enc[...] - common.matmul(b_dec[None], w_enc, cfg)[0]
     if cfg.auxk_alpha:
       # AuxK reads every dead latent's pre-activation, so the dense encoder stays.
       vals, idx, pre = self.encode_topk(x)
+      if path in ("dense", "mxu"):
+        path = "scatter"  # the dense decode needs top_k's barrier, which encode_topk has not
+      x_hat = common.sparse_decode(vals, idx, w_dec, cfg, path) + b_dec
+    elif path == "mxu":
+      decoded, vals, idx = common.mxu_topk(x, w_enc, b, w_dec, cfg)
+      x_hat = decoded + b_dec
     else:
-      # (x - b_dec) W_enc = x W_enc - b_dec W_enc: folding b_dec into the bias keeps the
-      # encoder's input a constant, so no gradient ever flows back through the [B, n] product.
-      b = self.b_enc[...] - common.matmul(b_dec[None], w_enc, cfg)[0]
       vals, idx = common.topk_encoder(x, w_enc, b, cfg)
-    path = cfg.topk_path
-    if cfg.auxk_alpha and path == "dense":
-      path = "scatter"  # the dense decode needs top_k's barrier, which encode_topk has not
-    x_hat = common.sparse_decode(vals, idx, w_dec, cfg, path) + b_dec
+      x_hat = common.sparse_decode(vals, idx, w_dec, cfg, path) + b_dec
     var = common.total_variance(x)
     e = x - x_hat
     fvu = jnp.sum(jnp.square(e)) / var
