@@ -82,8 +82,17 @@ def sizing() -> list[dict]:
       for width in map(int, FLAGS.widths):
         topo = tpu.topology(SMALL[gen])
         n = len(topo.devices)
-        _, plan, r, secs = compile_one(SMALL[gen], d_in, num_latents=width, num_seeds=n)
         hbm = topo.per_device.hbm_bytes
+        try:
+          _, plan, r, secs = compile_one(SMALL[gen], d_in, num_latents=width, num_seeds=n)
+        except compile_report.DoesNotFit as e:
+          row = dict(generation=gen, topology=SMALL[gen], d_in=d_in, num_latents=width,
+                     batch_size=FLAGS.batch_size, hbm_GB=hbm / 1e9, seeds_per_device=0,
+                     seeds_per_chip=0, devices_per_chip=topo.devices_per_chip,
+                     required_GB=e.required / 1e9)
+          print(json.dumps(row), flush=True)
+          rows.append(row)
+          continue
         state = r.programs["step"].arguments
         per_seed = r.peak_bytes
         row = dict(generation=gen, topology=SMALL[gen], d_in=d_in, num_latents=width,
