@@ -259,7 +259,8 @@ def describe(r: Report) -> str:
            f"{r.topology} ({r.num_devices} x {r.device_kind}, {r.num_hosts} host"
            f"{'s' if r.num_hosts > 1 else ''})",
            f"  plan: {r.execution}",
-           "  per device       state    temporaries   peak      flops      bytes"]
+           f"  {'per device':22s} {'state':>9s} {'temporaries':>11s} {'peak':>9s} "
+           f"{'flops':>9s} {'bytes':>11s}"]
   for name, c in r.programs.items():
     lines.append(f"  {name:22s} {g(c.arguments):>9s} {g(c.temporaries):>11s} {g(c.peak):>9s} "
                  f"{c.flops / 1e12:7.3f} T {c.bytes_accessed / GB:8.2f} GB")
