@@ -138,7 +138,7 @@ def mxu_block(x, w, b, wd, select):
   f.defvjp(fwd, bwd)
   return f(x, w, b, wd)
 MXU = {"mxu approx": sel_approx, "mxu exact": sel_exact}
-VARIANTS = {"mxu approx": 1, "mxu exact": 1, 
+VARIANTS = {"mxu approx": 1, "mxu exact": 1, "mxu approx, jaxsae's mxu_topk": 1,
   "exact+scatter(jaxsae)": None,
   "approx+scatter/scatter": (sel_approx, enc_scatter_bwd, dec_scatter_bwd),
   "approx+dense/dense": (sel_approx, enc_dense_bwd, dec_dense_bwd),
@@ -152,6 +152,11 @@ def make(name):
     if name in MXU:
       bb = b - mm(bd[None], w)[0]
       xh = mxu_block(x, w, bb, wd, MXU[name]) + bd
+    elif name.endswith("mxu_topk"):  # the trainer's own: codes [B, n / 128, 128], a barrier
+      bb = b - mm(bd[None], w)[0]
+      mxu_cfg = common.SaeConfig(k=K, compute_dtype="bfloat16", topk_path="mxu",
+                                 topk_rule="approx")
+      xh = common.mxu_topk(x, w, bb, wd, mxu_cfg)[0] + bd
     elif VARIANTS[name] is None:
       bb = b - mm(bd[None], w)[0]
       v, i = common.topk_encoder(x, w, bb, cfg)

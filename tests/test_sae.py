@@ -363,6 +363,37 @@ def test_approx_top_k_cpu_is_tpus_rule_bins_and_recall():
   np.testing.assert_array_equal(common.approx_top_k_cpu(small, k)[1], jax.lax.top_k(small, k)[1])
 
 
+@pytest.mark.parametrize("n", [96, 256], ids=["one-lane-group", "two-lane-groups"])
+def test_mxu_topk_is_the_plain_topk_and_its_gradient(n):
+  """The MXU path's codes [B, n / LANES, LANES] (or [B, 1, n] where n is no multiple of LANES)
+  give the decode and the gradients of a plain TopK written out densely, which jax.grad
+  differentiates on its own."""
+  cfg = SaeConfig(k=5, topk_path="mxu")
+  kx, ke, kd, kb = jax.random.split(jax.random.key(7), 4)
+  x = jax.random.normal(kx, (48, D_IN))
+  w_enc = jax.random.normal(ke, (D_IN, n)) / 4
+  w_dec = jax.random.normal(kd, (n, D_IN)) / 4
+  b = jax.random.normal(kb, (n,)) / 4
+
+  def plain(w_enc, b, w_dec):
+    pre = jax.nn.relu(x @ w_enc + b)
+    vals, idx = jax.lax.top_k(pre, cfg.k)
+    z = jnp.zeros_like(pre).at[jnp.arange(x.shape[0])[:, None], idx].set(vals)
+    return z @ w_dec
+
+  def mxu(w_enc, b, w_dec):
+    return common.mxu_topk(x, w_enc, b, w_dec, cfg)[0]
+
+  target = jax.random.normal(jax.random.key(8), (48, D_IN))
+  loss = lambda f: lambda *p: jnp.sum((f(*p) - target) ** 2)
+  np.testing.assert_allclose(mxu(w_enc, b, w_dec), plain(w_enc, b, w_dec), rtol=1e-5, atol=1e-5)
+  got = jax.grad(loss(mxu), argnums=(0, 1, 2))(w_enc, b, w_dec)
+  want = jax.grad(loss(plain), argnums=(0, 1, 2))(w_enc, b, w_dec)
+  for g, w in zip(got, want):
+    assert g.shape == w.shape
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
 def test_tpu_chooses_mxu_products_and_tpus_approximate_top_k():
   assert common.choose_topk_path("auto", 16384, 32768, "bfloat16", False, "tpu") == "mxu"
   assert common.choose_topk_path("scatter", 16384, 32768, "bfloat16", False, "tpu") == "scatter"

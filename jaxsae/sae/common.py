@@ -486,35 +486,62 @@ def _topk_encoder_bwd(cfg, res, cts):
 topk_encoder.defvjp(_topk_encoder_fwd, _topk_encoder_bwd)
 
 
+# The dense codes of the MXU path are [B, n / LANES, LANES]: a TPU scatter writes its output
+# flat, in tiles of 8 x 128 consecutive elements, which is exactly this shape's tiling, so the
+# products read the scatter's output where a [B, n] view of it would first be relaid out.
+LANES = 128
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def mxu_topk(x: jax.Array, w_enc: jax.Array, b: jax.Array, w_dec: jax.Array, cfg: SaeConfig):
   """TopK's encode and decode with every k-sparse product a dense one on the MXU: (z W_dec
   [B, d_in], values [B, k], indices [B, k]) for z = TopK(ReLU(x W_enc + b)).
 
-  The selected codes are scattered once into a dense z [B, n] in the compute dtype, which the
-  decode and W_dec's gradient read as a product's operand; the backward's [B, n] gradient
-  (e W_dec^T, kept where z fired) feeds W_enc's. Five [B, n]-sized products in all, against
-  gathers and scatter-adds of B * k rows that XLA's TPU lowering makes dearer (BENCHMARKS.md,
-  the TPU table): compute-bound on a v5e. The same numbers as the other paths, to rounding.
+  The selected codes are scattered once into a dense z in the compute dtype, which the decode
+  and W_dec's gradient read as a product's operand; the backward's [B, n] gradient (e W_dec^T,
+  kept where z fired) feeds W_enc's. Five [B, n]-sized products in all, against gathers and
+  scatter-adds of B * k rows that XLA's TPU lowering makes dearer (BENCHMARKS.md, the TPU
+  table): compute-bound on a v5e. z is [B, n / LANES, LANES] (n not a multiple of LANES:
+  [B, 1, n]), contracted over both latent axes, and held behind an optimization barrier for
+  the backward, so XLA's TPU compiler neither relays it out for each product nor rebuilds the
+  fired mask from the scatter's flat output: by its cost model 13.1 GB a step per device at the
+  paper's shape on v5e, not 19.7 (BENCHMARKS.md). The same numbers as the other paths, to
+  rounding.
   """
   out, _ = _mxu_topk_fwd(x, w_enc, b, w_dec, cfg)
   return out
 
 
+def _latent_axes(n: int) -> tuple[int, int]:
+  return (n // LANES, LANES) if n % LANES == 0 else (1, n)
+
+
+def _mxu_einsum(spec: str, a: jax.Array, b: jax.Array, cfg: SaeConfig) -> jax.Array:
+  dt = jnp.dtype(cfg.compute_dtype)
+  return jnp.einsum(spec, a.astype(dt), b.astype(dt), preferred_element_type=jnp.float32)
+
+
 def _mxu_topk_fwd(x, w_enc, b, w_dec, cfg):
+  n, d = w_dec.shape
   vals, idx = select_top_k(jax.nn.relu(matmul(x, w_enc, cfg) + b), cfg)
-  z = densify(vals.astype(cfg.compute_dtype), idx, w_enc.shape[-1])
-  return (matmul(z, w_dec, cfg), vals, idx), (x, z, w_dec)
+  i, j = _latent_axes(n)
+  rows = jnp.arange(idx.shape[0])[:, None]
+  z = jnp.zeros((idx.shape[0], i, j), cfg.compute_dtype).at[rows, idx // j, idx % j].set(
+      vals.astype(cfg.compute_dtype), unique_indices=True)
+  decoded = _mxu_einsum("bij,ijd->bd", z, w_dec.reshape(i, j, d), cfg)
+  return (decoded, vals, idx), (x, jax.lax.optimization_barrier(z), w_dec)
 
 
 def _mxu_topk_bwd(cfg, res, cts):
   x, z, w_dec = res
+  (n, d), (_, i, j) = w_dec.shape, z.shape
   ct = cts[0]  # the selection's values and indices pass nothing back (as a top_k's do not)
   # ReLU and the selection in one mask: z is non-zero exactly where a code fired.
-  dpre = jnp.where(z > 0, matmul(ct, w_dec.T, cfg), 0.0).astype(z.dtype)
-  d_w_enc = matmul(x.T, dpre, cfg)
-  d_b = jnp.sum(dpre, axis=0, dtype=jnp.float32)
-  d_w_dec = matmul(z.T, ct, cfg)
+  dpre = jnp.where(z > 0, _mxu_einsum("bd,ijd->bij", ct, w_dec.reshape(i, j, d), cfg),
+                   0.0).astype(z.dtype)
+  d_w_enc = _mxu_einsum("bk,bij->kij", x, dpre, cfg).reshape(x.shape[-1], n)
+  d_b = jnp.sum(dpre, axis=0, dtype=jnp.float32).reshape(n)
+  d_w_dec = _mxu_einsum("bij,bd->ijd", z, ct, cfg).reshape(n, d)
   # The products return float32, the parameters' dtype; x is data and gets no gradient.
   return jnp.zeros_like(x), d_w_enc, d_b, d_w_dec
 
