@@ -161,13 +161,32 @@ def _runs(trained, matched, store: str, reuse: list[tuple[str, str]], site_map: 
     sae = formats.load_sae(saes_lib.discover([run_dir])[0])
     with open(os.path.join(match_dir, "match.json")) as f:
       summary = json.load(f)
-    yield ("mlp", "reused", {"num_latents": sae.n_latents, "k": sae.k}, run_dir, match_dir,
-           summary)
+    yield (_site_name(run_dir, site_map), "reused", {"num_latents": sae.n_latents, "k": sae.k},
+           run_dir, match_dir, summary)
+
+
+def _site_name(run_dir: str, site_map: dict) -> str:
+  """The study's name ("resid", "mlp") of the site a reused run was trained on, from its
+  run.json; "mlp" (the demo's site) when the run does not record one."""
+  path = os.path.join(run_dir, "run.json")
+  module = None
+  if os.path.exists(path):
+    with open(path) as f:
+      module = json.load(f).get("site")
+  if module is None:
+    return "mlp"
+  names = {m: name for name, m in site_map.items()}
+  if module not in names:
+    from jaxsae.errors import JaxsaeError
+    raise JaxsaeError(f"--absorption_reuse: {run_dir} was trained on {module}, not on one of "
+                      f"the study's sites {sorted(names)}")
+  return names[module]
 
 
 def study(root: str, model_spec: str, max_words: int, trained, matched, store: str,
           png: str, reuse: list[tuple[str, str]] = ()) -> dict:
-  """`reuse`: (run, match directory) of existing runs at the MLP site to evaluate too."""
+  """`reuse`: (run, match directory) of existing runs to evaluate too, each at the site its
+  run.json names (the MLP site when it names none)."""
   site_map = sites_of(model_spec)
   data = probe_data(root, model_spec, max_words)
   probes = {s: absorption.site_probe(data, s) for s in site_map.values()}

@@ -123,9 +123,9 @@ _ABS_TRAIN = flags.DEFINE_integer("absorption_train_tokens", 262_144, "Training 
 _ABS_SEEDS = flags.DEFINE_integer("absorption_seeds", 2, "Seeds per absorption point.")
 _ABS_WORDS = flags.DEFINE_integer("absorption_words", 1200, "Alphabetic tokens prompted (0: "
                                   "every one, as SAEBench; ~47K for SmolLM2).")
-_ABS_REUSE = flags.DEFINE_list("absorption_reuse", [], "RUN=MATCH_DIR of existing runs at the "
-                               "layer-15 MLP site to evaluate too (e.g. the demo's "
-                               "out/demo/run=out/demo/match).")
+_ABS_REUSE = flags.DEFINE_list("absorption_reuse", [], "RUN=MATCH_DIR of existing runs to "
+                               "evaluate too, each at the study site its run.json names (e.g. "
+                               "the demo's out/demo/run=out/demo/match, the MLP site).")
 _LAYERS = flags.DEFINE_list("layers", ["0", "4", "8", "12", "15", "20", "25", "-1"],
                             "Layers of the layers and sites studies (negative: from the last; "
                             "relative depth is over the deepest one, so end at -1).")
