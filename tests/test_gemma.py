@@ -7,6 +7,7 @@ vocabulary); every test reuses it.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -146,3 +147,23 @@ def test_absorption_study_sites_per_model():
                                                  "mlp": "model.layers.15.mlp"}
   with pytest.raises(JaxsaeError, match="SITES_BY_MODEL"):
     ab.sites_of("gpt2")
+
+
+def test_a_reused_run_is_scored_at_the_site_it_was_trained_on(tmp_path):
+  """--absorption_reuse: a run's run.json names its site, which picks the study's probe; a run
+  that records none is the demo's MLP run; a site the study does not probe is one error."""
+  from experiments import absorption_study as ab
+  sites = ab.sites_of(NAME)
+
+  def run(**fields):
+    path = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    path.mkdir()
+    if fields:
+      (path / "run.json").write_text(json.dumps(fields))
+    return str(path)
+
+  assert ab._site_name(run(site="model.layers.9"), sites) == "resid"
+  assert ab._site_name(run(site="model.layers.9.mlp"), sites) == "mlp"
+  assert ab._site_name(run(), sites) == "mlp"
+  with pytest.raises(JaxsaeError, match="model.layers.4"):
+    ab._site_name(run(site="model.layers.4"), sites)
