@@ -149,21 +149,18 @@ def make(name):
   cfg = common.SaeConfig(k=K, compute_dtype="bfloat16", topk_path="scatter")
   def loss(params, x):
     w, b, wd, bd = params
+    bb = b - mm(bd[None], w)[0]
     if name in MXU:
-      bb = b - mm(bd[None], w)[0]
       xh = mxu_block(x, w, bb, wd, MXU[name]) + bd
     elif name.endswith("mxu_topk"):  # the trainer's own: codes [B, n / 128, 128], a barrier
-      bb = b - mm(bd[None], w)[0]
       mxu_cfg = common.SaeConfig(k=K, compute_dtype="bfloat16", topk_path="mxu",
                                  topk_rule="approx")
       xh = common.mxu_topk(x, w, bb, wd, mxu_cfg)[0] + bd
     elif VARIANTS[name] is None:
-      bb = b - mm(bd[None], w)[0]
       v, i = common.topk_encoder(x, w, bb, cfg)
       xh = common.sparse_decode(v, i, wd, cfg, "scatter") + bd
     else:
       sel, enc, dec = VARIANTS[name]
-      bb = b - mm(bd[None], w)[0]
       v, i = enc(x, w, bb, sel)
       xh = dec(v, i, wd) + bd
     e = x - xh

@@ -313,10 +313,14 @@ def kernels_usable(compute_dtype: str, cpu_kernels_run: bool) -> bool:
   return jnp.dtype(compute_dtype) == jnp.float32 and cpu_kernels_run
 
 
-def densify(coef: jax.Array, idx: jax.Array, n: int) -> jax.Array:
-  """[B, n] holding coef[b, j] at (b, idx[b, j]) and zeros elsewhere (idx distinct per row)."""
+def densify(coef: jax.Array, idx: jax.Array, n: int, lanes: int | None = None) -> jax.Array:
+  """[B, n] holding coef[b, j] at (b, idx[b, j]) and zeros elsewhere (idx distinct per row);
+  with `lanes` (dividing n), the same codes as [B, n // lanes, lanes]."""
   rows = jnp.arange(idx.shape[0])[:, None]
-  return jnp.zeros((idx.shape[0], n), coef.dtype).at[rows, idx].set(coef, unique_indices=True)
+  if lanes is None:
+    return jnp.zeros((idx.shape[0], n), coef.dtype).at[rows, idx].set(coef, unique_indices=True)
+  return jnp.zeros((idx.shape[0], n // lanes, lanes), coef.dtype).at[
+      rows, idx // lanes, idx % lanes].set(coef, unique_indices=True)
 
 
 def sparse_decode(acts: jax.Array, idx: jax.Array, w_dec: jax.Array, cfg: SaeConfig,
@@ -512,8 +516,8 @@ def mxu_topk(x: jax.Array, w_enc: jax.Array, b: jax.Array, w_dec: jax.Array, cfg
   return out
 
 
-def _latent_axes(n: int) -> tuple[int, int]:
-  return (n // LANES, LANES) if n % LANES == 0 else (1, n)
+def _lanes(n: int) -> int:
+  return LANES if n % LANES == 0 else n
 
 
 def _mxu_einsum(spec: str, a: jax.Array, b: jax.Array, cfg: SaeConfig) -> jax.Array:
@@ -524,11 +528,8 @@ def _mxu_einsum(spec: str, a: jax.Array, b: jax.Array, cfg: SaeConfig) -> jax.Ar
 def _mxu_topk_fwd(x, w_enc, b, w_dec, cfg):
   n, d = w_dec.shape
   vals, idx = select_top_k(jax.nn.relu(matmul(x, w_enc, cfg) + b), cfg)
-  i, j = _latent_axes(n)
-  rows = jnp.arange(idx.shape[0])[:, None]
-  z = jnp.zeros((idx.shape[0], i, j), cfg.compute_dtype).at[rows, idx // j, idx % j].set(
-      vals.astype(cfg.compute_dtype), unique_indices=True)
-  decoded = _mxu_einsum("bij,ijd->bd", z, w_dec.reshape(i, j, d), cfg)
+  z = densify(vals.astype(cfg.compute_dtype), idx, n, lanes=_lanes(n))
+  decoded = _mxu_einsum("bij,ijd->bd", z, w_dec.reshape(z.shape[1:] + (d,)), cfg)
   return (decoded, vals, idx), (x, jax.lax.optimization_barrier(z), w_dec)
 
 
