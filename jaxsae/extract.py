@@ -17,6 +17,7 @@ This is the only module that uses PyTorch.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -31,6 +32,7 @@ import tqdm
 
 from jaxsae import corpus
 from jaxsae import files
+from jaxsae import gguf_reading
 from jaxsae import store
 from jaxsae import store_writer
 from jaxsae.config import field
@@ -187,9 +189,10 @@ def load_model(source: dict, device: str = "cpu", dtype: str = "float32"):
   if source.get("revision"):
     kwargs["revision"] = source["revision"]
   try:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source["path"], **kwargs)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        source["path"], dtype=getattr(torch, dtype), **kwargs)
+    with gguf_reading.read_once() if source["gguf_file"] else contextlib.nullcontext():
+      tokenizer = transformers.AutoTokenizer.from_pretrained(source["path"], **kwargs)
+      model = transformers.AutoModelForCausalLM.from_pretrained(
+          source["path"], dtype=getattr(torch, dtype), **kwargs)
   except OSError as e:
     raise JaxsaeError(f"could not load model {source['id']!r}: {e}".splitlines()[0] +
                       "; check the hub id and network, or pass a local directory or .gguf")

@@ -51,6 +51,7 @@ import numpy as np
 
 from jaxsae import assign as assign_lib
 from jaxsae import files
+from jaxsae import gguf_reading
 from jaxsae import formats
 from jaxsae import saes as saes_lib
 from jaxsae import stability as stability_lib
@@ -370,8 +371,9 @@ def load_tokenizer(manifest: dict | None):
     from transformers import AutoTokenizer
     if isinstance(spec, dict):
       if "gguf_file" in spec:
-        return AutoTokenizer.from_pretrained(spec.get("gguf_dir", "."),
-                                             gguf_file=spec["gguf_file"])
+        with gguf_reading.read_once():
+          return AutoTokenizer.from_pretrained(spec.get("gguf_dir", "."),
+                                               gguf_file=spec["gguf_file"])
       spec = spec.get("name") or spec.get("path")
       if not spec:
         return None

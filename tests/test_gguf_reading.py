@@ -1,0 +1,40 @@
+"""A GGUF file read within `gguf_reading.read_once` is the same file gguf's own reader reads,
+parsed once however often transformers opens it."""
+
+import gguf
+import numpy as np
+
+from jaxsae import gguf_reading
+
+
+def _write(path):
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_uint32("llama.block_count", 3)
+  w.add_string("general.name", "tiny")
+  w.add_array("tokenizer.ggml.tokens", [f"tok{i}é" for i in range(2000)])
+  w.add_array("tokenizer.ggml.scores", [float(i) / 7 for i in range(2000)])
+  w.add_tensor("w", np.arange(24, dtype=np.float32).reshape(4, 6))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+def test_read_once_reads_gguf_readers_fields_and_tensors_once(tmp_path):
+  path = tmp_path / "m.gguf"
+  _write(path)
+  stock = gguf.GGUFReader
+  want = stock(str(path))
+  with gguf_reading.read_once():
+    got = gguf.GGUFReader(str(path))
+    assert gguf.GGUFReader(str(tmp_path / "." / "m.gguf")) is got  # parsed once per file
+  assert gguf.GGUFReader is stock and isinstance(got, stock)  # restored on leaving
+  assert list(got.fields) == list(want.fields)
+  for name, f in want.fields.items():
+    g = got.fields[name]
+    assert (g.offset, g.data, g.types) == (f.offset, f.data, f.types), name
+    assert len(g.parts) == len(f.parts) and all(
+        a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(g.parts, f.parts)), name
+  assert bytes(got.fields["tokenizer.ggml.tokens"].parts[-1]) == "tok1999é".encode()
+  (t,), (u,) = got.tensors, want.tensors
+  assert t.name == u.name == "w" and np.array_equal(t.data, u.data)
