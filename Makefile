@@ -30,8 +30,10 @@ test: $(STAMP)
 	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
 	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
 	      >/dev/null) || echo "chromium not installed: the browser test will skip"
-	@# Tests in parallel, one worker per core (at most 4: each runs XLA on every core).
-	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses=4 tests $(ARGS)
+	@# Tests in parallel, one worker per core (at most 4: each runs XLA on every core), in the
+	@# order tests/conftest.py gives (slow first); an xdist_group's tests share one worker.
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses=4 --dist=loadgroup \
+	  --no-loadscope-reorder tests $(ARGS)
 
 clean:
 	rm -rf $(VENV) out

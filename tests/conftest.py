@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -19,6 +21,36 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 # here; every other test runs on the CPU backend alone, as on a machine without libtpu (jaxsae's
 # import does the same where no TPU is attached; this holds even if jax starts first).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+
+def pytest_configure(config):
+  """One XLA compilation cache for the session, in a directory of its own that the session
+  removes: the same programs (the tests' small training run above all) compile once, whichever
+  worker, subprocess or rebuilt jit asks again. Set before pytest-xdist starts its workers, so
+  they and every subprocess they start inherit it; nothing is kept from one session to the
+  next. A cache the caller set is theirs and left alone."""
+  if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return
+  config._xla_cache = tempfile.mkdtemp(prefix="jaxsae-tests-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = config._xla_cache
+  # Every compile counts: the tests' programs are small, each compiled in 0.1-2 s.
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_unconfigure(config):
+  if getattr(config, "_xla_cache", None):
+    shutil.rmtree(config._xla_cache, ignore_errors=True)
+    del os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked slow first (stable otherwise): pytest-xdist hands out tests in this order, so
+  the long ones start while short ones can still fill the other worker, and the run does not
+  end on one worker finishing a long test alone."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 # Real English that ships with Python itself: the docstrings of standard-library modules.
 _DOC_MODULES = ["os", "json", "re", "argparse", "collections", "functools", "itertools",

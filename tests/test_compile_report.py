@@ -20,9 +20,12 @@ from jaxsae.train.programs import build
 PAPER = dict(arch="topk", num_latents=32768, k=32, num_seeds=8, batch_size=16384,
              num_tokens=8_000_000_000)
 D_IN = 768
+# A user's shell, with no TPU settings and no XLA cache: a program compiled for a topology is
+# written to the cache but cannot be read back without a TPU client (jax warns and compiles).
 CLEAN_ENV = {k: v for k, v in os.environ.items()
              if k not in ("JAX_PLATFORMS", "XLA_FLAGS", "TPU_ACCELERATOR_TYPE",
-                          "TPU_WORKER_HOSTNAMES", "TPU_SKIP_MDS_QUERY")}
+                          "TPU_WORKER_HOSTNAMES", "TPU_SKIP_MDS_QUERY",
+                          "JAX_COMPILATION_CACHE_DIR")}
 
 
 def _compiled(name: str, **flags):
@@ -37,7 +40,10 @@ def _compiled(name: str, **flags):
   return topo, plan, compiled, r
 
 
-@pytest.fixture(scope="module", params=["v5e:2x2", "v5e:4x4"], ids=["one-host", "four-hosts"])
+# Each slice's compile (~40 s) is shared by the tests of that slice: they run on one worker.
+@pytest.fixture(scope="module", ids=["one-host", "four-hosts"], params=[
+    pytest.param(s, marks=[pytest.mark.slow, pytest.mark.xdist_group(f"compile {s}")])
+    for s in ("v5e:2x2", "v5e:4x4")])
 def paper(request):
   return _compiled(request.param)
 
@@ -100,6 +106,7 @@ def _train(args, tmp_path):
                         text=True, env=CLEAN_ENV, cwd=tmp_path, timeout=900)
 
 
+@pytest.mark.slow
 def test_a_run_that_does_not_fit_is_refused_naming_what_would(tmp_path):
   """`jaxsae train --topology=... --compile_only`: refused in one line by what XLA's TPU
   compiler says of its HBM, naming the most seeds that fit; those then compile and fit."""

@@ -101,6 +101,7 @@ def test_an_index_out_of_range_is_an_error_not_a_stray_write():
     jax.block_until_ready(cpu_kernels.scatter_rows(coef, idx, rows, table.shape[0]))
 
 
+@pytest.mark.slow
 def test_the_switch_turns_them_off_and_the_build_is_cached(tmp_path):
   assert cpu_kernels.library_path().exists()
   code = "from jaxsae import cpu_kernels; print(cpu_kernels.available())"

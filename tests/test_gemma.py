@@ -21,6 +21,7 @@ from jaxsae import store
 from jaxsae.errors import JaxsaeError
 
 NAME = "gemma-3-270m"
+pytestmark = pytest.mark.xdist_group("gemma")  # one worker loads the model for every test
 
 
 def test_a_missing_package_names_the_pip_command(monkeypatch):

@@ -148,6 +148,7 @@ def spec(repo, run, hook="layers.6.mlp"):
   return f"hf://{repo}/{run + '/' if run else ''}{hook}@main"
 
 
+@pytest.mark.slow
 def test_study_runs_on_the_planted_cache(planted):
   res = planted["res"]
   assert res["missing"] == []

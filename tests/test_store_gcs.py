@@ -163,6 +163,7 @@ def test_a_server_restarted_during_a_read_is_survived(tmp_path, root, gcs_emulat
     np.testing.assert_array_equal(a.x, b.x)
 
 
+@pytest.mark.slow
 def test_train_and_match_read_a_gs_store_as_they_read_the_local_one(tmp_path, root):
   """`jaxsae train --store=gs://...` trains the very SAEs the local store gives, bit for bit, and
   `jaxsae match --store=gs://...` writes the same numbers."""

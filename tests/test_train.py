@@ -109,6 +109,7 @@ def test_same_flags_same_numbers(store_dir, reference, tmp_path):
   assert_same(exported(tmp_path / "run"), exported(reference))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loop", ["vmap", "map"])
 def test_seeds_together_equal_separate_runs(store_dir, tmp_path, loop):
   # One CPU device: the seeds batched where jaxsae's kernels run, else one after another.
@@ -313,6 +314,7 @@ def test_run_of_the_dict_based_trainer_is_refused_in_one_line(store_dir, tmp_pat
     train.run(config(store_dir, out))
 
 
+@pytest.mark.slow
 def test_sharded_over_8_devices_matches_one_device(store_dir, tmp_path):
   """4x2 and 2x4 meshes of 8 CPU devices give the one-device result, within float tolerance."""
   script = textwrap.dedent(f"""
@@ -362,6 +364,7 @@ def test_sparsify_loads_export_and_reproduces_reconstructions(reference, store_d
   np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_flags_reach_the_trainer(store_dir, tmp_path):
   out = tmp_path / "run"
   cmd = [sys.executable, "-m", "jaxsae.cli", "train", f"--store={store_dir}", f"--out={out}",

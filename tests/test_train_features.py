@@ -52,6 +52,7 @@ def assert_close(a, b, atol=1e-5):
 # --data_seeds
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loop", ["map", "vmap"])
 def test_each_member_trains_as_a_lone_run_on_its_data_seed(store_dir, tmp_path, loop):
   """Seeds (0, 0) on data seeds (0, 1): one initialisation, two data orders; each member ends
@@ -106,6 +107,7 @@ def test_data_seeds_are_checked_and_part_of_the_run(store_dir, tmp_path):
   assert {"seed0_data0", "seed1_data1"} <= set(os.listdir(out))
 
 
+@pytest.mark.slow
 def test_per_seed_data_over_8_devices_matches_one_device(store_dir, tmp_path):
   """A 2x4 mesh (seeds over 2 devices, each member's batch over 4) gives the one-device result."""
   script = textwrap.dedent(f"""

@@ -88,6 +88,7 @@ def test_killed_run_resumes_from_gs_checkpoints_bit_for_bit(store_dir, reference
 
 # The failed restore of the broken checkpoint leaves an orbax/tensorstore callback that fires
 # after its event loop closed; harmless, and not ours (as in test_train.py).
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_broken_gs_checkpoint_is_moved_aside_and_the_rerun_resumes(store_dir, reference, ckpts,
                                                                    tmp_path):
