@@ -1,24 +1,53 @@
-"""Runs `jaxsae ARGS` with a pause planted inside a writer, so that a test can SIGKILL it there.
+"""Runs command lines (`jaxsae ARGS`, or a script's) each in a process of its own, forked from one
+server that imported their modules once, so that a test pays for importing jax, torch and
+transformers once, not at every process it starts.
 
-  python child.py WHAT N MARKER -- ARGS...
+  python child.py [MODULE ...]   (from the repository root; ForkServer below drives it)
 
-WHAT is `shard` (the store's shard writer, after the bytes are written to the temporary file
-and before its fsync and rename) or `checkpoint` (orbax's commit of a checkpoint's temporary
-directory, after its arrays are written and before the rename that completes it). At the N-th
-such call the process writes the path to MARKER and sleeps until it is killed: a kill timed by
-a test's clock could land anywhere, this one lands inside the write.
+The server imports each MODULE, then takes requests on stdin, one JSON object a line:
+
+  {"args": [...], "script": PATH or null, "warm": [MODULE, ...], "out": FILE, "err": FILE,
+   "pause": [WHAT, N, MARKER] or null, "fsize": BYTES or null}
+
+For each it imports the `warm` modules it has not yet (a script's own imports, say), then forks.
+The fork runs `jaxsae.cli.main(["jaxsae", *args])` as `python -m jaxsae.cli ARGS` would, or with a
+script, runs it as `python PATH ARGS` would (`__main__`, its directory first on sys.path); stdout
+and stderr go to the two FILEs. It ends as that process would: the status of its SystemExit, or
+a traceback and 1 for any other exception, once its threads are joined and its atexit handlers
+have run (only the interpreter's teardown of every module is skipped: 2 s with torch and jax
+loaded). The server answers `{"pid": PID}` once it forked and `{"code": STATUS}` once that
+process ended (-9 after a SIGKILL, as subprocess says); then it reads the next request (one
+process at a time). Nothing the server imports starts a JAX backend or a torch thread pool, so a
+fork starts them afresh, as a new process would (numpy's BLAS and pyarrow's allocator threads
+are fork-safe).
+
+pause: WHAT is `shard` (the store's shard writer, after the bytes are written to the temporary
+file and before its fsync and rename) or `checkpoint` (orbax's commit of a checkpoint's
+temporary directory, after its arrays are written and before the rename that completes it). At
+the N-th such call the process writes the path to MARKER and sleeps until it is killed: a kill
+timed by a test's clock could land anywhere, this one lands inside the write.
+
+fsize: the process may grow no file past BYTES (RLIMIT_FSIZE, with SIGXFSZ ignored, else the
+kernel kills it): a write past it fails with "File too large", as on a full disk.
 """
 
 from __future__ import annotations
 
+import atexit
+import importlib
+import json
 import os
+import resource
+import runpy
+import select
+import signal
+import subprocess
 import sys
+import threading
 import time
 
 
-def main() -> None:
-  what, n, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-  args = sys.argv[sys.argv.index("--") + 1:]
+def plant_pause(what: str, n: int, marker: str) -> None:
   calls = 0
 
   def pause(path) -> None:
@@ -52,8 +81,180 @@ def main() -> None:
   else:
     raise SystemExit(f"child.py: unknown pause point {what!r}")
 
-  from jaxsae import cli
-  cli.main(["jaxsae", *args])
+
+def _import(modules) -> None:
+  for module in modules:
+    try:
+      importlib.import_module(module)
+    except ImportError:  # the process that needs it fails on it itself, as it would alone
+      pass
+
+
+def serve(answers: int) -> dict | None:
+  """Forks once a request; returns the request in the fork, None in the server at stdin's end."""
+  for line in sys.stdin:
+    request = json.loads(line)
+    _import(request.get("warm") or ())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+      return request
+    os.write(answers, (json.dumps({"pid": pid}) + "\n").encode())
+    _, status = os.waitpid(pid, 0)
+    os.write(answers, (json.dumps({"code": os.waitstatus_to_exitcode(status)}) + "\n").encode())
+  return None
+
+
+def main() -> None:
+  answers = os.dup(1)  # the requests' answers; anything printed by the server goes to stderr
+  os.dup2(2, 1)
+  _import(sys.argv[1:])
+  request = serve(answers)
+  if request is None:
+    return
+  # The fork: the request's process.
+  os.close(answers)
+  os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+  for fd, path in ((1, request["out"]), (2, request["err"])):
+    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+  if request.get("fsize") is not None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (request["fsize"], request["fsize"]))
+  if request.get("pause"):
+    what, n, marker = request["pause"]
+    plant_pause(what, int(n), str(marker))
+  script = request.get("script")
+  code = 0
+  try:
+    if script:
+      sys.argv = [script, *request["args"]]
+      sys.path[0] = os.path.dirname(os.path.abspath(script))
+      runpy.run_path(script, run_name="__main__")
+    else:
+      sys.argv = ["jaxsae", *request["args"]]
+      sys.path[0] = os.getcwd()
+      from jaxsae import cli
+      cli.main(sys.argv)
+  except SystemExit as e:
+    if e.code is None or isinstance(e.code, int):
+      code = e.code or 0
+    else:
+      print(e.code, file=sys.stderr)
+      code = 1
+  except BaseException:  # as the interpreter: the traceback, and status 1
+    sys.excepthook(*sys.exc_info())
+    code = 1
+  # The interpreter's exit (non-daemon threads joined, atexit handlers, buffers flushed), less
+  # its teardown of every module.
+  threading._shutdown()
+  atexit._run_exitfuncs()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
+# ---------------------------------------------------------------------------------------------
+# The client, in the test's process.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class Fork:
+  """A process the fork server started: subprocess.Popen's pid, poll, wait,
+  send_signal, kill and returncode; its stdout and stderr once it ended."""
+
+  def __init__(self, server: ForkServer, args: list[str], pid: int, out: str, err: str):
+    self.server, self.args, self.pid, self._out, self._err = server, args, pid, out, err
+    self.returncode: int | None = None
+
+  def poll(self) -> int | None:
+    if self.returncode is None and self.server.answered(0):
+      self.returncode = self.server.answer()["code"]
+    return self.returncode
+
+  def wait(self) -> int:
+    if self.returncode is None:
+      self.returncode = self.server.answer()["code"]
+    return self.returncode
+
+  def send_signal(self, sig: int) -> None:
+    if self.poll() is None:  # not ended, so not reaped: the pid is still this process's
+      os.kill(self.pid, sig)
+
+  def kill(self) -> None:
+    self.send_signal(signal.SIGKILL)
+
+  def completed(self) -> subprocess.CompletedProcess:
+    self.wait()
+    with open(self._out) as out, open(self._err) as err:
+      return subprocess.CompletedProcess(self.args, self.returncode, out.read(), err.read())
+
+
+class ForkServer:
+  """Command lines in processes of their own, forked from this file's server, which imported
+  their modules once: a start costs milliseconds, not the seconds of importing jax, torch and
+  transformers again (see the module's docstring)."""
+
+  def __init__(self, tmp, modules=(), env: dict | None = None):
+    """Starts the server, which imports `modules` (in the background: a request waits); its
+    processes run in the repository root, with this process's environment updated by `env`."""
+    self.tmp, self.n = str(tmp), 0
+    self._log = open(os.path.join(self.tmp, "server.log"), "w")
+    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *modules], cwd=ROOT,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                 env={**os.environ, **(env or {})})
+    self._buf = b""
+    self.running: Fork | None = None
+
+  def answered(self, timeout: float | None) -> bool:
+    """Whether an answer is there to read, waiting up to `timeout` seconds (None: forever)."""
+    while b"\n" not in self._buf:
+      if not select.select([self.proc.stdout], [], [], timeout)[0]:
+        return False
+      data = os.read(self.proc.stdout.fileno(), 65536)
+      if not data:
+        raise RuntimeError(f"the fork server ended; see {self._log.name}")
+      self._buf += data
+    return True
+
+  def answer(self) -> dict:
+    self.answered(None)
+    line, self._buf = self._buf.split(b"\n", 1)
+    return json.loads(line)
+
+  def start(self, *args, script: str | None = None, warm=(),
+            pause: tuple[str, int, str] | None = None, fsize: int | None = None) -> Fork:
+    """Starts `jaxsae ARGS` (or `python SCRIPT ARGS`), with a pause planted in a writer or a limit
+    on file sizes; the server first imports the `warm` modules it lacks."""
+    if self.running is not None:  # one at a time: the last one must have ended
+      self.running.kill()
+      self.running.wait()
+    self.n += 1
+    out, err = (os.path.join(self.tmp, f"{self.n}.{ext}") for ext in ("out", "err"))
+    request = {"args": list(map(str, args)), "script": script, "warm": list(warm), "out": out,
+               "err": err, "fsize": fsize, "pause": None if pause is None else list(map(str, pause))}
+    self.proc.stdin.write((json.dumps(request) + "\n").encode())
+    self.proc.stdin.flush()
+    self.running = Fork(self, [script or "jaxsae", *request["args"]], self.answer()["pid"], out,
+                        err)
+    return self.running
+
+  def run(self, *args, **kw) -> subprocess.CompletedProcess:
+    """`start(*ARGS, ...)` run to its end: its exit status, stdout and stderr."""
+    return self.start(*args, **kw).completed()
+
+  def close(self) -> None:
+    if self.running is not None and self.running.returncode is None:
+      self.running.kill()
+      self.running.wait()
+    self.proc.stdin.close()
+    try:
+      self.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      self.proc.wait()
+    self._log.close()
 
 
 if __name__ == "__main__":

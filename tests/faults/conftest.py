@@ -6,7 +6,6 @@ import dataclasses
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -16,26 +15,35 @@ from conftest import files, planted_sparse, train_config  # noqa: F401 (files: f
 
 from jaxsae import store_writer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
+from .child import ForkServer
+
 D_IN = 16
 
 
-def jaxsae(*args, pause: tuple[str, int, str] | None = None) -> list[str]:
-  """The command line of `jaxsae ARGS`, with a pause planted in a writer (see child.py)."""
-  if pause is None:
-    return [sys.executable, "-m", "jaxsae.cli", *map(str, args)]
-  what, n, marker = pause
-  return [sys.executable, CHILD, what, str(n), str(marker), "--", *map(str, args)]
+# Modules every fork of the fault suite would import: every stage, and what their runs import
+# later (orbax and tensorboardX in training, datasets and the tiny llama's classes in extraction;
+# seconds each).
+FORK_IMPORTS = ("orbax.checkpoint", "tensorboardX", "datasets",
+                "transformers.models.llama.modeling_llama",
+                "transformers.models.auto.modeling_auto",
+                "transformers.models.auto.tokenization_auto")
 
 
-def run(cmd, **kw) -> subprocess.CompletedProcess:
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+@pytest.fixture(scope="session")
+def forks(tmp_path_factory):
+  """The fault suite's fork server: `forks.run(*ARGS)`, `forks.start(*ARGS, pause=...)`."""
+  from jaxsae import cli
+  server = ForkServer(tmp_path_factory.mktemp("forks"),
+                      [m for m, _, _ in cli.COMMANDS.values()] + list(FORK_IMPORTS),
+                      env={"JAX_PLATFORMS": "cpu"})
+  yield server
+  server.close()
 
 
-def kill_when(cmd, ready, timeout: float = 120) -> bool:
-  """Starts `cmd`, SIGKILLs it as soon as `ready()` holds; False if it ended first."""
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_when(start, ready, timeout: float = 120) -> bool:
+  """Starts a process (`start()`), SIGKILLs it as soon as `ready()` holds; False if it ended
+  first."""
+  proc = start()
   deadline = time.time() + timeout
   try:
     while proc.poll() is None and time.time() < deadline:

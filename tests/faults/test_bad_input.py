@@ -4,17 +4,13 @@ manifests and cfg.json files: test_store.py and test_match.py (hypothesis)."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from conftest import rand, save_sae
 
-from .conftest import ROOT
 
 # (command line with {placeholders}, what the error must say). A case whose message starts
 # with "flag" is refused by absl's flag parser; every other one by jaxsae itself.
@@ -96,8 +92,8 @@ def _sae(path, n, d=16, cfg_text=None):
 
 
 @pytest.fixture(scope="module")
-def results(tiny_model_dir, text_dir, train_store, tmp_path_factory):
-  """Every case run once, through `jaxsae.cli.main` in a process of its own (cli_table.py)."""
+def results(forks, tiny_model_dir, text_dir, train_store, tmp_path_factory):
+  """Every case run once, through `jaxsae.cli.main` in a process of its own (the fork server's)."""
   tmp = tmp_path_factory.mktemp("bad_input")
   (tmp / "a_file").write_text("not a directory")
   for name, text in (("match_bad_json", "{not json"), ("match_empty", "{}")):
@@ -111,13 +107,13 @@ def results(tiny_model_dir, text_dir, train_store, tmp_path_factory):
                 # Found by test_match.py's generated cfg.json: an OverflowError, now one line.
                 sae_k_inf=_sae(tmp / "sae_k_inf", 64, cfg_text='{"k": Infinity}'),
                 match_bad_json=str(tmp / "match_bad_json"), match_empty=str(tmp / "match_empty"))
-  cases = [line.format(**places).split() for line, _ in CASES]
-  (tmp / "cases.json").write_text(json.dumps(cases))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "cli_table.py"),
-                  str(tmp / "cases.json"), str(tmp / "results.json")], cwd=ROOT, env=env,
-                 check=True, timeout=600)
-  return json.loads((tmp / "results.json").read_text())
+  out = []
+  for line, _ in CASES:
+    args = line.format(**places).split()
+    proc = forks.run(*args)
+    out.append({"args": args, "code": proc.returncode, "stdout": proc.stdout,
+                "stderr": proc.stderr})
+  return out
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[c[0].split()[0] + ":" + c[1][:40]

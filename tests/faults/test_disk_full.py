@@ -4,33 +4,17 @@ completes to the result of a run that never ran out."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 from jaxsae import store
 from jaxsae import train
 from jaxsae.errors import JaxsaeError
 
-from .conftest import (exported, extract_args, files, jaxsae, one_line_error, run, same_params,
-                       train_args, train_config)
+from .conftest import (exported, extract_args, files, one_line_error, same_params, train_args,
+                       train_config)
 
 
-def file_size_limit(nbytes: int, cmd: list[str]) -> list[str]:
-  """`cmd` run where no file may grow past `nbytes`: a write past it fails as on a full disk.
-
-  A launcher sets the limit and execs `cmd` (a preexec_fn would run Python in a fork of this
-  multithreaded JAX process).
-  """
-  launcher = ("import os, resource, signal, sys\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills it\n"
-              "n = int(sys.argv[1])\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))\n"
-              "os.execv(sys.argv[2], sys.argv[2:])\n")
-  return [sys.executable, "-c", launcher, str(nbytes), *cmd]
-
-
-def test_extraction_out_of_space_then_resumed(tiny_model_dir, text_dir, clean_extraction,
+def test_extraction_out_of_space_then_resumed(forks, tiny_model_dir, text_dir, clean_extraction,
                                               tmp_path, ledger):
   sizes = [len(v) for k, v in sorted(clean_extraction.items()) if k.endswith(".bin")]
   # Room for the first shards, not for the first one larger than all before it: the disk
@@ -39,7 +23,8 @@ def test_extraction_out_of_space_then_resumed(tiny_model_dir, text_dir, clean_ex
   limit = max(sizes[:grow[0]]) if grow else sizes[0] - 1
   out = tmp_path / "s"
   args = extract_args(tiny_model_dir, text_dir, out)
-  proc = run(file_size_limit(limit, jaxsae(*args)))
+  # No file may grow past `limit` in its process: a write past it fails as on a full disk.
+  proc = forks.run(*args, fsize=limit)
   ledger.add("injected")
   line = one_line_error(proc, "extract")
   assert "writing a shard" in line and "File too large" in line and "rerun" in line
@@ -52,12 +37,13 @@ def test_extraction_out_of_space_then_resumed(tiny_model_dir, text_dir, clean_ex
                            if name.startswith("shard_")))
   with pytest.raises(JaxsaeError, match="incomplete"):
     store.Store(str(out))
-  proc = run(jaxsae(*args))
+  proc = forks.run(*args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert ledger.intact(files(out) == clean_extraction)
 
 
-def test_checkpoint_out_of_space_then_resumed(train_store, train_reference, tmp_path, ledger):
+def test_checkpoint_out_of_space_then_resumed(forks, train_store, train_reference, tmp_path,
+                                              ledger):
   out = tmp_path / "run"
   with pytest.raises(KeyboardInterrupt):
     train.run(train_config(train_store, out), interrupt_at=20)  # checkpoints 10 and 20
@@ -69,7 +55,7 @@ def test_checkpoint_out_of_space_then_resumed(train_store, train_reference, tmp_
   tree = (out / "checkpoints" / "20" / "default" / "_METADATA").stat().st_size
   assert max(p.stat().st_size for p in (out / "run.json", train_reference / "metrics.jsonl")) \
       < tree - 1
-  proc = run(file_size_limit(tree - 1, jaxsae(*train_args(train_store, out))))
+  proc = forks.run(*train_args(train_store, out), fsize=tree - 1)
   ledger.add("injected")
   line = one_line_error(proc, "train")
   assert "writing a checkpoint" in line and "File too large" in line

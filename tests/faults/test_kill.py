@@ -8,13 +8,13 @@ import random
 
 from jaxsae import store
 
-from .conftest import (exported, extract_args, files, jaxsae, kill_when, metrics, run,
-                       same_params, train_args)
+from .conftest import (exported, extract_args, files, kill_when, metrics, same_params,
+                       train_args)
 
 
-def test_extraction_killed_three_times_resumes_to_identical_bytes(tiny_model_dir, text_dir,
-                                                                   clean_extraction, tmp_path,
-                                                                   ledger):
+def test_extraction_killed_three_times_resumes_to_identical_bytes(forks, tiny_model_dir,
+                                                                   text_dir, clean_extraction,
+                                                                   tmp_path, ledger):
   rng = random.Random(7)
   want = clean_extraction
   n = sum(1 for f in want if f.endswith(".bin"))
@@ -29,12 +29,12 @@ def test_extraction_killed_three_times_resumes_to_identical_bytes(tiny_model_dir
     before = len(store.written_shards(str(out))) if out.exists() else 0
     if how == "clock":
       ready = lambda: out.exists() and len(store.written_shards(str(out))) >= max(at, before + 1)
-      cmd = jaxsae(*args)
+      start = lambda: forks.start(*args)
     else:
       marker = tmp_path / f"paused-{at}"
       ready = marker.exists
-      cmd = jaxsae(*args, pause=("shard", at, marker))
-    landed = kill_when(cmd, lambda: ready() and (delay == 0 or _sleep(delay)))
+      start = lambda: forks.start(*args, pause=("shard", at, marker))
+    landed = kill_when(start, lambda: ready() and (delay == 0 or _sleep(delay)))
     assert landed, f"{how} kill at {at}: the extraction ended first"
     ledger.add("injected")
     done = store.written_shards(str(out))
@@ -44,7 +44,7 @@ def test_extraction_killed_three_times_resumes_to_identical_bytes(tiny_model_dir
     now = files(out)  # every shard reported written is whole and right
     assert ledger.intact(all(now[store.shard_name(i) + ext] == want[store.shard_name(i) + ext]
                              for i in done for ext in (".bin", ".tokens.npz", ".json")))
-  proc = run(jaxsae(*args))
+  proc = forks.run(*args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert ledger.intact(files(out) == want)  # no temporaries, no claims, the same bytes
 
@@ -55,8 +55,9 @@ def _sleep(seconds: float) -> bool:
   return True
 
 
-def test_training_killed_three_times_resumes_to_identical_parameters(train_store, train_reference,
-                                                                     tmp_path, ledger):
+def test_training_killed_three_times_resumes_to_identical_parameters(forks, train_store,
+                                                                     train_reference, tmp_path,
+                                                                     ledger):
   rng = random.Random(11)
   out = tmp_path / "run"
   args = train_args(train_store, out)
@@ -68,18 +69,18 @@ def test_training_killed_three_times_resumes_to_identical_parameters(train_store
            ("clock", rng.randint(6, 7), rng.uniform(0, 0.05))]
   for how, at, delay in plans:
     if how == "clock":
-      cmd, ready = jaxsae(*args), lambda: lines() >= at
+      start, ready = lambda: forks.start(*args), lambda: lines() >= at
     else:
       marker = tmp_path / f"paused-{at}"
-      cmd, ready = jaxsae(*args, pause=("checkpoint", at, marker)), marker.exists
-    assert kill_when(cmd, lambda: ready() and (delay == 0 or _sleep(delay))), how
+      start, ready = lambda: forks.start(*args, pause=("checkpoint", at, marker)), marker.exists
+    assert kill_when(start, lambda: ready() and (delay == 0 or _sleep(delay))), how
     ledger.add("injected")
     assert not (out / "seed0").exists()
     if how == "writer":
       assert [f for f in os.listdir(ckpts) if "orbax-checkpoint-tmp" in f]
     got = [line for line in metrics(out) if line.get("step")]
     assert ledger.intact(got == metrics(train_reference)[:len(got)])
-  proc = run(jaxsae(*args))
+  proc = forks.run(*args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert ledger.intact(same_params(exported(out), exported(train_reference)))
   assert ledger.intact(metrics(out) == metrics(train_reference))  # each step logged once

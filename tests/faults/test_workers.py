@@ -18,7 +18,7 @@ from jaxsae import store
 from jaxsae import store_writer
 from jaxsae.errors import JaxsaeError
 
-from .conftest import ROOT, extract_args, extract_config, files, jaxsae
+from .conftest import extract_args, extract_config, files
 
 
 def _claim(directory, i, **owner):
@@ -58,14 +58,13 @@ def test_claims_refuse_overlap_and_let_a_rerun_take_over(tmp_path, ledger):
       "shard_00000.claim", "shard_00001.claim"]
 
 
-def test_overlapping_workers_refused_then_the_store_completes(tiny_model_dir, text_dir,
+def test_overlapping_workers_refused_then_the_store_completes(forks, tiny_model_dir, text_dir,
                                                               clean_extraction, tmp_path, ledger):
   out = tmp_path / "s"
   marker = tmp_path / "paused"
   # Worker A holds shards 0:8 and is inside its first shard write when worker B starts.
-  a = subprocess.Popen(jaxsae(*extract_args(tiny_model_dir, text_dir, out, shard_range="0:8"),
-                              pause=("shard", 1, marker)), cwd=ROOT,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  a = forks.start(*extract_args(tiny_model_dir, text_dir, out, shard_range="0:8"),
+                  pause=("shard", 1, marker))
   try:
     deadline = time.time() + 120
     while not marker.exists() and a.poll() is None and time.time() < deadline:
