@@ -1,7 +1,13 @@
-"""A tiny smoke run of each benchmark: they are commands, so CI only checks that they run."""
+"""A tiny smoke run of each benchmark: they are commands, so CI only checks that they run.
+
+Each runs as `python bench/SCRIPT ARGS` would, in a process of its own forked from one server
+(tests/faults/child.py) that imported jax, torch and the peers once for the module, rather than
+again in every benchmark's interpreter (seconds each: most of a smoke's time).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,22 +16,50 @@ import sys
 import numpy as np
 import pytest
 
+from faults.child import ForkServer
+from faults.once import once_per_run
 from jaxsae import cpu_kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# What the benchmarks import, imported by the server before it forks one that needs them.
+JAX = ("jax", "flax.nnx", "optax", "jaxsae.train", "jaxsae.store", "jaxsae.store_writer",
+       "jaxsae.cpu_kernels")
+TORCH = ("torch", "transformers", "jaxsae.extract", "transformers.models.auto.modeling_auto",
+         "transformers.models.auto.tokenization_auto", "transformers.models.gpt2.modeling_gpt2")
+PEERS = ("sparsify", "sae_lens", "transformers.optimization")
 
-def _run(script, *args):
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+  server = ForkServer(tmp_path_factory.mktemp("bench_forks"))
+  yield server
+  server.close()
+
+
+def _run(bench, script, *args, warm=JAX):
+  out = bench.run(*args, script=os.path.join(ROOT, "bench", script), warm=warm, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   return out.stdout
 
 
-def test_bench_train_smoke(tmp_path):
-  _run("bench_train.py", "--d_in=32", "--num_latents=256", "--k=8", "--batch_size=256",
-       "--seeds=1,2", "--steps=3", "--warmup=1", f"--out={tmp_path / 'r.json'}")
-  rows = json.load(open(tmp_path / "r.json"))
+@pytest.fixture(scope="module")
+def train_rows(request, tmp_path_factory):
+  """One bench_train smoke for the two tests below, once for the whole run (they may go to two
+  pytest-xdist workers): jaxsae, sparsify and (installed here) SAELens on the same batches, as
+  `--sides` runs them in one command."""
+  def make(tmp):
+    sides = ["jaxsae", "sparsify"] + (["saelens"] if importlib.util.find_spec("sae_lens") else [])
+    _run(request.getfixturevalue("bench"), "bench_train.py", "--d_in=32", "--num_latents=256",
+         "--k=8", "--batch_size=256", "--seeds=1,2", "--steps=3", "--warmup=1",
+         f"--sides={','.join(sides)}", f"--out={tmp / 'r.json'}", warm=JAX + TORCH + PEERS)
+    return json.load(open(tmp / "r.json"))
+  return once_per_run(tmp_path_factory, "bench_train", make)
+
+
+@pytest.mark.slow
+def test_bench_train_smoke(train_rows):
+  rows = train_rows
   assert [r["seeds"] for r in rows] == [1, 2]
   for r in rows:
     assert r["jaxsae_tok_s_per_seed"] > 0 and r["sparsify_tok_s_per_seed"] > 0
@@ -35,12 +69,11 @@ def test_bench_train_smoke(tmp_path):
     assert r["jaxsae_over_floor"] == r["jaxsae_step_s"] / r["jaxsae_floor_s"]
 
 
-def test_bench_train_saelens_smoke(tmp_path):
-  pytest.importorskip("sae_lens")  # a bench-only peer: pip install -e .[bench]
-  _run("bench_train.py", "--d_in=32", "--num_latents=256", "--k=8", "--batch_size=256",
-       "--seeds=1,2", "--steps=3", "--warmup=1", "--sides=jaxsae,saelens",
-       f"--out={tmp_path / 'r.json'}")
-  one, two = json.load(open(tmp_path / "r.json"))
+@pytest.mark.slow
+def test_bench_train_saelens_smoke(train_rows):
+  if importlib.util.find_spec("sae_lens") is None:  # (its import here would cost seconds)
+    pytest.skip("sae_lens is a bench-only peer: pip install -e .[bench]")
+  one, two = train_rows
   assert one["saelens_tok_s_per_seed"] > 0 and 0 < one["saelens_fvu"] < 1.5
   assert one["speedup_vs_saelens"] > 0
   # Its trainer holds one SAE: at S > 1 the row says it was skipped instead of timing it.
@@ -60,9 +93,10 @@ def test_bench_train_missing_peer_says_how_to_install():
   assert "pip install -e .[bench]" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_bench_match_smoke(tmp_path):
-  _run("bench_match.py", "--sizes=256", "--instances=planted", "--d_in=32",
-       f"--json={tmp_path / 'r.jsonl'}")
+def test_bench_match_smoke(bench, tmp_path):
+  # Each (instance, size, method) in a new interpreter of its own: the benchmark's peak RSS.
+  _run(bench, "bench_match.py", "--sizes=256", "--instances=planted", "--d_in=32",
+       f"--json={tmp_path / 'r.jsonl'}", warm=())
   with open(tmp_path / "r.jsonl") as f:
     rows = {r["method"]: r for r in map(json.loads, f)}
   assert list(rows) == ["scipy", "sparse"]
@@ -74,8 +108,8 @@ def test_bench_match_smoke(tmp_path):
   assert rows["sparse"]["objective"] == pytest.approx(rows["scipy"]["objective"], rel=1e-6)
 
 
-def test_bench_kernels_smoke():
-  out = _run("bench_kernels.py", "--d_in=16", "--k=4", "--shapes=64x128", "--rounds=1",
+def test_bench_kernels_smoke(bench):
+  out = _run(bench, "bench_kernels.py", "--d_in=16", "--k=4", "--shapes=64x128", "--rounds=1",
              "--steps=2")
   row = json.loads(out.strip().splitlines()[-1])
   assert row["batch_x_latents"] == 64 * 128 and row["dense_ms"] > 0 and row["scatter_ms"] > 0
@@ -84,31 +118,31 @@ def test_bench_kernels_smoke():
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels are not built here")
-def test_bench_cpu_kernels_smoke():
-  out = _run("bench_cpu_kernels.py", "--d_in=16", "--k=4", "--shapes=64x128", "--rounds=1",
-             "--calls=1")
+def test_bench_cpu_kernels_smoke(bench):
+  out = _run(bench, "bench_cpu_kernels.py", "--d_in=16", "--k=4", "--shapes=64x128",
+             "--rounds=1", "--calls=1")
   row = json.loads(out.strip().splitlines()[-1])
   for name in ("top_k", "gather_sum", "gather_dot", "scatter_rows"):
     assert row[f"{name}_kernel_ms"] > 0 and row[f"{name}_xla_ms"] > 0
 
 
-def test_bench_seed_loop_smoke():
-  out = _run("bench_seed_loop.py", "--d_in=16", "--k=4", "--batch_size=64", "--num_latents=128",
-             "--seeds=2", "--steps=2", "--rounds=1")
+def test_bench_seed_loop_smoke(bench):
+  out = _run(bench, "bench_seed_loop.py", "--d_in=16", "--k=4", "--batch_size=64",
+             "--num_latents=128", "--seeds=2", "--steps=2", "--rounds=1")
   row = json.loads(out.strip().splitlines()[-1])
   assert row["vmap_ms"] > 0 and row["unrolled_ms"] > 0 and row["lax_map_ms"] > 0
   assert row["chosen"] in ("vmap", "map")
 
 
-def test_bench_step_parts_smoke():
-  out = _run("bench_step_parts.py", "--d_in=16", "--k=4", "--batch_size=64",
+def test_bench_step_parts_smoke(bench):
+  out = _run(bench, "bench_step_parts.py", "--d_in=16", "--k=4", "--batch_size=64",
              "--num_latents=128", "--rounds=1")
   row = json.loads(out.strip().splitlines()[-1])
   assert row["step_ms"] > 0 and row["clip_and_adam_ms"] > 0
 
 
-def test_bench_store_smoke(tmp_path):
-  out = _run("bench_store.py", "--rows=512", "--d_in=16", "--rows_per_shard=128",
+def test_bench_store_smoke(bench, tmp_path):
+  out = _run(bench, "bench_store.py", "--rows=512", "--d_in=16", "--rows_per_shard=128",
              "--batch_size=32", "--steps=2", "--rounds=1")
   rows = {r["dtype"]: r for r in map(json.loads, out.strip().splitlines())}
   assert list(rows) == ["float32", "bfloat16", "int8", "float8_e4m3fn"]
@@ -123,20 +157,20 @@ def test_bench_store_smoke(tmp_path):
   x = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
   for d in ("float32", "int8"):
     store_writer.write_store(str(tmp_path / d), x, rows_per_shard=100, dtype=d)
-  out = _run("bench_store.py", f"--reference={tmp_path / 'float32'}",
+  out = _run(bench, "bench_store.py", f"--reference={tmp_path / 'float32'}",
              f"--stores={tmp_path / 'int8'}")
   row = json.loads(out.strip().splitlines()[-1])
   assert row["dtype"] == "int8" and row["rows"] == 300 and 0 < row["rel_l2_err_mean"] < 0.02
 
 
-def test_bench_memory_smoke():
-  out = _run("bench_memory.py", "--d_in=16", "--num_latents=64", "--k=4", "--batch_size=32",
-             "--seeds=1,2")
+def test_bench_memory_smoke(bench):
+  out = _run(bench, "bench_memory.py", "--d_in=16", "--num_latents=64", "--k=4",
+             "--batch_size=32", "--seeds=1,2")
   one, two = map(json.loads, out.strip().splitlines()[-2:])
   assert (one["seeds"], two["seeds"]) == (1, 2) and 0 < one["peak_gb"] < two["peak_gb"]
 
 
-def test_bench_extract_smoke_on_gpt2(tmp_path, tiny_model_dir):
+def test_bench_extract_smoke_on_gpt2(bench, tmp_path, tiny_model_dir):
   """Both forms on a GPT-2 layout (transformer.h), which the benchmark used to assume away."""
   import transformers
   import torch
@@ -148,15 +182,15 @@ def test_bench_extract_smoke_on_gpt2(tmp_path, tiny_model_dir):
       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "m")
   common = [f"--model={tmp_path / 'm'}", "--site=mlp:1", "--num_tokens=512", "--ctx_len=64",
             "--rounds=1"]
-  r = _printed_json(_run("bench_extract.py", *common))
+  r = _printed_json(_run(bench, "bench_extract.py", *common, warm=TORCH))
   assert (r["tokens"], r["ctx_len"], r["device"]) == (512, 64, "cpu")
   for key in ("full_forward_tok_s", "decoder_stack_tok_s", "jaxsae_extract_tok_s",
               "speedup_vs_full_forward", "speedup_vs_decoder_stack"):
     assert r[key] > 0, key
   assert 0 < r["jaxsae_fraction_in_model"] <= 1
   assert r["ideal_speedup_vs_decoder_stack"] == 3 / 2  # the site ends block 1 of 3: 2 run
-  r = _printed_json(_run("bench_extract.py", *common, "--variants=fp32,bf16,threads1",
-                         "--dtype=int8"))
+  r = _printed_json(_run(bench, "bench_extract.py", *common, "--variants=fp32,bf16,threads1",
+                         "--dtype=int8", warm=TORCH))
   assert (r["tokens_per_round"], r["stored_dtype"], r["rounds"]) == (512, "int8", 1)
   assert r["rows_compared"] > 0
   assert [v["variant"] for v in r["variants"]] == ["fp32", "bf16", "threads1"]

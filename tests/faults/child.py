@@ -86,7 +86,7 @@ def _import(modules) -> None:
   for module in modules:
     try:
       importlib.import_module(module)
-    except ImportError:  # the process that needs it fails on it itself, as it would alone
+    except Exception:  # the process that needs it fails on it itself, as it would alone
       pass
 
 
@@ -109,6 +109,7 @@ def serve(answers: int) -> dict | None:
 def main() -> None:
   answers = os.dup(1)  # the requests' answers; anything printed by the server goes to stderr
   os.dup2(2, 1)
+  sys.path[0] = os.getcwd()  # the repository, as for `python -m jaxsae.cli` (not tests/faults)
   _import(sys.argv[1:])
   request = serve(answers)
   if request is None:
@@ -173,8 +174,13 @@ class Fork:
       self.returncode = self.server.answer()["code"]
     return self.returncode
 
-  def wait(self) -> int:
+  def wait(self, timeout: float | None = None) -> int:
+    """Its exit status; past `timeout` seconds it is killed and TimeoutExpired raised."""
     if self.returncode is None:
+      if not self.server.answered(timeout):
+        self.kill()
+        self.wait()
+        raise subprocess.TimeoutExpired(self.args, timeout)
       self.returncode = self.server.answer()["code"]
     return self.returncode
 
@@ -185,8 +191,8 @@ class Fork:
   def kill(self) -> None:
     self.send_signal(signal.SIGKILL)
 
-  def completed(self) -> subprocess.CompletedProcess:
-    self.wait()
+  def completed(self, timeout: float | None = None) -> subprocess.CompletedProcess:
+    self.wait(timeout)
     with open(self._out) as out, open(self._err) as err:
       return subprocess.CompletedProcess(self.args, self.returncode, out.read(), err.read())
 
@@ -233,27 +239,27 @@ class ForkServer:
     self.n += 1
     out, err = (os.path.join(self.tmp, f"{self.n}.{ext}") for ext in ("out", "err"))
     request = {"args": list(map(str, args)), "script": script, "warm": list(warm), "out": out,
-               "err": err, "fsize": fsize, "pause": None if pause is None else list(map(str, pause))}
+               "err": err, "fsize": fsize,
+               "pause": None if pause is None else list(map(str, pause))}
     self.proc.stdin.write((json.dumps(request) + "\n").encode())
     self.proc.stdin.flush()
     self.running = Fork(self, [script or "jaxsae", *request["args"]], self.answer()["pid"], out,
                         err)
     return self.running
 
-  def run(self, *args, **kw) -> subprocess.CompletedProcess:
+  def run(self, *args, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     """`start(*ARGS, ...)` run to its end: its exit status, stdout and stderr."""
-    return self.start(*args, **kw).completed()
+    return self.start(*args, **kw).completed(timeout)
 
   def close(self) -> None:
     if self.running is not None and self.running.returncode is None:
       self.running.kill()
       self.running.wait()
+    # The server holds nothing to save, and its interpreter's teardown costs seconds.
+    self.proc.kill()
+    self.proc.wait()
     self.proc.stdin.close()
-    try:
-      self.proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-      self.proc.kill()
-      self.proc.wait()
+    self.proc.stdout.close()
     self._log.close()
 
 
