@@ -13,6 +13,8 @@ from jaxsae import saes
 from jaxsae import store_writer
 from jaxsae import train
 
+pytestmark = pytest.mark.xdist_group("consensus study")  # one worker trains and sweeps once
+
 
 @pytest.fixture(scope="module")
 def matched(tmp_path_factory):
@@ -26,8 +28,14 @@ def matched(tmp_path_factory):
   return tmp
 
 
-def test_sweep_and_importance(matched):
-  rows = cs.table(cs.sweep(str(matched / "m"), str(matched / "c"), 3, eval_tokens=512))
+@pytest.fixture(scope="module")
+def swept(matched):
+  """The sweep's table; it writes the consensus dictionaries under matched/c."""
+  return cs.table(cs.sweep(str(matched / "m"), str(matched / "c"), 3, eval_tokens=512))
+
+
+def test_sweep_and_importance(matched, swept):
+  rows = swept
   assert [r["min_seeds"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) >= 2
   widths = [r["width"] for r in rows]
   assert widths == sorted(widths, reverse=True) and widths[0] >= 32
@@ -35,7 +43,7 @@ def test_sweep_and_importance(matched):
   assert sum(p["n"] for p in imp["by_group_size"]) == 3 * 32
 
 
-def test_a_run_from_a_consensus_starts_at_it(matched):
+def test_a_run_from_a_consensus_starts_at_it(matched, swept):
   cons = str(matched / "c" / "m2")
   c = saes.load_sae(cons)
   # A learning rate too small to move anything: the run ends where it started.
