@@ -19,13 +19,6 @@ from experiments import depth_study as ds
 from jaxsae import store as store_lib
 from jaxsae import store_writer
 
-_STORE = flags.DEFINE_string("store", None, "Store to read.", required=True)
-_SITE = flags.DEFINE_string("site", None, "Site to keep.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Directory of the new store.", required=True)
-_OVER = flags.DEFINE_float("over", ds.MASSIVE, "Also drop rows whose norm is over this x the "
-                           "median; default what the sites study counts as massive.")
-
-
 def kept_rows(st: store_lib.Store) -> tuple[np.ndarray, np.ndarray]:
   """(global row indices, token ids) of every row but each window's first stored one."""
   rows, ids_kept = [], []
@@ -54,4 +47,11 @@ def main(_):
 
 
 if __name__ == "__main__":
+  # Defined here, not on import: a process that imports kept_rows (the tests) may also import
+  # experiments.run, whose --store, --site and --out are absl's same global flags.
+  _STORE = flags.DEFINE_string("store", None, "Store to read.", required=True)
+  _SITE = flags.DEFINE_string("site", None, "Site to keep.", required=True)
+  _OUT = flags.DEFINE_string("out", None, "Directory of the new store.", required=True)
+  _OVER = flags.DEFINE_float("over", ds.MASSIVE, "Also drop rows whose norm is over this x the "
+                             "median; default what the sites study counts as massive.")
   app.run(main)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -16,10 +18,24 @@ import pytest
 from conftest import planted_sparse
 
 from jaxsae import demo
+from jaxsae import match
 from jaxsae import store as store_lib
 from jaxsae import store_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def one_torch_thread():
+  """torch on one thread while a test extracts from the tiny model in this process: with the
+  suite's workers on both cores, torch's default of a thread per core spins against them (a
+  forward of the 4-layer d=32 model took 0.2-0.3 s, against 16 ms on one thread; its hidden
+  states were bit-identical). The worker's setting is restored after."""
+  import torch
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
 
 
 def tiny_demo_flags(model_dir: str, text_dir: str) -> dict:
@@ -28,7 +44,9 @@ def tiny_demo_flags(model_dir: str, text_dir: str) -> dict:
               lr=4e-3, lr_warmup_steps=5)
 
 
-def test_demo_end_to_end_then_reuses_every_stage(tiny_model_dir, text_dir, tmp_path, capsys):
+@pytest.mark.slow
+def test_demo_end_to_end_then_reuses_every_stage(tiny_model_dir, text_dir, tmp_path, capsys,
+                                                 one_torch_thread):
   cfg = demo.DemoConfig(out=str(tmp_path / "demo"), **tiny_demo_flags(tiny_model_dir, text_dir))
   summary = demo.run(cfg)
   out = capsys.readouterr().out
@@ -89,13 +107,32 @@ def planted_store(tmp_path_factory):
   return path
 
 
+def drive(*argv: str) -> str:
+  """`python -m experiments.run ARGV` in this process, its stdout returned: the flags parsed
+  from ARGV as from a command line (every other flag at its default), then the driver's main.
+  One process for a test's studies imports jax, torch and matplotlib once and compiles the
+  match's programs once per shape; test_experiment_sweep_and_figures runs the command itself."""
+  from absl import flags
+  from absl import logging as absl_logging
+  from experiments import run as driver
+  verbosity = absl_logging.get_verbosity()  # main quiets absl; the worker's level is restored
+  flags.FLAGS.unparse_flags()
+  out = io.StringIO()
+  try:
+    rest = flags.FLAGS(["experiments.run", *argv])
+    with contextlib.redirect_stdout(out):
+      driver.main(rest)
+  finally:
+    flags.FLAGS.unparse_flags()
+    absl_logging.set_verbosity(verbosity)
+  return out.getvalue()
+
+
 def run_study(study: str, store: str, out: str, *extra: str) -> dict:
-  args = [sys.executable, "-m", "experiments.run", f"--study={study}", f"--store={store}",
-          f"--out={out}", "--num_seeds=3", "--k=3", "--num_latents=32", "--num_tokens=32768",
-          "--batch_size=128", "--lr=0.01", "--lr_warmup_steps=5", *extra]
-  proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"wrote {out}/{study}/results.json" in proc.stdout
+  stdout = drive(f"--study={study}", f"--store={store}", f"--out={out}", "--num_seeds=3",
+                 "--k=3", "--num_latents=32", "--num_tokens=32768", "--batch_size=128",
+                 "--lr=0.01", "--lr_warmup_steps=5", *extra)
+  assert f"wrote {out}/{study}/results.json" in stdout
   png = os.path.join(out, study, f"{study}.png")
   with open(png, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -104,6 +141,7 @@ def run_study(study: str, store: str, out: str, *extra: str) -> dict:
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_experiment_sweep_and_figures(planted_store, tmp_path):
   """The size sweep on a planted dictionary of 24 directions, then the threshold curve."""
   out = str(tmp_path / "exp")
@@ -123,21 +161,22 @@ def test_experiment_sweep_and_figures(planted_store, tmp_path):
         assert r[key]["mean"] == pytest.approx(value, abs=1e-12), (size, key)
 
   # Another results.json of the study drawn beside this one's (the runs are reused, not
-  # retrained); one of another study is refused before anything trains.
+  # retrained); one of another study is refused before anything trains, by the command itself
+  # (started here, beside the studies below; its verdict is read at the end).
   first = str(tmp_path / "size-first.json")
   shutil.copy(os.path.join(out, "size", "results.json"), first)
+  refused = subprocess.Popen([sys.executable, "-m", "experiments.run", "--study=threshold",
+                              f"--store={planted_store}", f"--out={tmp_path / 'refused'}",
+                              f"--beside=size={first}"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
   res = run_study("size", planted_store, out, "--sizes=24,96", f"--beside=first={first}",
                   "--label=again")
   assert res["beside"] == [f"first={first}"] and res["label"] == "again"
   assert [r["mean"] for r in res["rows"]] == [rows[24]["mean"], rows[96]["mean"]]
-  proc = subprocess.run([sys.executable, "-m", "experiments.run", "--study=threshold",
-                         f"--store={planted_store}", f"--out={tmp_path / 'refused'}",
-                         f"--beside=size={first}"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode != 0 and "holds the 'size' study, not 'threshold'" in proc.stderr
-  assert not os.path.exists(tmp_path / "refused" / "threshold")
 
-  res = run_study("threshold", planted_store, out)
+  # The base run of the threshold and frequency studies has the settings of the size study's
+  # 24-latent point: the same programs, compiled once where XLA's cache is on (conftest.py).
+  res = run_study("threshold", planted_store, out, "--num_latents=24")
   means = [r["mean"] for r in res["rows"]]
   assert [r["x"] for r in res["rows"]][0] == 0.5 and len(means) == 9
   assert all(a >= b for a, b in zip(means, means[1:]))  # a stricter threshold shares fewer
@@ -155,7 +194,7 @@ def test_experiment_sweep_and_figures(planted_store, tmp_path):
 
   # Frequency bins (the same base run) carry the series restricted to their latents: counted
   # here with pandas from latents.csv, per pair, then averaged over the pairs.
-  res = run_study("frequency", planted_store, out)
+  res = run_study("frequency", planted_store, out, "--num_latents=24")
   latents = pd.read_csv(os.path.join(base, "latents.csv"))
   edges = np.logspace(-6, 0, 13)
   latents["bin"] = np.digitize(latents["frequency"], edges) - 1
@@ -171,28 +210,39 @@ def test_experiment_sweep_and_figures(planted_store, tmp_path):
     counted += 1
   assert counted >= 1
 
+  _, err = refused.communicate(timeout=300)
+  assert refused.returncode != 0 and "holds the 'size' study, not 'threshold'" in err
+  assert not os.path.exists(tmp_path / "refused" / "threshold")
 
+
+@pytest.mark.slow
 def test_open_question_studies_run_end_to_end(planted_store, tmp_path):
   """Each open-question study trains, matches and draws on a planted store; the numbers are
   pinned where the setup decides them (pair counts, which run feeds which study)."""
   out = str(tmp_path / "exp")
-  res = run_study("census", planted_store, out, "--census_seeds=4", "--snapshots=8192,16384")
+  # Half the sweeps' tokens (128 steps): what is checked here is the setup, not how far each
+  # run went. k=4 throughout, the matryoshka study's: its topk run then has the settings of
+  # the trajectory's 8,192-token run, the same programs.
+  sizes = ["--k=4", "--num_tokens=16384"]
+  census = [*sizes, "--census_seeds=4", "--snapshots=4096,8192"]
+  res = run_study("census", planted_store, out, *census)
   assert [r["x"] for r in res["rows"]] == [1, 2, 3, 4]
   assert sum(r["mean"] for r in res["rows"]) == pytest.approx(1.0)
   assert res["census"]["agree"]["num_saes"] == 4 and res["decoder_mcc"]["mean"] > 0
 
   # The trajectory reuses the census run's snapshots (no second 4-seed run) and adds one
   # full-schedule run per length.
-  res = run_study("trajectory", planted_store, out, "--census_seeds=4", "--snapshots=8192,16384")
-  assert [r["tokens"] for r in res["snapshots"]] == [8192, 16384, 32768]
-  assert [r["tokens"] for r in res["full_schedule"]] == [8192, 16384, 32768]
+  res = run_study("trajectory", planted_store, out, *census)
+  assert [r["tokens"] for r in res["snapshots"]] == [4096, 8192, 16384]
+  assert [r["tokens"] for r in res["full_schedule"]] == [4096, 8192, 16384]
   assert all(r["shared"]["pairs"] == 6 for r in res["snapshots"])
   assert all(r["shared"]["pairs"] == 3 for r in res["full_schedule"][:-1])
 
-  res = run_study("init_vs_data", planted_store, out, "--grid=2")
+  res = run_study("init_vs_data", planted_store, out, *sizes, "--grid=2")
   assert {k: v["pairs"] for k, v in res["kinds"].items()} == {"init": 2, "data": 2, "both": 2}
 
-  res = run_study("matryoshka", planted_store, out, "--k=4", "--num_latents=32")
+  res = run_study("matryoshka", planted_store, out, *sizes, "--num_latents=32",
+                  "--arch_tokens=8192")
   assert [r["x"] for r in res["rows"]] == ["topk", "batchtopk", "matryoshka"]
   assert res["bounds"] == [[0, 2], [2, 4], [4, 8], [8, 16], [16, 32]]
   assert all(r["l0"] == [4.0] * 3 for r in res["overall"][:1])  # topk: exactly k per token
@@ -205,12 +255,16 @@ def _series_of(match_json: dict) -> dict:
           "encoder_mcc": match_json["encoder_mcc_mean"]}
 
 
-def test_layers_and_sites_studies_on_one_multi_site_store(tiny_model_dir, text_dir, tmp_path):
+@pytest.mark.slow
+def test_layers_and_sites_studies_on_one_multi_site_store(tiny_model_dir, text_dir, tmp_path,
+                                                          one_torch_thread):
   """Both depth studies read one extraction of MLP output and residual stream at each layer,
   share the MLP runs, and report per point the series `jaxsae match` reports for that run."""
   out = str(tmp_path / "exp")
+  # 8,192 training tokens per run (64 steps, about one pass over the store): what is checked
+  # is which runs feed which study and what each reports, not how far they went.
   depth = ["--model=" + tiny_model_dir, "--dataset=" + text_dir, "--layers=0,2,-1",
-           "--depth_extract_tokens=8192", "--ctx_len=64"]
+           "--depth_extract_tokens=8192", "--ctx_len=64", "--num_tokens=8192"]
   res = run_study("layers", "", out, *depth)
   assert [(r["kind"], r["layer"]) for r in res["rows"]] == [("mlp", 0), ("mlp", 2), ("mlp", 3)]
   assert [r["depth"] for r in res["rows"]] == pytest.approx([0.0, 2 / 3, 1.0])
@@ -228,13 +282,10 @@ def test_layers_and_sites_studies_on_one_multi_site_store(tiny_model_dir, text_d
     assert r["mean"] == r["decoder"]["mean"] and r["pairs"] == 3
     assert 0 < r["outliers"]["top_dim_variance"] <= 1
 
-  # The driver's series against a fresh `jaxsae match` of the same run.
+  # The driver's series against a fresh `jaxsae match` of the same run (what the command runs).
   run_dir = os.path.join(out, "layers", "resid2")
   fresh = str(tmp_path / "fresh-match")
-  proc = subprocess.run([sys.executable, "-m", "jaxsae", "match", run_dir, f"--out={fresh}",
-                         "--freq_tokens=0"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  match.run(match.MatchConfig(inputs=(run_dir,), out=fresh, freq_tokens=0))
   with open(os.path.join(fresh, "match.json")) as f:
     reported = json.load(f)
   row = next(r for r in res["rows"] if r["x"] == "resid@2")
