@@ -52,6 +52,28 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+# What the jaxsae commands' processes import, some only once a run is under way (orbax and
+# tensorboardX in training, datasets and the tiny llama's classes in extraction): seconds each.
+FORK_IMPORTS = ("orbax.checkpoint", "tensorboardX", "datasets",
+                "transformers.models.llama.modeling_llama",
+                "transformers.models.auto.modeling_auto",
+                "transformers.models.auto.tokenization_auto")
+
+
+@pytest.fixture(scope="session")
+def forks(tmp_path_factory):
+  """This worker's fork server (tests/forks.py): `forks.run(*ARGS)` is `python -m jaxsae.cli
+  ARGS` in a process of its own, with this process's environment, as subprocess would start it,
+  less the seconds of importing jax, torch and transformers again; `forks.start(...)` its
+  Popen. Its imports run in the background from the first test that asks for it."""
+  from forks import ForkServer
+  from jaxsae import cli
+  server = ForkServer(tmp_path_factory.mktemp("forks"),
+                      [m for m, _, _ in cli.COMMANDS.values()] + list(FORK_IMPORTS))
+  yield server
+  server.close()
+
+
 # Real English that ships with Python itself: the docstrings of standard-library modules.
 _DOC_MODULES = ["os", "json", "re", "argparse", "collections", "functools", "itertools",
                 "pathlib", "subprocess", "threading", "unittest", "logging", "random",

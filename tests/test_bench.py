@@ -1,8 +1,8 @@
 """A tiny smoke run of each benchmark: they are commands, so CI only checks that they run.
 
-Each runs as `python bench/SCRIPT ARGS` would, in a process of its own forked from one server
-(tests/faults/child.py) that imported jax, torch and the peers once for the module, rather than
-again in every benchmark's interpreter (seconds each: most of a smoke's time).
+Each runs as `python bench/SCRIPT ARGS` would, in a process of its own forked from the worker's
+fork server (tests/forks.py, which imports jax, torch and the peers once) rather than in an
+interpreter of its own that would import them again (seconds each: most of a smoke's time).
 """
 
 from __future__ import annotations
@@ -10,14 +10,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from faults.child import ForkServer
-from faults.once import once_per_run
 from jaxsae import cpu_kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,11 +26,9 @@ TORCH = ("torch", "transformers", "jaxsae.extract", "transformers.models.auto.mo
 PEERS = ("sparsify", "sae_lens", "transformers.optimization")
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-  server = ForkServer(tmp_path_factory.mktemp("bench_forks"))
-  yield server
-  server.close()
+@pytest.fixture
+def bench(forks):
+  return forks
 
 
 def _run(bench, script, *args, warm=JAX):
@@ -44,20 +38,20 @@ def _run(bench, script, *args, warm=JAX):
 
 
 @pytest.fixture(scope="module")
-def train_rows(request, tmp_path_factory):
-  """One bench_train smoke for the two tests below, once for the whole run (they may go to two
-  pytest-xdist workers): jaxsae, sparsify and (installed here) SAELens on the same batches, as
-  `--sides` runs them in one command."""
-  def make(tmp):
-    sides = ["jaxsae", "sparsify"] + (["saelens"] if importlib.util.find_spec("sae_lens") else [])
-    _run(request.getfixturevalue("bench"), "bench_train.py", "--d_in=32", "--num_latents=256",
-         "--k=8", "--batch_size=256", "--seeds=1,2", "--steps=3", "--warmup=1",
-         f"--sides={','.join(sides)}", f"--out={tmp / 'r.json'}", warm=JAX + TORCH + PEERS)
-    return json.load(open(tmp / "r.json"))
-  return once_per_run(tmp_path_factory, "bench_train", make)
+def train_rows(forks, tmp_path_factory):
+  """One bench_train smoke for the two tests below (one worker runs both: their xdist_group):
+  jaxsae, sparsify and (installed here) SAELens on the same batches, as `--sides` runs them in
+  one command."""
+  out = tmp_path_factory.mktemp("bench_train") / "r.json"
+  sides = ["jaxsae", "sparsify"] + (["saelens"] if importlib.util.find_spec("sae_lens") else [])
+  _run(forks, "bench_train.py", "--d_in=32", "--num_latents=256", "--k=8", "--batch_size=256",
+       "--seeds=1,2", "--steps=3", "--warmup=1", f"--sides={','.join(sides)}", f"--out={out}",
+       warm=JAX + TORCH + PEERS)
+  return json.loads(out.read_text())
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("bench train")
 def test_bench_train_smoke(train_rows):
   rows = train_rows
   assert [r["seeds"] for r in rows] == [1, 2]
@@ -70,6 +64,7 @@ def test_bench_train_smoke(train_rows):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("bench train")
 def test_bench_train_saelens_smoke(train_rows):
   if importlib.util.find_spec("sae_lens") is None:  # (its import here would cost seconds)
     pytest.skip("sae_lens is a bench-only peer: pip install -e .[bench]")
@@ -81,14 +76,16 @@ def test_bench_train_saelens_smoke(train_rows):
   assert two["jaxsae_tok_s_per_seed"] > 0
 
 
-def test_bench_train_missing_peer_says_how_to_install():
-  # sys.modules[name] = None makes the peer unimportable, as on a machine without the extra;
-  # the run stops in one line that names the fix, before any side has spent time.
-  code = ("import runpy, sys; sys.modules['sae_lens'] = None; "
-          "sys.argv = ['bench_train.py', '--sides=jaxsae,saelens']; "
-          "runpy.run_path('bench/bench_train.py', run_name='__main__')")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=600, cwd=ROOT)
+def test_bench_train_missing_peer_says_how_to_install(bench, tmp_path):
+  # sys.modules[name] = None makes the peer unimportable, as on a machine without the extra
+  # (whether or not the fork server imported it); the run stops in one line that names the
+  # fix, before any side has spent time.
+  script = tmp_path / "without_saelens.py"
+  script.write_text("import runpy, sys; sys.modules['sae_lens'] = None; "
+                    "sys.argv = ['bench_train.py', '--sides=jaxsae,saelens']; "
+                    f"runpy.run_path({os.path.join(ROOT, 'bench', 'bench_train.py')!r}, "
+                    "run_name='__main__')")
+  out = bench.run(script=str(script), warm=JAX, timeout=600)
   assert out.returncode != 0
   assert "pip install -e .[bench]" in out.stderr and "Traceback" not in out.stderr
 

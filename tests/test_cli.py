@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 
 from absl import flags
 import pytest
@@ -12,11 +10,6 @@ import pytest
 from jaxsae import cli
 from jaxsae import extract
 from jaxsae.errors import JaxsaeError
-
-
-def _jaxsae(*args, **kw):
-  return subprocess.run([sys.executable, "-m", "jaxsae.cli", *args], capture_output=True,
-                        text=True, timeout=300, **kw)
 
 
 def test_flags_round_trip_into_the_config():
@@ -38,22 +31,25 @@ def test_positional_arguments_are_refused_where_a_command_takes_none():
     cli.config_from_flags(extract.ExtractConfig, ["stray"], fv)
 
 
-def test_help_lists_every_flag_with_its_default():
-  out = _jaxsae("extract", "--help")
+# `forks.run(*ARGS)` is `python -m jaxsae.cli ARGS` in a process of its own (tests/forks.py).
+
+
+def test_help_lists_every_flag_with_its_default(forks):
+  out = forks.run("extract", "--help")
   assert out.returncode == 0
   for f in dataclasses.fields(extract.ExtractConfig):
     assert f"--{f.name} (default: " in out.stdout
   assert "--ctx_len (default: 256)" in out.stdout
-  top = _jaxsae("--help")
+  top = forks.run("--help")
   assert top.returncode == 0 and "jaxsae extract:" in top.stdout and "--shard_range" in top.stdout
 
 
-def test_flagfile_and_one_line_errors(tmp_path):
+def test_flagfile_and_one_line_errors(forks, tmp_path):
   ff = tmp_path / "bad.flags"
   ff.write_text("--model=/no/such/model\n--out=" + str(tmp_path / "s") + "\n")
-  out = _jaxsae("extract", f"--flagfile={ff}")
+  out = forks.run("extract", f"--flagfile={ff}")
   assert out.returncode == 1
   assert out.stderr.strip().splitlines()[-1].startswith("jaxsae extract: error: --model=/no/such")
   assert "Traceback" not in out.stderr
-  out = _jaxsae("nonsense")
+  out = forks.run("nonsense")
   assert out.returncode == 2 and "unknown command 'nonsense'" in out.stderr

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -22,7 +20,6 @@ from jaxsae import store_writer
 from jaxsae.errors import JaxsaeError
 
 D, N, K = 32, 16, 4
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def unit(v):
@@ -188,7 +185,7 @@ def test_sparsify_loads_the_consensus_and_encodes_alike(tmp_path):
                              np.asarray(saes.encode(graphdef, state, x, 1.0)), atol=1e-5)
 
 
-def test_union_of_two_saes_that_share_nothing_adds_both_widths(tmp_path):
+def test_union_of_two_saes_that_share_nothing_adds_both_widths(forks, tmp_path):
   rng = np.random.default_rng(4)
   a = write(tmp_path / "a", random_sae_weights(rng, N, D))
   b = write(tmp_path / "b", random_sae_weights(rng, N + 8, D))
@@ -196,9 +193,8 @@ def test_union_of_two_saes_that_share_nothing_adds_both_widths(tmp_path):
   res = match.run(match.MatchConfig(inputs=(a, b), out=str(m), freq_tokens=0))
   assert res["pairs"][0]["n_shared"] == 0
   out = tmp_path / "u"
-  cmd = [sys.executable, "-m", "jaxsae.cli", "consensus", str(m), "--min_seeds=1",
-         f"--out={out}", "--eval_tokens=0"]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  proc = forks.run("consensus", str(m), "--min_seeds=1", f"--out={out}", "--eval_tokens=0",
+                   timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "2.00 x one SAE's width" in proc.stdout
   got = json.loads((out / consensus.RESULT_FILE).read_text())

@@ -83,12 +83,11 @@ def test_demo_end_to_end_then_reuses_every_stage(tiny_model_dir, text_dir, tmp_p
   assert mtimes == {p: os.path.getmtime(tmp_path / "demo" / p) for p in mtimes}
 
 
-def test_demo_cli_overrides_reach_each_stage(tiny_model_dir, text_dir, tmp_path):
+def test_demo_cli_overrides_reach_each_stage(forks, tiny_model_dir, text_dir, tmp_path):
   """`jaxsae demo --flag=...`: bad sizes are one clear line before any work is done."""
   flags = tiny_demo_flags(tiny_model_dir, text_dir)
   args = [f"--{k}={v}" for k, v in {**flags, "k": 64}.items()]
-  proc = subprocess.run([sys.executable, "-m", "jaxsae", "demo", f"--out={tmp_path}/d",
-                         *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  proc = forks.run("demo", f"--out={tmp_path}/d", *args, timeout=300)
   assert proc.returncode != 0
   assert proc.stderr.strip().splitlines()[-1].startswith("jaxsae demo: error: --k=64"), \
       proc.stderr[-2000:]

@@ -6,8 +6,6 @@ import importlib.util
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -333,18 +331,16 @@ def test_bad_inputs(tmp_path):
     match.run(cfg(tmp_path, [run], freq_tokens=10))
 
 
-def test_cli(tmp_path):
+def test_cli(forks, tmp_path):
   rng = np.random.default_rng(7)
   a, b, _, _ = planted_pair(rng, m=20)
   inputs = [write(tmp_path / "a", a), write(tmp_path / "b", b)]
   out = tmp_path / "cli"
-  cmd = [sys.executable, "-m", "jaxsae.cli", "match", *inputs, f"--out={out}",
-         "--threshold=0.7", "--freq_tokens=0"]
-  done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+  cmd = ["match", *inputs, f"--out={out}", "--threshold=0.7", "--freq_tokens=0"]
+  done = forks.run(*cmd, timeout=120)
   assert done.returncode == 0, done.stderr
   assert json.loads((out / "match.json").read_text())["pairs"][0]["n_shared"] == 20
-  done = subprocess.run(cmd[:-2] + ["--threshold=2"], capture_output=True, text=True,
-                        timeout=120)
+  done = forks.run(*cmd[:-2], "--threshold=2", timeout=120)
   assert done.returncode == 1
   assert "jaxsae match: error: --threshold=2.0" in done.stderr
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -114,7 +112,7 @@ def plant(root, seed1_root, rng) -> dict:
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
+def planted(request, tmp_path_factory):
   tmp = tmp_path_factory.mktemp("paper_saes")
   cache = str(tmp / "hub")
   rng = np.random.default_rng(0)
@@ -123,9 +121,10 @@ def planted(tmp_path_factory):
   add_commit(cache, SEED1_REPO, str(tmp / "seed1"))
   out = tmp / "out"
   env = {**os.environ, "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
-  cmd = [sys.executable, "-m", "experiments.run", "--study=paper_saes", f"--out={out}",
-         f"--paper_repo={ps.REPO}", "--paper_revision=main"]
-  done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+  # `python -m experiments.run ...` in a process of its own, forked (tests/forks.py).
+  done = request.getfixturevalue("forks").run(
+      "--study=paper_saes", f"--out={out}", f"--paper_repo={ps.REPO}", "--paper_revision=main",
+      module="experiments.run", env=env, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   with open(out / "paper_saes" / "results.json") as f:
     res = json.load(f)

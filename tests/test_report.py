@@ -166,16 +166,12 @@ def test_missing_match_dir(tmp_path):
     report.run(report.ReportConfig(inputs=()))
 
 
-def test_cli(matched, tmp_path):
-  import sys
+def test_cli(forks, matched, tmp_path):
   out = tmp_path / "cli"
-  done = subprocess.run([sys.executable, "-m", "jaxsae.cli", "report", str(matched / "m"),
-                         f"--out={out}", "--contexts=0"], capture_output=True, text=True,
-                        timeout=120)
+  done = forks.run("report", str(matched / "m"), f"--out={out}", "--contexts=0", timeout=120)
   assert done.returncode == 0, done.stderr
   assert (out / "report.html").exists() and (out / "report.json").exists()
-  done = subprocess.run([sys.executable, "-m", "jaxsae.cli", "report", str(tmp_path / "nope")],
-                        capture_output=True, text=True, timeout=120)
+  done = forks.run("report", str(tmp_path / "nope"), timeout=120)
   assert done.returncode == 1 and "jaxsae report: error:" in done.stderr
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -196,7 +194,7 @@ def test_hub_online_call_and_missing_folder(tmp_path, monkeypatch):
     hub.resolve("hf://acme/r")
 
 
-def test_hub_match_end_to_end(tmp_path, hub_cache):
+def test_hub_match_end_to_end(forks, tmp_path, hub_cache):
   """`jaxsae match` on two hf:// SAEs, in a fresh process that only has the cache."""
   rng = np.random.default_rng(4)
   a = random_weights(rng)
@@ -210,9 +208,9 @@ def test_hub_match_end_to_end(tmp_path, hub_cache):
   write(src / "seed-b" / "layers.3", b, layout="saelens")
   add_commit(hub_cache, "acme/pair", str(src), 0)
   out = tmp_path / "out"
-  cmd = [sys.executable, "-m", "jaxsae.cli", "match", "hf://acme/pair/seed-a/layers.3",
-         "hf://acme/pair/seed-b/layers.3", f"--out={out}", "--freq_tokens=0"]
-  done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+  cmd = ["match", "hf://acme/pair/seed-a/layers.3", "hf://acme/pair/seed-b/layers.3",
+         f"--out={out}", "--freq_tokens=0"]
+  done = forks.run(*cmd, timeout=120)  # with this process's environment: the cache above
   assert done.returncode == 0, done.stderr
   summary = json.loads((out / "match.json").read_text())
   assert summary["pairs"][0]["n_shared"] == 20
@@ -220,8 +218,7 @@ def test_hub_match_end_to_end(tmp_path, hub_cache):
   assert [s["name"] for s in summary["saes"]] == ["seed-a/layers.3", "seed-b/layers.3"]
   # The recorded paths are the cache's, so the report can reload the SAEs offline.
   assert all(s["path"].startswith(hub_cache) for s in summary["saes"])
-  missing = subprocess.run(cmd[:4] + ["hf://acme/nope/layers.3", f"--out={out}x"],
-                           capture_output=True, text=True, timeout=120, env=dict(os.environ))
+  missing = forks.run(*cmd[:2], "hf://acme/nope/layers.3", f"--out={out}x", timeout=120)
   assert missing.returncode == 1
   assert "error: hf://acme/nope/layers.3 is not in the Hugging Face cache" in missing.stderr
 

@@ -365,16 +365,15 @@ def test_sparsify_loads_export_and_reproduces_reconstructions(reference, store_d
 
 
 @pytest.mark.slow
-def test_cli_flags_reach_the_trainer(store_dir, tmp_path):
+def test_cli_flags_reach_the_trainer(forks, store_dir, tmp_path):
   out = tmp_path / "run"
-  cmd = [sys.executable, "-m", "jaxsae.cli", "train", f"--store={store_dir}", f"--out={out}",
-         f"--num_latents={N}", "--k=4", "--seeds=3,5", "--batch_size=128", "--num_tokens=1280",
-         "--lr_warmup_steps=2", "--noprogress"]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  cmd = ["train", f"--store={store_dir}", f"--out={out}", f"--num_latents={N}", "--k=4",
+         "--seeds=3,5", "--batch_size=128", "--num_tokens=1280", "--lr_warmup_steps=2",
+         "--noprogress"]
+  proc = forks.run(*cmd, timeout=120)  # `python -m jaxsae.cli ...`, forked (tests/forks.py)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert sorted(os.listdir(out)) == ["checkpoints", "metrics.jsonl", "run.json", "seed3", "seed5",
                                      "tensorboard"]
-  proc = subprocess.run(cmd[:-1] + ["--k=64"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=120)
+  proc = forks.run(*cmd[:-1], "--k=64", timeout=120)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith("jaxsae train: error: --k=64")

@@ -5,8 +5,6 @@ uninterrupted run's bit for bit."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +17,6 @@ from jaxsae import train
 from jaxsae import formats
 from jaxsae.train import checkpoints
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -90,22 +87,22 @@ def test_killed_run_resumes_from_gs_checkpoints_bit_for_bit(store_dir, reference
 # after its event loop closed; harmless, and not ours (as in test_train.py).
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_broken_gs_checkpoint_is_moved_aside_and_the_rerun_resumes(store_dir, reference, ckpts,
-                                                                   tmp_path):
+def test_broken_gs_checkpoint_is_moved_aside_and_the_rerun_resumes(forks, store_dir, reference,
+                                                                   ckpts, tmp_path):
   out = tmp_path / "run"
   with pytest.raises(KeyboardInterrupt):
     train.run(config(store_dir, out, checkpoint_dir=ckpts), interrupt_at=27)
   for name in gcs.list_names(f"{ckpts}/20/default/d"):  # checkpoint 20 loses its array data
     gcs.delete(f"{ckpts}/20/default/d/{name}")
-  # The rerun in a process of its own, as after a kill. In the process that wrote step 20,
-  # writing it again after the move fails ("Malformed StorageGeneration" from TensorStore,
-  # seen against the emulator: orbax's TensorStore state outlives a run); a new process
-  # writes it as it should.
+  # The rerun in a process of its own (forked from tests/forks.py's server, which has imported
+  # but never used TensorStore), as after a kill. In the process that wrote step 20, writing it
+  # again after the move fails ("Malformed StorageGeneration" from TensorStore, seen against
+  # the emulator: orbax's TensorStore state outlives a run); a new process writes it as it
+  # should.
   flags = {**TRAIN_FLAGS, "seeds": "0,1"}
-  cmd = [sys.executable, "-m", "jaxsae.cli", "train", f"--store={store_dir}", f"--out={out}",
-         f"--checkpoint_dir={ckpts}", "--noprogress",
-         *(f"--{k}={v}" for k, v in flags.items() if k != "progress")]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  proc = forks.run("train", f"--store={store_dir}", f"--out={out}", f"--checkpoint_dir={ckpts}",
+                   "--noprogress", *(f"--{k}={v}" for k, v in flags.items() if k != "progress"),
+                   timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "checkpoint 20 in " + ckpts + " is unusable" in proc.stderr
   assert proc.stderr.count("is unusable") == 1  # 10 restored

@@ -15,29 +15,7 @@ from conftest import files, planted_sparse, train_config  # noqa: F401 (files: f
 
 from jaxsae import store_writer
 
-from .child import ForkServer
-
 D_IN = 16
-
-
-# Modules every fork of the fault suite would import: every stage, and what their runs import
-# later (orbax and tensorboardX in training, datasets and the tiny llama's classes in extraction;
-# seconds each).
-FORK_IMPORTS = ("orbax.checkpoint", "tensorboardX", "datasets",
-                "transformers.models.llama.modeling_llama",
-                "transformers.models.auto.modeling_auto",
-                "transformers.models.auto.tokenization_auto")
-
-
-@pytest.fixture(scope="session")
-def forks(tmp_path_factory):
-  """The fault suite's fork server: `forks.run(*ARGS)`, `forks.start(*ARGS, pause=...)`."""
-  from jaxsae import cli
-  server = ForkServer(tmp_path_factory.mktemp("forks"),
-                      [m for m, _, _ in cli.COMMANDS.values()] + list(FORK_IMPORTS),
-                      env={"JAX_PLATFORMS": "cpu"})
-  yield server
-  server.close()
 
 
 def kill_when(start, ready, timeout: float = 120) -> bool:

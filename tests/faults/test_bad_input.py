@@ -11,8 +11,6 @@ import pytest
 
 from conftest import rand, save_sae
 
-from .once import once_per_run
-
 
 # (command line with {placeholders}, what the error must say). A case whose message starts
 # with "flag" is refused by absl's flag parser; every other one by jaxsae itself.
@@ -96,8 +94,8 @@ def _sae(path, n, d=16, cfg_text=None):
 @pytest.fixture(scope="module")
 def results(request, tmp_path_factory):
   """Every case run once, through `jaxsae.cli.main` in a process of its own (the fork server's),
-  once for the whole run: the cases go to every pytest-xdist worker."""
-  return once_per_run(tmp_path_factory, "bad_input", lambda tmp: _run_cases(request, tmp))
+  once for the module: its cases share one worker (the xdist_group below)."""
+  return _run_cases(request, tmp_path_factory.mktemp("bad_input"))
 
 
 def _run_cases(request, tmp) -> list[dict]:
@@ -125,6 +123,7 @@ def _run_cases(request, tmp) -> list[dict]:
   return out
 
 
+@pytest.mark.xdist_group("bad input")
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[c[0].split()[0] + ":" + c[1][:40]
                                                       for c in CASES])
 def test_bad_input_is_one_clear_line(results, ledger, i):

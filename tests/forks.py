@@ -1,18 +1,25 @@
-"""Runs command lines (`jaxsae ARGS`, or a script's) each in a process of its own, forked from one
-server that imported their modules once, so that a test pays for importing jax, torch and
-transformers once, not at every process it starts.
+"""Runs command lines (`jaxsae ARGS`, a script's or a module's) each in a process of its own,
+forked from one server that imported their modules once, so that a test pays for importing jax,
+torch and transformers once, not at every process it starts.
 
-  python child.py [MODULE ...]   (from the repository root; ForkServer below drives it)
+  python tests/forks.py [MODULE ...]   (from the repository root; ForkServer below drives it)
 
 The server imports each MODULE, then takes requests on stdin, one JSON object a line:
 
-  {"args": [...], "script": PATH or null, "warm": [MODULE, ...], "out": FILE, "err": FILE,
+  {"args": [...], "script": PATH or null, "module": NAME or null, "warm": [MODULE, ...],
+   "out": FILE, "err": FILE, "env": {NAME: VALUE} or null, "cwd": DIR or null,
    "pause": [WHAT, N, MARKER] or null, "fsize": BYTES or null}
 
 For each it imports the `warm` modules it has not yet (a script's own imports, say), then forks.
-The fork runs `jaxsae.cli.main(["jaxsae", *args])` as `python -m jaxsae.cli ARGS` would, or with a
-script, runs it as `python PATH ARGS` would (`__main__`, its directory first on sys.path); stdout
-and stderr go to the two FILEs. It ends as that process would: the status of its SystemExit, or
+The fork takes `env` as its whole environment and `cwd` as its directory where they are given,
+then runs `jaxsae.cli.main(["jaxsae", *args])` as `python -m jaxsae.cli ARGS` would; with a
+script, runs it as `python PATH ARGS` would (`__main__`, its directory first on sys.path); with
+a module, as `python -m NAME ARGS` would (the directory first on sys.path). stdout and stderr go
+to the two FILEs. The environment takes effect as in a new process for what is read when it is
+used (XLA_FLAGS when jax's backend starts, jaxsae's own settings), not for what a module the
+server imported read at its import (JAX_PLATFORMS, huggingface_hub's constants).
+
+It ends as that process would: the status of its SystemExit, or
 a traceback and 1 for any other exception, once its threads are joined and its atexit handlers
 have run (only the interpreter's teardown of every module is skipped: 2 s with torch and jax
 loaded). The server answers `{"pid": PID}` once it forked and `{"code": STATUS}` once that
@@ -79,7 +86,7 @@ def plant_pause(what: str, n: int, marker: str) -> None:
 
     os.rename = rename
   else:
-    raise SystemExit(f"child.py: unknown pause point {what!r}")
+    raise SystemExit(f"forks.py: unknown pause point {what!r}")
 
 
 def _import(modules) -> None:
@@ -119,19 +126,28 @@ def main() -> None:
   os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
   for fd, path in ((1, request["out"]), (2, request["err"])):
     os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+  if request.get("env") is not None:
+    os.environ.clear()
+    os.environ.update(request["env"])
+  if request.get("cwd"):
+    os.chdir(request["cwd"])
   if request.get("fsize") is not None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (request["fsize"], request["fsize"]))
   if request.get("pause"):
     what, n, marker = request["pause"]
     plant_pause(what, int(n), str(marker))
-  script = request.get("script")
+  script, module = request.get("script"), request.get("module")
   code = 0
   try:
     if script:
       sys.argv = [script, *request["args"]]
       sys.path[0] = os.path.dirname(os.path.abspath(script))
       runpy.run_path(script, run_name="__main__")
+    elif module:
+      sys.argv = [module, *request["args"]]
+      sys.path[0] = os.getcwd()
+      runpy.run_module(module, run_name="__main__", alter_sys=True)
     else:
       sys.argv = ["jaxsae", *request["args"]]
       sys.path[0] = os.getcwd()
@@ -158,7 +174,7 @@ def main() -> None:
 # ---------------------------------------------------------------------------------------------
 # The client, in the test's process.
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Fork:
@@ -229,22 +245,27 @@ class ForkServer:
     line, self._buf = self._buf.split(b"\n", 1)
     return json.loads(line)
 
-  def start(self, *args, script: str | None = None, warm=(),
+  def start(self, *args, script: str | None = None, module: str | None = None, warm=(),
+            env: dict | None = None, cwd: str | None = None,
             pause: tuple[str, int, str] | None = None, fsize: int | None = None) -> Fork:
-    """Starts `jaxsae ARGS` (or `python SCRIPT ARGS`), with a pause planted in a writer or a limit
-    on file sizes; the server first imports the `warm` modules it lacks."""
+    """Starts `jaxsae ARGS` (or `python SCRIPT ARGS`, `python -m MODULE ARGS`) in `cwd` (else the
+    repository root) with `env` as its whole environment (else this process's now, as
+    subprocess would give it), with a pause planted in a writer or a limit on file sizes; the
+    server first imports the `warm` modules it lacks."""
     if self.running is not None:  # one at a time: the last one must have ended
       self.running.kill()
       self.running.wait()
     self.n += 1
     out, err = (os.path.join(self.tmp, f"{self.n}.{ext}") for ext in ("out", "err"))
-    request = {"args": list(map(str, args)), "script": script, "warm": list(warm), "out": out,
-               "err": err, "fsize": fsize,
+    request = {"args": list(map(str, args)), "script": script, "module": module,
+               "warm": list(warm), "out": out, "err": err, "fsize": fsize,
+               "env": dict(os.environ if env is None else env),
+               "cwd": None if cwd is None else str(cwd),
                "pause": None if pause is None else list(map(str, pause))}
     self.proc.stdin.write((json.dumps(request) + "\n").encode())
     self.proc.stdin.flush()
-    self.running = Fork(self, [script or "jaxsae", *request["args"]], self.answer()["pid"], out,
-                        err)
+    self.running = Fork(self, [script or module or "jaxsae", *request["args"]],
+                        self.answer()["pid"], out, err)
     return self.running
 
   def run(self, *args, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
