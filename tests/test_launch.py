@@ -139,7 +139,8 @@ def test_two_processes_over_loopback_train_like_one_host(tmp_path):
 
   def env(devices):
     return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={devices}"}
 
   def start(name, args, devices):
     with open(tmp_path / f"{name}.log", "w") as log:  # a file: no pipe fills while one waits

@@ -119,8 +119,8 @@ def test_per_seed_data_over_8_devices_matches_one_device(store_dir, tmp_path):
           seeds=(0, 0, 1, 1), data_seeds=(0, 1, 0, 1), batch_size=128, num_tokens=128 * 20,
           lr=1e-2, lr_warmup_steps=5, checkpoint_every=10, log_every=5, progress=False))
   """)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
   proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
