@@ -14,6 +14,7 @@ import transformers
 from conftest import files
 
 from jaxsae import extract
+from jaxsae import match
 from jaxsae import store
 from jaxsae import store_writer
 from jaxsae.errors import JaxsaeError
@@ -314,10 +315,11 @@ def test_real_smollm2_on_the_default_corpus(tmp_path):
   assert x.shape == (256, 576) and np.isfinite(x).all()
   # A trained model's MLP output is far from noise: its mean norm is stable and non-trivial.
   assert 5 < m["mean_norm"]["model.layers.15.mlp"] < 500
-  tok = transformers.AutoTokenizer.from_pretrained(
-      m["tokenizer"]["gguf_dir"], gguf_file=m["tokenizer"]["gguf_file"])
+  # The stored token ids decode to text with the tokenizer a match reads from the manifest (the
+  # GGUF's own, parsed once: jaxsae.gguf_reading).
+  tok = match.load_tokenizer(m)
   ids, at = s.context(100)
-  assert tok.decode(ids).strip()  # the stored token ids decode to text
+  assert tok is not None and tok.decode(ids).strip()
 
 
 def test_multi_site_store_equals_single_site_stores_row_for_row(tiny_model_dir, text_dir,

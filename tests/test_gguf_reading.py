@@ -38,3 +38,15 @@ def test_read_once_reads_gguf_readers_fields_and_tensors_once(tmp_path):
   assert bytes(got.fields["tokenizer.ggml.tokens"].parts[-1]) == "tok1999é".encode()
   (t,), (u,) = got.tensors, want.tensors
   assert t.name == u.name == "w" and np.array_equal(t.data, u.data)
+
+
+def test_read_once_builds_each_tensor_name_table_once():
+  stock = gguf.get_tensor_name_map
+  want = stock(gguf.MODEL_ARCH.LLAMA, 3)
+  with gguf_reading.read_once():
+    got = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3)
+    assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is got
+    assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 4) is not got
+  assert gguf.get_tensor_name_map is stock  # restored on leaving
+  assert got.mapping == want.mapping
+  assert got.get_name("model.layers.2.self_attn.q_proj") == "blk.2.attn_q"
