@@ -8,8 +8,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -21,8 +19,6 @@ from jaxsae import demo
 from jaxsae import match
 from jaxsae import store as store_lib
 from jaxsae import store_writer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -141,7 +137,7 @@ def run_study(study: str, store: str, out: str, *extra: str) -> dict:
 
 
 @pytest.mark.slow
-def test_experiment_sweep_and_figures(planted_store, tmp_path):
+def test_experiment_sweep_and_figures(forks, planted_store, tmp_path):
   """The size sweep on a planted dictionary of 24 directions, then the threshold curve."""
   out = str(tmp_path / "exp")
   res = run_study("size", planted_store, out, "--sizes=24,96")
@@ -164,10 +160,9 @@ def test_experiment_sweep_and_figures(planted_store, tmp_path):
   # (started here, beside the studies below; its verdict is read at the end).
   first = str(tmp_path / "size-first.json")
   shutil.copy(os.path.join(out, "size", "results.json"), first)
-  refused = subprocess.Popen([sys.executable, "-m", "experiments.run", "--study=threshold",
-                              f"--store={planted_store}", f"--out={tmp_path / 'refused'}",
-                              f"--beside=size={first}"], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+  refused = forks.start("--study=threshold", f"--store={planted_store}",
+                        f"--out={tmp_path / 'refused'}", f"--beside=size={first}",
+                        module="experiments.run")  # `python -m experiments.run`, forked
   res = run_study("size", planted_store, out, "--sizes=24,96", f"--beside=first={first}",
                   "--label=again")
   assert res["beside"] == [f"first={first}"] and res["label"] == "again"
@@ -209,7 +204,7 @@ def test_experiment_sweep_and_figures(planted_store, tmp_path):
     counted += 1
   assert counted >= 1
 
-  _, err = refused.communicate(timeout=300)
+  err = refused.completed(timeout=300).stderr
   assert refused.returncode != 0 and "holds the 'size' study, not 'threshold'" in err
   assert not os.path.exists(tmp_path / "refused" / "threshold")
 

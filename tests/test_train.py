@@ -6,8 +6,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -26,7 +24,6 @@ from jaxsae import train
 from jaxsae.errors import JaxsaeError
 
 D_IN, N = 16, 64
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def planted(n_rows=8192, d=D_IN, n_feat=32, k=3, seed=0):
@@ -315,7 +312,7 @@ def test_run_of_the_dict_based_trainer_is_refused_in_one_line(store_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_sharded_over_8_devices_matches_one_device(store_dir, tmp_path):
+def test_sharded_over_8_devices_matches_one_device(forks, store_dir, tmp_path):
   """4x2 and 2x4 meshes of 8 CPU devices give the one-device result, within float tolerance."""
   script = textwrap.dedent(f"""
       import jax
@@ -335,8 +332,9 @@ def test_sharded_over_8_devices_matches_one_device(store_dir, tmp_path):
   """)
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
-  proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=300)
+  # A process of its own (forked: tests/forks.py), whose jax starts with 8 CPU devices.
+  (tmp_path / "eight.py").write_text(script)
+  proc = forks.run(script=str(tmp_path / "eight.py"), env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "ERROR: mesh seed axis 8 does not divide the 4 seeds" in proc.stdout
   assert "ERROR: --seed_loop=map runs the seeds one after another" in proc.stdout

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -23,7 +21,6 @@ from jaxsae import train
 from jaxsae.errors import JaxsaeError
 
 D_IN, N = 16, 64
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +105,7 @@ def test_data_seeds_are_checked_and_part_of_the_run(store_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_per_seed_data_over_8_devices_matches_one_device(store_dir, tmp_path):
+def test_per_seed_data_over_8_devices_matches_one_device(forks, store_dir, tmp_path):
   """A 2x4 mesh (seeds over 2 devices, each member's batch over 4) gives the one-device result."""
   script = textwrap.dedent(f"""
       import jax
@@ -121,8 +118,9 @@ def test_per_seed_data_over_8_devices_matches_one_device(store_dir, tmp_path):
   """)
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
-  proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=300)
+  # A process of its own (forked: tests/forks.py), whose jax starts with 8 CPU devices.
+  (tmp_path / "eight.py").write_text(script)
+  proc = forks.run(script=str(tmp_path / "eight.py"), env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   train.run(config(store_dir, tmp_path / "one", seeds=(0, 0, 1, 1), data_seeds=(0, 1, 0, 1)))
   for s in (0, 1):
