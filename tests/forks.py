@@ -22,9 +22,9 @@ server imported read at its import (JAX_PLATFORMS, huggingface_hub's constants).
 It ends as that process would: the status of its SystemExit, or
 a traceback and 1 for any other exception, once its threads are joined and its atexit handlers
 have run (only the interpreter's teardown of every module is skipped: 2 s with torch and jax
-loaded). The server answers `{"pid": PID}` once it forked and `{"code": STATUS}` once that
-process ended (-9 after a SIGKILL, as subprocess says); then it reads the next request (one
-process at a time). Nothing the server imports starts a JAX backend or a torch thread pool, so a
+loaded). The server answers `{"pid": PID}` once it forked and `{"pid": PID, "code": STATUS}`
+once that process ended (-9 after a SIGKILL, as subprocess says); it reads the next request
+without waiting, so processes may run side by side (two "hosts" of a run, say). Nothing the server imports starts a JAX backend or a torch thread pool, so a
 fork starts them afresh, as a new process would (numpy's BLAS and pyarrow's allocator threads
 are fork-safe).
 
@@ -98,7 +98,19 @@ def _import(modules) -> None:
 
 
 def serve(answers: int) -> dict | None:
-  """Forks once a request; returns the request in the fork, None in the server at stdin's end."""
+  """Forks once a request; returns the request in the fork, None in the server at stdin's end.
+
+  The forks may run side by side: a thread reaps each as it ends and answers its status."""
+  started = threading.Semaphore(0)  # one release a fork: the reaper waits for one to exist
+
+  def reap():
+    while True:
+      started.acquire()
+      pid, status = os.wait()
+      os.write(answers, (json.dumps({"pid": pid, "code": os.waitstatus_to_exitcode(status)})
+                         + "\n").encode())
+
+  threading.Thread(target=reap, daemon=True).start()
   for line in sys.stdin:
     request = json.loads(line)
     _import(request.get("warm") or ())
@@ -108,8 +120,7 @@ def serve(answers: int) -> dict | None:
     if pid == 0:
       return request
     os.write(answers, (json.dumps({"pid": pid}) + "\n").encode())
-    _, status = os.waitpid(pid, 0)
-    os.write(answers, (json.dumps({"code": os.waitstatus_to_exitcode(status)}) + "\n").encode())
+    started.release()
   return None
 
 
@@ -186,18 +197,18 @@ class Fork:
     self.returncode: int | None = None
 
   def poll(self) -> int | None:
-    if self.returncode is None and self.server.answered(0):
-      self.returncode = self.server.answer()["code"]
+    if self.returncode is None:
+      self.returncode = self.server.ended(self.pid, 0)
     return self.returncode
 
   def wait(self, timeout: float | None = None) -> int:
     """Its exit status; past `timeout` seconds it is killed and TimeoutExpired raised."""
     if self.returncode is None:
-      if not self.server.answered(timeout):
+      self.returncode = self.server.ended(self.pid, timeout)
+      if self.returncode is None:
         self.kill()
         self.wait()
         raise subprocess.TimeoutExpired(self.args, timeout)
-      self.returncode = self.server.answer()["code"]
     return self.returncode
 
   def send_signal(self, sig: int) -> None:
@@ -227,23 +238,36 @@ class ForkServer:
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
                                  env={**os.environ, **(env or {})})
     self._buf = b""
-    self.running: Fork | None = None
+    self._started: list[int] = []  # pids answered, not yet taken by start()
+    self._ended: dict[int, int] = {}  # pid -> exit status
+    self.forks: list[Fork] = []
 
-  def answered(self, timeout: float | None) -> bool:
-    """Whether an answer is there to read, waiting up to `timeout` seconds (None: forever)."""
-    while b"\n" not in self._buf:
+  def _read(self, timeout: float | None) -> bool:
+    """Reads the answers there are, waiting up to `timeout` seconds (None: forever) for one;
+    whether one came."""
+    if b"\n" not in self._buf:
       if not select.select([self.proc.stdout], [], [], timeout)[0]:
         return False
       data = os.read(self.proc.stdout.fileno(), 65536)
       if not data:
         raise RuntimeError(f"the fork server ended; see {self._log.name}")
       self._buf += data
-    return True
+    *lines, self._buf = self._buf.split(b"\n")
+    for answer in map(json.loads, lines):
+      if "code" in answer:
+        self._ended[answer["pid"]] = answer["code"]
+      else:
+        self._started.append(answer["pid"])
+    return bool(lines)
 
-  def answer(self) -> dict:
-    self.answered(None)
-    line, self._buf = self._buf.split(b"\n", 1)
-    return json.loads(line)
+  def ended(self, pid: int, timeout: float | None) -> int | None:
+    """`pid`'s exit status once it ended, waiting up to `timeout` seconds; None if it runs on."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while pid not in self._ended:
+      left = None if deadline is None else max(0.0, deadline - time.monotonic())
+      if not self._read(left) and left is not None and left <= 0:
+        return None
+    return self._ended.pop(pid)
 
   def start(self, *args, script: str | None = None, module: str | None = None, warm=(),
             env: dict | None = None, cwd: str | None = None,
@@ -252,9 +276,6 @@ class ForkServer:
     repository root) with `env` as its whole environment (else this process's now, as
     subprocess would give it), with a pause planted in a writer or a limit on file sizes; the
     server first imports the `warm` modules it lacks."""
-    if self.running is not None:  # one at a time: the last one must have ended
-      self.running.kill()
-      self.running.wait()
     self.n += 1
     out, err = (os.path.join(self.tmp, f"{self.n}.{ext}") for ext in ("out", "err"))
     request = {"args": list(map(str, args)), "script": script, "module": module,
@@ -264,18 +285,22 @@ class ForkServer:
                "pause": None if pause is None else list(map(str, pause))}
     self.proc.stdin.write((json.dumps(request) + "\n").encode())
     self.proc.stdin.flush()
-    self.running = Fork(self, [script or module or "jaxsae", *request["args"]],
-                        self.answer()["pid"], out, err)
-    return self.running
+    while not self._started:
+      self._read(None)
+    fork = Fork(self, [script or module or "jaxsae", *request["args"]], self._started.pop(0),
+                out, err)
+    self.forks = [f for f in self.forks if f.returncode is None] + [fork]
+    return fork
 
   def run(self, *args, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
     """`start(*ARGS, ...)` run to its end: its exit status, stdout and stderr."""
     return self.start(*args, **kw).completed(timeout)
 
   def close(self) -> None:
-    if self.running is not None and self.running.returncode is None:
-      self.running.kill()
-      self.running.wait()
+    for fork in self.forks:  # any a test left running (paused in a writer, say)
+      if fork.poll() is None:
+        fork.kill()
+        fork.wait()
     # The server holds nothing to save, and its interpreter's teardown costs seconds.
     self.proc.kill()
     self.proc.wait()

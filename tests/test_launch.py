@@ -123,7 +123,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_two_processes_over_loopback_train_like_one_host(tmp_path):
+def test_two_processes_over_loopback_train_like_one_host(forks, tmp_path):
   """jax.distributed over loopback, two 'hosts' of 2 CPU devices each, against one of 4.
 
   With seeds across the hosts (2x2) each host reads the whole batch; with the data axis across
@@ -135,32 +135,29 @@ def test_two_processes_over_loopback_train_like_one_host(tmp_path):
   common = [f"--store={store}", "--num_latents=64", "--k=4", "--seeds=0,1", "--batch_size=128",
             "--num_tokens=2560", "--lr=1e-2", "--lr_warmup_steps=5", "--checkpoint_every=10",
             "--log_every=5", "--noprogress"]
-  jaxsae = [sys.executable, "-m", "jaxsae", "train"]
 
   def env(devices):
     return {**os.environ, "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
             + f" --xla_force_host_platform_device_count={devices}"}
 
-  def start(name, args, devices):
-    with open(tmp_path / f"{name}.log", "w") as log:  # a file: no pipe fills while one waits
-      return subprocess.Popen([*jaxsae, *common, *args], cwd=ROOT, env=env(devices),
-                              stdout=log, stderr=subprocess.STDOUT)
+  def start(args, devices):  # `python -m jaxsae train ...`, forked (tests/forks.py)
+    return forks.start("train", *common, *args, env=env(devices))
 
   # The single host and both pairs of hosts at once, each pair with its own coordinator: a
   # process spends most of its time starting and compiling, on one core, and a host waits for
   # its partner, so side by side they use cores that one after the other would leave idle.
-  procs = {"one": start("one", ["--mesh=2x2", f"--out={tmp_path}/one"], 4)}
+  procs = {"one": start(["--mesh=2x2", f"--out={tmp_path}/one"], 4)}
   for mesh, port in zip(("2x2", "1x4"), _free_ports(2)):
     for i in range(2):
-      procs[f"{mesh}-{i}"] = start(f"{mesh}-{i}", [
+      procs[f"{mesh}-{i}"] = start([
           f"--mesh={mesh}", f"--out={tmp_path}/{mesh}", "--distributed",
           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
           f"--process_id={i}"], 2)
   try:
     for name, p in procs.items():
-      p.wait(timeout=300)
-      assert p.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+      done = p.completed(timeout=300)
+      assert done.returncode == 0, (name, done.stderr[-3000:])
   finally:
     for p in procs.values():  # a host whose partner failed would wait for it
       if p.poll() is None:
