@@ -19,14 +19,14 @@ to the two FILEs. The environment takes effect as in a new process for what is r
 used (XLA_FLAGS when jax's backend starts, jaxsae's own settings), not for what a module the
 server imported read at its import (JAX_PLATFORMS, huggingface_hub's constants).
 
-It ends as that process would: the status of its SystemExit, or
-a traceback and 1 for any other exception, once its threads are joined and its atexit handlers
-have run (only the interpreter's teardown of every module is skipped: 2 s with torch and jax
-loaded). The server answers `{"pid": PID}` once it forked and `{"pid": PID, "code": STATUS}`
-once that process ended (-9 after a SIGKILL, as subprocess says); it reads the next request
-without waiting, so processes may run side by side (two "hosts" of a run, say). Nothing the server imports starts a JAX backend or a torch thread pool, so a
-fork starts them afresh, as a new process would (numpy's BLAS and pyarrow's allocator threads
-are fork-safe).
+It ends as that process would: the status of its SystemExit, or a traceback and 1 for any other
+exception, once its threads are joined and its atexit handlers have run (only the interpreter's
+teardown of every module is skipped: 2 s with torch and jax loaded). The server answers
+`{"pid": PID}` once it forked and `{"pid": PID, "code": STATUS}` once that process ended (-9
+after a SIGKILL, as subprocess says); it reads the next request without waiting, so processes
+may run side by side (two "hosts" of a run, say). Nothing the server imports starts a JAX
+backend or a torch thread pool, so a fork starts them afresh, as a new process would (numpy's
+BLAS and pyarrow's allocator threads are fork-safe).
 
 pause: WHAT is `shard` (the store's shard writer, after the bytes are written to the temporary
 file and before its fsync and rename) or `checkpoint` (orbax's commit of a checkpoint's
@@ -127,7 +127,7 @@ def serve(answers: int) -> dict | None:
 def main() -> None:
   answers = os.dup(1)  # the requests' answers; anything printed by the server goes to stderr
   os.dup2(2, 1)
-  sys.path[0] = os.getcwd()  # the repository, as for `python -m jaxsae.cli` (not tests/faults)
+  sys.path[0] = os.getcwd()  # the repository, as for `python -m jaxsae.cli` (not tests/)
   _import(sys.argv[1:])
   request = serve(answers)
   if request is None:
@@ -230,8 +230,9 @@ class ForkServer:
   transformers again (see the module's docstring)."""
 
   def __init__(self, tmp, modules=(), env: dict | None = None):
-    """Starts the server, which imports `modules` (in the background: a request waits); its
-    processes run in the repository root, with this process's environment updated by `env`."""
+    """Starts the server, which imports `modules` (in the background: a request waits), in
+    this process's environment updated by `env`; each process it starts has the environment
+    and directory `start` gives it."""
     self.tmp, self.n = str(tmp), 0
     self._log = open(os.path.join(self.tmp, "server.log"), "w")
     self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *modules], cwd=ROOT,
