@@ -26,13 +26,8 @@ TORCH = ("torch", "transformers", "jaxsae.extract", "transformers.models.auto.mo
 PEERS = ("sparsify", "sae_lens", "transformers.optimization")
 
 
-@pytest.fixture
-def bench(forks):
-  return forks
-
-
-def _run(bench, script, *args, warm=JAX):
-  out = bench.run(*args, script=os.path.join(ROOT, "bench", script), warm=warm, timeout=600)
+def _run(forks, script, *args, warm=JAX):
+  out = forks.run(*args, script=os.path.join(ROOT, "bench", script), warm=warm, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   return out.stdout
 
@@ -76,7 +71,7 @@ def test_bench_train_saelens_smoke(train_rows):
   assert two["jaxsae_tok_s_per_seed"] > 0
 
 
-def test_bench_train_missing_peer_says_how_to_install(bench, tmp_path):
+def test_bench_train_missing_peer_says_how_to_install(forks, tmp_path):
   # sys.modules[name] = None makes the peer unimportable, as on a machine without the extra
   # (whether or not the fork server imported it); the run stops in one line that names the
   # fix, before any side has spent time.
@@ -85,14 +80,14 @@ def test_bench_train_missing_peer_says_how_to_install(bench, tmp_path):
                     "sys.argv = ['bench_train.py', '--sides=jaxsae,saelens']; "
                     f"runpy.run_path({os.path.join(ROOT, 'bench', 'bench_train.py')!r}, "
                     "run_name='__main__')")
-  out = bench.run(script=str(script), warm=JAX, timeout=600)
+  out = forks.run(script=str(script), warm=JAX, timeout=600)
   assert out.returncode != 0
   assert "pip install -e .[bench]" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_bench_match_smoke(bench, tmp_path):
+def test_bench_match_smoke(forks, tmp_path):
   # Each (instance, size, method) in a new interpreter of its own: the benchmark's peak RSS.
-  _run(bench, "bench_match.py", "--sizes=256", "--instances=planted", "--d_in=32",
+  _run(forks, "bench_match.py", "--sizes=256", "--instances=planted", "--d_in=32",
        f"--json={tmp_path / 'r.jsonl'}", warm=())
   with open(tmp_path / "r.jsonl") as f:
     rows = {r["method"]: r for r in map(json.loads, f)}
@@ -105,8 +100,8 @@ def test_bench_match_smoke(bench, tmp_path):
   assert rows["sparse"]["objective"] == pytest.approx(rows["scipy"]["objective"], rel=1e-6)
 
 
-def test_bench_kernels_smoke(bench):
-  out = _run(bench, "bench_kernels.py", "--d_in=16", "--k=4", "--shapes=64x128", "--rounds=1",
+def test_bench_kernels_smoke(forks):
+  out = _run(forks, "bench_kernels.py", "--d_in=16", "--k=4", "--shapes=64x128", "--rounds=1",
              "--steps=2")
   row = json.loads(out.strip().splitlines()[-1])
   assert row["batch_x_latents"] == 64 * 128 and row["dense_ms"] > 0 and row["scatter_ms"] > 0
@@ -115,31 +110,31 @@ def test_bench_kernels_smoke(bench):
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels are not built here")
-def test_bench_cpu_kernels_smoke(bench):
-  out = _run(bench, "bench_cpu_kernels.py", "--d_in=16", "--k=4", "--shapes=64x128",
+def test_bench_cpu_kernels_smoke(forks):
+  out = _run(forks, "bench_cpu_kernels.py", "--d_in=16", "--k=4", "--shapes=64x128",
              "--rounds=1", "--calls=1")
   row = json.loads(out.strip().splitlines()[-1])
   for name in ("top_k", "gather_sum", "gather_dot", "scatter_rows"):
     assert row[f"{name}_kernel_ms"] > 0 and row[f"{name}_xla_ms"] > 0
 
 
-def test_bench_seed_loop_smoke(bench):
-  out = _run(bench, "bench_seed_loop.py", "--d_in=16", "--k=4", "--batch_size=64",
+def test_bench_seed_loop_smoke(forks):
+  out = _run(forks, "bench_seed_loop.py", "--d_in=16", "--k=4", "--batch_size=64",
              "--num_latents=128", "--seeds=2", "--steps=2", "--rounds=1")
   row = json.loads(out.strip().splitlines()[-1])
   assert row["vmap_ms"] > 0 and row["unrolled_ms"] > 0 and row["lax_map_ms"] > 0
   assert row["chosen"] in ("vmap", "map")
 
 
-def test_bench_step_parts_smoke(bench):
-  out = _run(bench, "bench_step_parts.py", "--d_in=16", "--k=4", "--batch_size=64",
+def test_bench_step_parts_smoke(forks):
+  out = _run(forks, "bench_step_parts.py", "--d_in=16", "--k=4", "--batch_size=64",
              "--num_latents=128", "--rounds=1")
   row = json.loads(out.strip().splitlines()[-1])
   assert row["step_ms"] > 0 and row["clip_and_adam_ms"] > 0
 
 
-def test_bench_store_smoke(bench, tmp_path):
-  out = _run(bench, "bench_store.py", "--rows=512", "--d_in=16", "--rows_per_shard=128",
+def test_bench_store_smoke(forks, tmp_path):
+  out = _run(forks, "bench_store.py", "--rows=512", "--d_in=16", "--rows_per_shard=128",
              "--batch_size=32", "--steps=2", "--rounds=1")
   rows = {r["dtype"]: r for r in map(json.loads, out.strip().splitlines())}
   assert list(rows) == ["float32", "bfloat16", "int8", "float8_e4m3fn"]
@@ -154,20 +149,20 @@ def test_bench_store_smoke(bench, tmp_path):
   x = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
   for d in ("float32", "int8"):
     store_writer.write_store(str(tmp_path / d), x, rows_per_shard=100, dtype=d)
-  out = _run(bench, "bench_store.py", f"--reference={tmp_path / 'float32'}",
+  out = _run(forks, "bench_store.py", f"--reference={tmp_path / 'float32'}",
              f"--stores={tmp_path / 'int8'}")
   row = json.loads(out.strip().splitlines()[-1])
   assert row["dtype"] == "int8" and row["rows"] == 300 and 0 < row["rel_l2_err_mean"] < 0.02
 
 
-def test_bench_memory_smoke(bench):
-  out = _run(bench, "bench_memory.py", "--d_in=16", "--num_latents=64", "--k=4",
+def test_bench_memory_smoke(forks):
+  out = _run(forks, "bench_memory.py", "--d_in=16", "--num_latents=64", "--k=4",
              "--batch_size=32", "--seeds=1,2")
   one, two = map(json.loads, out.strip().splitlines()[-2:])
   assert (one["seeds"], two["seeds"]) == (1, 2) and 0 < one["peak_gb"] < two["peak_gb"]
 
 
-def test_bench_extract_smoke_on_gpt2(bench, tmp_path, tiny_model_dir):
+def test_bench_extract_smoke_on_gpt2(forks, tmp_path, tiny_model_dir):
   """Both forms on a GPT-2 layout (transformer.h), which the benchmark used to assume away."""
   import transformers
   import torch
@@ -179,14 +174,14 @@ def test_bench_extract_smoke_on_gpt2(bench, tmp_path, tiny_model_dir):
       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "m")
   common = [f"--model={tmp_path / 'm'}", "--site=mlp:1", "--num_tokens=512", "--ctx_len=64",
             "--rounds=1"]
-  r = _printed_json(_run(bench, "bench_extract.py", *common, warm=TORCH))
+  r = _printed_json(_run(forks, "bench_extract.py", *common, warm=TORCH))
   assert (r["tokens"], r["ctx_len"], r["device"]) == (512, 64, "cpu")
   for key in ("full_forward_tok_s", "decoder_stack_tok_s", "jaxsae_extract_tok_s",
               "speedup_vs_full_forward", "speedup_vs_decoder_stack"):
     assert r[key] > 0, key
   assert 0 < r["jaxsae_fraction_in_model"] <= 1
   assert r["ideal_speedup_vs_decoder_stack"] == 3 / 2  # the site ends block 1 of 3: 2 run
-  r = _printed_json(_run(bench, "bench_extract.py", *common, "--variants=fp32,bf16,threads1",
+  r = _printed_json(_run(forks, "bench_extract.py", *common, "--variants=fp32,bf16,threads1",
                          "--dtype=int8", warm=TORCH))
   assert (r["tokens_per_round"], r["stored_dtype"], r["rounds"]) == (512, "int8", 1)
   assert r["rows_compared"] > 0
