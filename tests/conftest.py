@@ -65,6 +65,13 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+def cpu_devices_env(n: int) -> dict[str, str]:
+  """This process's environment for a process whose jax starts with `n` CPU devices (XLA reads
+  the count when the backend starts; the session's TEST_XLA_FLAGS stay)."""
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS":
+          f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"}
+
+
 # What the jaxsae commands' processes import, some only once a run is under way (orbax and
 # tensorboardX in training, datasets and the tiny llama's classes in extraction): seconds each.
 FORK_IMPORTS = ("orbax.checkpoint", "tensorboardX", "datasets",

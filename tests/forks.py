@@ -7,11 +7,11 @@ torch and transformers once, not at every process it starts.
 The server imports each MODULE, then takes requests on stdin, one JSON object a line:
 
   {"args": [...], "script": PATH or null, "module": NAME or null, "warm": [MODULE, ...],
-   "out": FILE, "err": FILE, "env": {NAME: VALUE} or null, "cwd": DIR or null,
+   "out": FILE, "err": FILE, "env": {NAME: VALUE}, "cwd": DIR or null,
    "pause": [WHAT, N, MARKER] or null, "fsize": BYTES or null}
 
 For each it imports the `warm` modules it has not yet (a script's own imports, say), then forks.
-The fork takes `env` as its whole environment and `cwd` as its directory where they are given,
+The fork takes `env` as its whole environment and `cwd` as its directory where one is given,
 then runs `jaxsae.cli.main(["jaxsae", *args])` as `python -m jaxsae.cli ARGS` would; with a
 script, runs it as `python PATH ARGS` would (`__main__`, its directory first on sys.path); with
 a module, as `python -m NAME ARGS` would (the directory first on sys.path). stdout and stderr go
@@ -137,9 +137,8 @@ def main() -> None:
   os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
   for fd, path in ((1, request["out"]), (2, request["err"])):
     os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-  if request.get("env") is not None:
-    os.environ.clear()
-    os.environ.update(request["env"])
+  os.environ.clear()
+  os.environ.update(request["env"])
   if request.get("cwd"):
     os.chdir(request["cwd"])
   if request.get("fsize") is not None:
@@ -229,15 +228,14 @@ class ForkServer:
   their modules once: a start costs milliseconds, not the seconds of importing jax, torch and
   transformers again (see the module's docstring)."""
 
-  def __init__(self, tmp, modules=(), env: dict | None = None):
+  def __init__(self, tmp, modules=()):
     """Starts the server, which imports `modules` (in the background: a request waits), in
-    this process's environment updated by `env`; each process it starts has the environment
-    and directory `start` gives it."""
+    this process's environment; each process it starts has the environment and directory
+    `start` gives it."""
     self.tmp, self.n = str(tmp), 0
     self._log = open(os.path.join(self.tmp, "server.log"), "w")
     self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *modules], cwd=ROOT,
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-                                 env={**os.environ, **(env or {})})
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
     self._buf = b""
     self._started: list[int] = []  # pids answered, not yet taken by start()
     self._ended: dict[int, int] = {}  # pid -> exit status

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from conftest import planted_sparse
+from conftest import cpu_devices_env, planted_sparse
 
 from jaxsae import cli
 from jaxsae import extract
@@ -136,13 +136,8 @@ def test_two_processes_over_loopback_train_like_one_host(forks, tmp_path):
             "--num_tokens=2560", "--lr=1e-2", "--lr_warmup_steps=5", "--checkpoint_every=10",
             "--log_every=5", "--noprogress"]
 
-  def env(devices):
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
-            + f" --xla_force_host_platform_device_count={devices}"}
-
   def start(args, devices):  # `python -m jaxsae train ...`, forked (tests/forks.py)
-    return forks.start("train", *common, *args, env=env(devices))
+    return forks.start("train", *common, *args, env=cpu_devices_env(devices))
 
   # The single host and both pairs of hosts at once, each pair with its own coordinator: a
   # process spends most of its time starting and compiling, on one core, and a host waits for

@@ -112,7 +112,7 @@ def plant(root, seed1_root, rng) -> dict:
 
 
 @pytest.fixture(scope="module")
-def planted(request, tmp_path_factory):
+def planted(forks, tmp_path_factory):
   tmp = tmp_path_factory.mktemp("paper_saes")
   cache = str(tmp / "hub")
   rng = np.random.default_rng(0)
@@ -122,9 +122,8 @@ def planted(request, tmp_path_factory):
   out = tmp / "out"
   env = {**os.environ, "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
   # `python -m experiments.run ...` in a process of its own, forked (tests/forks.py).
-  done = request.getfixturevalue("forks").run(
-      "--study=paper_saes", f"--out={out}", f"--paper_repo={ps.REPO}", "--paper_revision=main",
-      module="experiments.run", env=env, timeout=300)
+  done = forks.run("--study=paper_saes", f"--out={out}", f"--paper_repo={ps.REPO}",
+                   "--paper_revision=main", module="experiments.run", env=env, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   with open(out / "paper_saes" / "results.json") as f:
     res = json.load(f)

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from conftest import planted_sparse, train_config as config
+from conftest import cpu_devices_env, planted_sparse, train_config as config
 
 from jaxsae import formats
 from jaxsae import store as store_lib
@@ -330,11 +330,9 @@ def test_sharded_over_8_devices_matches_one_device(forks, store_dir, tmp_path):
         except JaxsaeError as e:
           print("ERROR:", e)
   """)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
   # A process of its own (forked: tests/forks.py), whose jax starts with 8 CPU devices.
   (tmp_path / "eight.py").write_text(script)
-  proc = forks.run(script=str(tmp_path / "eight.py"), env=env, timeout=300)
+  proc = forks.run(script=str(tmp_path / "eight.py"), env=cpu_devices_env(8), timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "ERROR: mesh seed axis 8 does not divide the 4 seeds" in proc.stdout
   assert "ERROR: --seed_loop=map runs the seeds one after another" in proc.stdout

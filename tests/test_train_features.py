@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import planted_sparse, train_config
+from conftest import cpu_devices_env, planted_sparse, train_config
 
 from jaxsae import formats
 from jaxsae import saes
@@ -116,11 +116,9 @@ def test_per_seed_data_over_8_devices_matches_one_device(forks, store_dir, tmp_p
           seeds=(0, 0, 1, 1), data_seeds=(0, 1, 0, 1), batch_size=128, num_tokens=128 * 20,
           lr=1e-2, lr_warmup_steps=5, checkpoint_every=10, log_every=5, progress=False))
   """)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
   # A process of its own (forked: tests/forks.py), whose jax starts with 8 CPU devices.
   (tmp_path / "eight.py").write_text(script)
-  proc = forks.run(script=str(tmp_path / "eight.py"), env=env, timeout=300)
+  proc = forks.run(script=str(tmp_path / "eight.py"), env=cpu_devices_env(8), timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   train.run(config(store_dir, tmp_path / "one", seeds=(0, 0, 1, 1), data_seeds=(0, 1, 0, 1)))
   for s in (0, 1):

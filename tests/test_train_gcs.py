@@ -18,7 +18,6 @@ from jaxsae import formats
 from jaxsae.train import checkpoints
 
 
-
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
   """test_train.py's store: planted sparse rows, 8 shards of 1024."""

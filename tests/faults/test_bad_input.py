@@ -92,22 +92,16 @@ def _sae(path, n, d=16, cfg_text=None):
 
 
 @pytest.fixture(scope="module")
-def results(request, tmp_path_factory):
+def results(forks, tiny_model_dir, text_dir, train_store, tmp_path_factory):
   """Every case run once, through `jaxsae.cli.main` in a process of its own (the fork server's),
   once for the module: its cases share one worker (the xdist_group below)."""
-  return _run_cases(request, tmp_path_factory.mktemp("bad_input"))
-
-
-def _run_cases(request, tmp) -> list[dict]:
-  forks = request.getfixturevalue("forks")
+  tmp = tmp_path_factory.mktemp("bad_input")
   (tmp / "a_file").write_text("not a directory")
   for name, text in (("match_bad_json", "{not json"), ("match_empty", "{}")):
     (tmp / name).mkdir()
     (tmp / name / "match.json").write_text(text)
     (tmp / name / "latents.csv").write_text("a,b\n")
-  places = dict(model=request.getfixturevalue("tiny_model_dir"),
-                text=request.getfixturevalue("text_dir"),
-                store=request.getfixturevalue("train_store"), tmp=str(tmp),
+  places = dict(model=tiny_model_dir, text=text_dir, store=train_store, tmp=str(tmp),
                 file=str(tmp / "a_file"), sae_a=_sae(tmp / "sae_a", 64),
                 sae_b=_sae(tmp / "sae_b", 64), sae_other_d=_sae(tmp / "sae_other_d", 64, d=8),
                 sae_bad_json=_sae(tmp / "sae_bad_json", 64, cfg_text='{"k": 4, '),  # cut short
