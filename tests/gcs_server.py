@@ -8,8 +8,8 @@ What the emulator (2026.7) lacks is added in the subprocess, not in jaxsae:
   * generation preconditions on upload (`ifGenerationMatch`, answered 412 as GCS does), which
     a create-only write relies on;
   * concurrent requests: its HTTPServer serves one request at a time, which would measure the
-    server, not the client; reads run in parallel here, writes one at a time (its metadata is
-    one JSON file rewritten on every change);
+    server, not the client; reads run in parallel here, each write alone, with no read beside
+    it (its metadata is one JSON file rewritten on every change);
   * empty objects uploaded as media (it fails on the empty body);
   * objects.move (POST .../o/SRC/moveTo/o/DST), which gcsfs tries first for every rename
     (orbax moving a checkpoint aside): the emulator's 501 is retried for seconds per object
@@ -143,17 +143,44 @@ def _patched_emulator():
                            rf"(?P<dest_object_id>.*[^/]+)$", {server.POST: move})
                           for root in (api, "")) + server.HANDLERS
 
-  writes = threading.Lock()
+  # Reads share the storage, a write has it alone: the emulator reads an object's bytes and
+  # its metadata in two steps and rewrites both (and its one metadata file) in several, so a
+  # read beside a write could pair one version's bytes with another's generation, which a real
+  # bucket never serves.
+  lock, state = threading.Condition(), {"readers": 0, "writing": False}
+
+  def shared(method):
+    def locked(self):
+      with lock:
+        lock.wait_for(lambda: not state["writing"])
+        state["readers"] += 1
+      try:
+        method(self)
+      finally:
+        with lock:
+          state["readers"] -= 1
+          lock.notify_all()
+    return locked
+
+  def alone(method):
+    def locked(self):
+      with lock:
+        lock.wait_for(lambda: not state["writing"] and not state["readers"])
+        state["writing"] = True
+      try:
+        method(self)
+      finally:
+        with lock:
+          state["writing"] = False
+          lock.notify_all()
+    return locked
 
   class Handler(server.RequestHandler):
-    def _locked(self, method):
-      with writes:
-        method(self)
-
-    do_POST = lambda self: self._locked(server.RequestHandler.do_POST)
-    do_PUT = lambda self: self._locked(server.RequestHandler.do_PUT)
-    do_PATCH = lambda self: self._locked(server.RequestHandler.do_PATCH)
-    do_DELETE = lambda self: self._locked(server.RequestHandler.do_DELETE)
+    do_GET = shared(server.RequestHandler.do_GET)
+    do_POST = alone(server.RequestHandler.do_POST)
+    do_PUT = alone(server.RequestHandler.do_PUT)
+    do_PATCH = alone(server.RequestHandler.do_PATCH)
+    do_DELETE = alone(server.RequestHandler.do_DELETE)
 
   class Api(server.APIThread):
     def run(self):
