@@ -11,6 +11,8 @@ What the emulator (2026.7) lacks is added in the subprocess, not in jaxsae:
     server, not the client; reads run in parallel here, each write alone, with no read beside
     it (its metadata is one JSON file rewritten on every change);
   * empty objects uploaded as media (it fails on the empty body);
+  * a read's generation (`x-goog-generation`) and its generation conditions, which TensorStore
+    relies on to cache OCDBT manifests: without them every read looked like generation 0;
   * objects.move (POST .../o/SRC/moveTo/o/DST), which gcsfs tries first for every rename
     (orbax moving a checkpoint aside): the emulator's 501 is retried for seconds per object
     before gcsfs falls back to copy and delete.
@@ -127,6 +129,35 @@ def _patched_emulator():
   objects._media_upload = precondition(empty_body(objects._media_upload))
   objects._multipart_upload = precondition(objects._multipart_upload)
 
+  def conditional(read):
+    """A read as GCS answers it: the object's generation in `x-goog-generation` (TensorStore
+    stamps what it reads with it, and caches by it), 304 where `ifGenerationNotMatch` names
+    the current generation, 412 where `ifGenerationMatch` does not."""
+    def checked(request, response, storage, *args, **kwargs):
+      try:
+        obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      except NotFound:
+        return read(request, response, storage, *args, **kwargs)
+      have = str(obj["generation"])
+      match, not_match = (request.query.get("ifGenerationMatch"),
+                          request.query.get("ifGenerationNotMatch"))
+      if match and match[0] != have:
+        response.status = HTTPStatus.PRECONDITION_FAILED
+        response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+        return
+      if not_match and not_match[0] == have:
+        response.status = HTTPStatus.NOT_MODIFIED
+        return
+      response["x-goog-generation"] = have
+      response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+      return read(request, response, storage, *args, **kwargs)
+    return checked
+
+  # `get` answers `alt=media` through the module's `download`, so both are replaced there and
+  # in the routes that name them.
+  reads = {objects.get: conditional(objects.get), objects.download: conditional(objects.download)}
+  objects.get, objects.download = reads[objects.get], reads[objects.download]
+
   def move(request, response, storage, *args, **kwargs):
     bucket, name = request.params["bucket_name"], request.params["object_id"]
     try:
@@ -141,7 +172,9 @@ def _patched_emulator():
   api = server.settings.API_ENDPOINT
   server.HANDLERS = tuple((rf"^{root}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
                            rf"(?P<dest_object_id>.*[^/]+)$", {server.POST: move})
-                          for root in (api, "")) + server.HANDLERS
+                          for root in (api, "")) + tuple(
+      (route, {method: reads.get(fn, fn) for method, fn in methods.items()})
+      for route, methods in server.HANDLERS)
 
   # Reads share the storage, a write has it alone: the emulator reads an object's bytes and
   # its metadata in two steps and rewrites both (and its one metadata file) in several, so a
