@@ -103,6 +103,10 @@ def _patched_emulator():
   from gcp_storage_emulator.exceptions import NotFound
   from gcp_storage_emulator.handlers import objects
 
+  def condition_not_met(response):
+    response.status = HTTPStatus.PRECONDITION_FAILED
+    response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+
   def precondition(upload):
     def checked(request, response, storage):
       want = request.query.get("ifGenerationMatch")
@@ -113,9 +117,7 @@ def _patched_emulator():
         except NotFound:
           have = "0"
         if want[0] != str(have):
-          response.status = HTTPStatus.PRECONDITION_FAILED
-          response.json({"error": {"code": 412, "message": "conditionNotMet"}})
-          return
+          return condition_not_met(response)
       return upload(request, response, storage)
     return checked
 
@@ -142,9 +144,7 @@ def _patched_emulator():
       match, not_match = (request.query.get("ifGenerationMatch"),
                           request.query.get("ifGenerationNotMatch"))
       if match and match[0] != have:
-        response.status = HTTPStatus.PRECONDITION_FAILED
-        response.json({"error": {"code": 412, "message": "conditionNotMet"}})
-        return
+        return condition_not_met(response)
       if not_match and not_match[0] == have:
         response.status = HTTPStatus.NOT_MODIFIED
         return
@@ -153,10 +153,9 @@ def _patched_emulator():
       return read(request, response, storage, *args, **kwargs)
     return checked
 
-  # `get` answers `alt=media` through the module's `download`, so both are replaced there and
-  # in the routes that name them.
+  # The routes that read an object, its metadata or its bytes (`get` serves `alt=media` by
+  # calling `download` itself, so a read is checked once, on its route).
   reads = {objects.get: conditional(objects.get), objects.download: conditional(objects.download)}
-  objects.get, objects.download = reads[objects.get], reads[objects.download]
 
   def move(request, response, storage, *args, **kwargs):
     bucket, name = request.params["bucket_name"], request.params["object_id"]
