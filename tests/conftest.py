@@ -31,6 +31,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 _multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # np.core: numpy < 2
 _multiarray._set_madvise_hugepage(os.environ["NUMPY_MADVISE_HUGEPAGE"] != "0")
+# torch (and numpy's BLAS) on one thread in the tests' processes and those they start: the
+# suite runs one worker per core, and torch's default of a thread per core in each spins
+# against the other worker (a forward of the 4-layer d=32 tiny llama took 0.2-0.3 s on two
+# threads, 16 ms on one, its hidden states bit-identical). torch reads it when it starts, after
+# this file: no plugin imports it first.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 

@@ -21,19 +21,6 @@ from jaxsae import store as store_lib
 from jaxsae import store_writer
 
 
-@pytest.fixture
-def one_torch_thread():
-  """torch on one thread while a test extracts from the tiny model in this process: with the
-  suite's workers on both cores, torch's default of a thread per core spins against them (a
-  forward of the 4-layer d=32 model took 0.2-0.3 s, against 16 ms on one thread; its hidden
-  states were bit-identical). The worker's setting is restored after."""
-  import torch
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
-
-
 def tiny_demo_flags(model_dir: str, text_dir: str) -> dict:
   return dict(model=model_dir, dataset=text_dir, site="model.layers.2.mlp", num_tokens=16384,
               ctx_len=64, num_seeds=3, num_latents=64, k=4, train_tokens=16384, batch_size=128,
@@ -41,8 +28,7 @@ def tiny_demo_flags(model_dir: str, text_dir: str) -> dict:
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_then_reuses_every_stage(tiny_model_dir, text_dir, tmp_path, capsys,
-                                                 one_torch_thread):
+def test_demo_end_to_end_then_reuses_every_stage(tiny_model_dir, text_dir, tmp_path, capsys):
   cfg = demo.DemoConfig(out=str(tmp_path / "demo"), **tiny_demo_flags(tiny_model_dir, text_dir))
   summary = demo.run(cfg)
   out = capsys.readouterr().out
@@ -250,8 +236,7 @@ def _series_of(match_json: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_layers_and_sites_studies_on_one_multi_site_store(tiny_model_dir, text_dir, tmp_path,
-                                                          one_torch_thread):
+def test_layers_and_sites_studies_on_one_multi_site_store(tiny_model_dir, text_dir, tmp_path):
   """Both depth studies read one extraction of MLP output and residual stream at each layer,
   share the MLP runs, and report per point the series `jaxsae match` reports for that run."""
   out = str(tmp_path / "exp")

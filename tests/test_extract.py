@@ -251,12 +251,18 @@ def test_threads_flag_sets_torch_threads_for_the_run_only(tiny_model_dir, text_d
     seen.append(torch.get_num_threads())
     return forward(self, ids)
 
+  # Two threads going in, whatever the suite's processes run on (tests/conftest.py: one), so
+  # that the flag's one is not the default's.
   before = torch.get_num_threads()
-  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "default"))
-  monkeypatch.setattr(extract.Hooked, "__call__", counting)
-  extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "one", threads=1))
-  assert set(seen[1:]) == {1}  # seen[0] is the width probe, run before the shards
-  assert torch.get_num_threads() == before
+  torch.set_num_threads(2)
+  try:
+    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "default"))
+    monkeypatch.setattr(extract.Hooked, "__call__", counting)
+    extract.run(_cfg(tiny_model_dir, text_dir, tmp_path / "one", threads=1))
+    assert set(seen[1:]) == {1}  # seen[0] is the width probe, run before the shards
+    assert torch.get_num_threads() == 2
+  finally:
+    torch.set_num_threads(before)
   a, b = store.Store(str(tmp_path / "default")), store.Store(str(tmp_path / "one"))
   np.testing.assert_allclose(b.batch(0, a.num_tokens), a.batch(0, a.num_tokens), rtol=1e-5,
                              atol=1e-6)

@@ -184,11 +184,9 @@ def test_colab_notebook_runs_end_to_end(tiny_model_dir, text_dir, tmp_path, monk
             "lr=8e-3, lr_warmup_steps=5, progress=False)")
   nb.cells = [nbformat.v4.new_code_cell(params) if "parameters" in t else c
               for c, t in zip(nb.cells, tags) if "install" not in t]
-  # `!jaxsae` finds this venv's command. torch in the kernel and in `jaxsae demo` on one
-  # thread: the suite's workers already hold every core, and torch's default of a thread per
-  # core spins against them (the tiny model's forward took 0.2-0.3 s, against 16 ms on one).
+  # `!jaxsae` finds this venv's command. (torch in the kernel and in `jaxsae demo` runs on the
+  # one thread tests/conftest.py gives the suite's processes.)
   monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-  monkeypatch.setenv("OMP_NUM_THREADS", "1")
   nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                           resources={"metadata": {"path": ROOT}}).execute()
   code = [c for c in nb.cells if c.cell_type == "code"]
