@@ -147,10 +147,11 @@ def test_topk_has_exactly_k_active_and_sparse_decode_matches_dense():
     return sae.encode(x) @ w_dec
 
   w = sae.W_dec[...]
-  np.testing.assert_allclose(sparse(w), dense(w), atol=1e-5)
+  np.testing.assert_allclose(jax.jit(sparse)(w), jax.jit(dense)(w), atol=1e-5)
   target = jax.random.normal(jax.random.key(3), (128, D_IN))
-  g_sparse = jax.grad(lambda w: jnp.sum((sparse(w) - target) ** 2))(w)
-  g_dense = jax.grad(lambda w: jnp.sum((dense(w) - target) ** 2))(w)
+  # Jitted whole: op by op, each primitive of the gradients would compile on its own.
+  g_sparse = jax.jit(jax.grad(lambda w: jnp.sum((sparse(w) - target) ** 2)))(w)
+  g_dense = jax.jit(jax.grad(lambda w: jnp.sum((dense(w) - target) ** 2)))(w)
   np.testing.assert_allclose(g_sparse, g_dense, atol=1e-4)
 
 
@@ -265,15 +266,16 @@ def test_fused_topk_encoder_gradients_equal_autodiff_of_the_dense_form():
     x_hat = common.sparse_decode(vals, idx, s.W_dec[...], cfg) + s.b_dec[...]
     return jnp.sum(jnp.square(x - x_hat)) / common.total_variance(x)
 
-  fused = nnx.grad(lambda s: s.loss(x, jnp.zeros(N, bool), 1.0)[0])(sae)
-  dense = nnx.grad(dense_loss)(sae)
+  # Jitted whole: op by op, each primitive of the gradients would compile on its own.
+  fused = nnx.jit(nnx.grad(lambda s: s.loss(x, jnp.zeros(N, bool), 1.0)[0]))(sae)
+  dense = nnx.jit(nnx.grad(dense_loss))(sae)
   for name in params:
     np.testing.assert_allclose(fused[name][...], dense[name][...], rtol=1e-4, atol=1e-6)
   # The custom rule for the input too (dead code in training, but it must be right).
   gx = jax.grad(lambda x: common.topk_encoder(x, params["W_enc"], params["b_enc"], cfg)[0].sum())
   gx_dense = jax.grad(lambda x: jax.lax.top_k(
       jax.nn.relu(x @ params["W_enc"] + params["b_enc"]), cfg.k)[0].sum())
-  np.testing.assert_allclose(gx(x), gx_dense(x), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(gx)(x), jax.jit(gx_dense)(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kernel", [False, True] if cpu_kernels.available() else [False])
