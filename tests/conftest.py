@@ -25,9 +25,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # machine, a VM, the first touch of a fresh 2 MB page is slow: two new 671 MB float32 arrays
 # (an int8 array cast, then doubled) took 8-11 s with huge pages and 0.7-0.9 s without, and
 # Gemma's load (tests/test_gemma.py) 24 s against 18 s, its sys time 8 s against 2.6 s. The
-# suite took 421 s with them and 352 s without (user + sys 795 -> 662 CPU-s), back to back. Off
-# in the tests' processes and every process they start: numpy reads the variable when it is
-# imported, which in this process a plugin has done before this file runs, hence the call.
+# suite took 421 s with them and 352 s without (user + sys 795 -> 662 CPU-s), one pair of runs
+# back to back, where the machine moves +-10% from run to run. Off in the tests' processes
+# and every process they start: numpy reads the variable when it is imported, which in this
+# process a plugin has done before this file runs, hence the call.
 os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 _multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # np.core: numpy < 2
 _multiarray._set_madvise_hugepage(os.environ["NUMPY_MADVISE_HUGEPAGE"] != "0")
