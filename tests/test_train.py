@@ -301,6 +301,47 @@ def test_the_plan_decides_on_the_host_and_nothing_traced_probes(arch, monkeypatc
   jax.eval_shape(train.make_step(graphdef, plan), state, x)
 
 
+class _Poisoned:
+  """A plan field the programs must not read: any use of it fails the test."""
+
+  def __init__(self, name):
+    object.__setattr__(self, "name", name)
+
+  def _used(self, *_, **__):
+    raise AssertionError(f"a jitted program read the plan's {object.__getattribute__(self, 'name')}")
+
+  __getattr__ = __str__ = __repr__ = __fspath__ = __bool__ = __iter__ = __len__ = _used
+  __eq__ = __hash__ = __int__ = __index__ = __format__ = _used
+
+
+def test_a_runs_programs_are_built_once_for_what_they_compute(store_dir, tmp_path):
+  """A second run of the same shape in the process gets the first one's jitted programs (no
+  trace, no compile), whatever the two write to or how they log; the fields the cache leaves
+  out of its key are ones the programs never read (traced and lowered here with each one
+  poisoned); any other difference builds anew."""
+  from jaxsae.train import programs
+  plan = train.resolve(config(store_dir, tmp_path / "a"), D_IN, 40 * 128)
+  mesh = train.make_mesh(plan)
+  poisoned = dataclasses.replace(plan, **{f: _Poisoned(f) for f in programs.HOST_FIELDS})
+  p = train.build(poisoned, mesh, train.make_optimizer(plan)[0])
+  rows = store_lib.Rows(jax.ShapeDtypeStruct((128, D_IN), np.float32,
+                                             sharding=p.batch_sharding.codes))
+  p.init.lower()
+  p.init_from_first_batch.lower(p.abstract_state, rows)
+  p.step.lower(p.abstract_state, rows)
+
+  elsewhere = train.resolve(config(store_dir, tmp_path / "b", log_every=7, checkpoint_every=3,
+                                   progress=True, store_window=2), D_IN, 40 * 128)
+  assert elsewhere != plan
+  first = programs.of_plan(plan, mesh)
+  assert programs.of_plan(elsewhere, mesh) is first
+  for other in (dict(lr=2e-2), dict(seeds=(0, 2)), dict(num_tokens=128 * 41)):
+    changed = train.resolve(config(store_dir, tmp_path / "c", **other), D_IN, 41 * 128)
+    assert programs.of_plan(changed, mesh) is not first, other
+  assert programs.of_plan(plan, mesh, input_scale=2.0) is not first
+  assert programs.of_plan(plan, mesh, scaled=True) is not first
+
+
 def test_run_of_the_dict_based_trainer_is_refused_in_one_line(store_dir, tmp_path):
   out = tmp_path / "old"
   out.mkdir()

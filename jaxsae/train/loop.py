@@ -19,7 +19,7 @@ from jaxsae.train.config import TrainConfig
 from jaxsae.train.export import export
 from jaxsae.train.hooks import Hook, MetricsWriter, Throughput, Tick
 from jaxsae.train.plan import RunPlan, check_run_dir, make_mesh, resolve
-from jaxsae.train.programs import Programs, build
+from jaxsae.train.programs import Programs, build, of_plan
 from jaxsae.train.state import make_optimizer
 
 
@@ -41,8 +41,8 @@ def run(cfg: TrainConfig, *, interrupt_at: int | None = None) -> None:
   plan = resolve(cfg, store.d_in, store.num_tokens, topology.devices if elsewhere else None)
   input_scale = store.normalizer(site) if plan.identity.normalize else 1.0
   mesh = make_mesh(plan, topology.devices if elsewhere else None)
-  tx, schedule = make_optimizer(plan)
-  p = build(plan, mesh, tx, scaled=store.scaled, input_scale=input_scale)
+  schedule = make_optimizer(plan)[1]  # the programs' own optimizer; this one for the logs
+  p = of_plan(plan, mesh, scaled=store.scaled, input_scale=input_scale)
   if cfg.compile_only or elsewhere or plan.execution.backend == "tpu":
     # Before anything is written: a run that would not fit is refused here.
     _compile_report(cfg, plan, p, mesh, store, topology, write=cfg.compile_only or elsewhere)

@@ -1,10 +1,13 @@
 """A run's programs, built once from its plan: the abstract state, where its arrays live, and the
 jitted init and step. The loop and the benchmarks all take them from `build`, so what a
 benchmark times or compiles is the program training runs (donation, shardings, the batch's
-decode included)."""
+decode included). `of_plan` keeps a process's programs for its next run of the same shape."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import threading
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -13,7 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsae import store as store_lib
 from jaxsae.train.plan import RunPlan
-from jaxsae.train.state import TrainState, batch_sharding, init_from_first_batch, state_shardings
+from jaxsae.train.state import (TrainState, batch_sharding, init_from_first_batch,
+                                make_optimizer, state_shardings)
 from jaxsae.train.step import make_step
 
 
@@ -49,3 +53,33 @@ def build(plan: RunPlan, mesh: Mesh, tx, *, scaled: bool = False,
                  out_shardings=(shardings, NamedSharding(mesh, P("seed"))), donate_argnums=0)
   init = jax.jit(lambda: nnx.state(make_state()), out_shardings=shardings)
   return Programs(graphdef, abstract, shardings, xs, init, first, step)
+
+
+# The plan's fields that only the host reads: where the run reads and writes, how often it
+# logs and checkpoints, what its exports look like. The jitted programs read none of them
+# (tests/test_train.py builds and lowers them with each one poisoned), so two plans that differ
+# only here run the same programs.
+HOST_FIELDS = dict(store_path="", out="", checkpoints=None, log_every=0, progress=False,
+                   layouts=(), store_window=0)
+_KEEP = 8  # programs of this many shapes stay built (jitted functions; they hold no arrays)
+_built: collections.OrderedDict = collections.OrderedDict()
+_lock = threading.Lock()
+
+
+def of_plan(plan: RunPlan, mesh: Mesh, *, scaled: bool = False,
+            input_scale: float = 1.0) -> Programs:
+  """`build`'s programs for `plan` with its own optimizer, the same ones again for a later run
+  in this process that computes the same thing (a resume, a study's or a notebook's rerun, a
+  run into another --out): jax then neither traces, lowers nor compiles them again, 1-2 s of
+  CPU at the tests' tiny size and the whole compile at a large one."""
+  key = (dataclasses.replace(plan, **HOST_FIELDS), mesh, scaled, input_scale)
+  with _lock:
+    if key in _built:
+      _built.move_to_end(key)
+      return _built[key]
+  p = build(plan, mesh, make_optimizer(plan)[0], scaled=scaled, input_scale=input_scale)
+  with _lock:
+    _built[key] = p
+    while len(_built) > _KEEP:
+      _built.popitem(last=False)
+  return p
