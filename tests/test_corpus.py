@@ -55,9 +55,30 @@ def test_local_files_one_document_per_text_file_or_json_record(tmp_path):
   (tmp_path / "t" / "b.txt").write_text("another document")
   assert list(corpus.documents(str(tmp_path / "t"))) == ["first line\nsecond line\n",
                                                          "another document"]
+  with pytest.raises(JaxsaeError, match="no column 'body'"):
+    list(corpus.documents(str(tmp_path / "t"), text_column="body"))
+  (tmp_path / "t" / "c.txt").write_bytes(b"caf\xe9")  # Latin-1, not UTF-8
+  with pytest.raises(JaxsaeError, match="c.txt is not UTF-8 text"):
+    list(corpus.documents(str(tmp_path / "t")))
   (tmp_path / "r.jsonl").write_text('{"body": "x y"}\n{"body": "z"}\n')
   assert list(corpus.documents(str(tmp_path / "r.jsonl"), text_column="body")) == ["x y", "z"]
   with pytest.raises(JaxsaeError, match="no column 'text'"):
     list(corpus.documents(str(tmp_path / "r.jsonl")))
   with pytest.raises(JaxsaeError, match="no such file"):
     list(corpus.documents(str(tmp_path / "missing" / "x.txt")))
+
+
+def test_text_files_read_as_datasets_reads_them(tmp_path):
+  """jaxsae reads .txt files itself; each document is what `datasets`' text loader (by
+  document) gives for the same files: newlines of every kind, non-ASCII, an empty file, order."""
+  import datasets
+  texts = {"a.txt": "one\r\ntwo\rthree\n", "b.txt": "", "c.txt": "naïve — ∑ 🙂\n\n",
+           "d.txt": "no newline at the end"}
+  (tmp_path / "docs").mkdir()
+  for name, text in texts.items():
+    (tmp_path / "docs" / name).write_bytes(text.encode("utf-8"))
+  files = [str(tmp_path / "docs" / n) for n in sorted(texts)]
+  theirs = datasets.load_dataset("text", data_files=files, split="train", sample_by="document",
+                                 cache_dir=str(tmp_path / "cache"))
+  assert list(corpus.documents(str(tmp_path / "docs"))) == [row["text"] for row in theirs]
+  assert list(corpus.documents(",".join(files[::-1]))) == [row["text"] for row in theirs][::-1]
