@@ -147,6 +147,7 @@ def test_consensus_of_permuted_copies_is_that_sae(tmp_path):
   assert back["pairs"][0]["n_shared"] == N
 
 
+@pytest.mark.xdist_group("peers")  # where sparsify is imported already (tests/test_peers.py)
 def test_sparsify_loads_the_consensus_and_encodes_alike(tmp_path):
   pytest.importorskip("sparsify")
   import torch

@@ -21,6 +21,9 @@ from jaxsae.sae import ARCHITECTURES, READERS, SaeConfig
 
 N, D, K = 48, 16, 5
 ARCHS = list(ARCHITECTURES)
+# One worker imports SAELens and sparsify for all of them (5.8 and 3.8 CPU-s; with a module's
+# tests spread over both workers, both paid).
+pytestmark = pytest.mark.xdist_group("peers")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ them:
   state.py        the ensemble's state (Member, TrainState), its shardings, the optimizer
   step.py         the jitted step: every seed's update, the --target_l0 controller
   programs.py     build(): the run's abstract state, shardings and jitted init and step, which
-                  the loop and the benchmarks share
+                  the loop and the benchmarks share; of_plan() keeps them for the process's
+                  next run of the same shape (a resume, a study's rerun)
   checkpoints.py  orbax checkpoints with digests, restored exactly; a failed write in one line
   hooks.py        what runs after steps: metrics.jsonl, the clock, the hooks
   export.py       every seed to RUN/seed{N}/ in the layouts of --layouts
