@@ -101,8 +101,9 @@ def cpu_devices_env(n: int) -> dict[str, str]:
 
 
 # What the jaxsae commands' processes import, some only once a run is under way (orbax and
-# tensorboardX in training, datasets and the tiny llama's classes in extraction): seconds each.
-FORK_IMPORTS = ("orbax.checkpoint", "tensorboardX", "datasets",
+# tensorboardX in training, the tiny llama's classes in extraction): seconds each. (Extraction
+# reads the tests' .txt corpora without `datasets`.)
+FORK_IMPORTS = ("orbax.checkpoint", "tensorboardX",
                 "transformers.models.llama.modeling_llama",
                 "transformers.models.auto.modeling_auto",
                 "transformers.models.auto.tokenization_auto")
