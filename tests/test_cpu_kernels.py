@@ -2,8 +2,6 @@
 products to float rounding, under jit, vmap and grad."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -102,14 +100,15 @@ def test_an_index_out_of_range_is_an_error_not_a_stray_write():
 
 
 @pytest.mark.slow
-def test_the_switch_turns_them_off_and_the_build_is_cached(tmp_path):
+def test_the_switch_turns_them_off_and_the_build_is_cached(forks, tmp_path):
   assert cpu_kernels.library_path().exists()
-  code = "from jaxsae import cpu_kernels; print(cpu_kernels.available())"
-  env = {**os.environ, cpu_kernels.ENV: "0"}
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  # Each in a process of its own, forked (tests/forks.py): the switch and the cache's place are
+  # read when the kernels are first asked for, which no process has done before its fork.
+  script = tmp_path / "available.py"
+  script.write_text("from jaxsae import cpu_kernels; print(cpu_kernels.available())")
+  out = forks.run(script=str(script), env={**os.environ, cpu_kernels.ENV: "0"})
   assert out.stdout.strip() == "False", out.stderr
   # A fresh cache builds once, to a complete library, and leaves no temporary file behind.
-  env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  out = forks.run(script=str(script), env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "c")})
   assert out.stdout.strip() == "True", out.stderr
-  assert [p.suffix for p in (tmp_path / "jaxsae").iterdir()] == [".so"]
+  assert [p.suffix for p in (tmp_path / "c" / "jaxsae").iterdir()] == [".so"]
