@@ -305,10 +305,10 @@ class _Poisoned:
   """A plan field the programs must not read: any use of it fails the test."""
 
   def __init__(self, name):
-    object.__setattr__(self, "name", name)
+    self.name = name  # found without __getattr__, which only missing attributes reach
 
   def _used(self, *_, **__):
-    raise AssertionError(f"a jitted program read the plan's {object.__getattribute__(self, 'name')}")
+    raise AssertionError(f"a jitted program read the plan's {self.name}")
 
   __getattr__ = __str__ = __repr__ = __fspath__ = __bool__ = __iter__ = __len__ = _used
   __eq__ = __hash__ = __int__ = __index__ = __format__ = _used

@@ -19,7 +19,7 @@ from jaxsae.train.config import TrainConfig
 from jaxsae.train.export import export
 from jaxsae.train.hooks import Hook, MetricsWriter, Throughput, Tick
 from jaxsae.train.plan import RunPlan, check_run_dir, make_mesh, resolve
-from jaxsae.train.programs import Programs, build, of_plan
+from jaxsae.train.programs import Programs, of_plan
 from jaxsae.train.state import make_optimizer
 
 
@@ -110,7 +110,7 @@ def _compile_report(cfg: TrainConfig, plan: RunPlan, p: Programs, mesh, store, t
     one = dataclasses.replace(cfg, num_seeds=None, seeds=tuple(plan.seeds[:plan.execution.mesh[0]]),
                               data_seeds=())
     small = resolve(one, store.d_in, store.num_tokens, devices)
-    q = build(small, mesh, make_optimizer(small)[0], scaled=store.scaled)
+    q = of_plan(small, mesh, scaled=store.scaled)
     costs = {k: compile_report.program_cost(c) for k, c in
              compile_report.compile_programs(small, q, mesh, store.scaled).items()}
     available = e.available or (topology.per_device.hbm_bytes if topology else float("nan"))
